@@ -1,0 +1,65 @@
+"""Where snapshots go and whose they are: environment first, then traitlets.
+
+The same resolution runs in a kernel (IPython config: ``c.SpotSettings.store``)
+and in the server (``c.SpotApp.store``), so a kernel started by the server and
+one started by nbclient agree on the store and session without being told twice.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from traitlets import Bool, Float, Int, List, Unicode
+from traitlets.config import Configurable
+
+STORE_ENV = "JUPYTER_SPOT_STORE"
+SESSION_ENV = "JUPYTER_SPOT_SESSION"
+NOTEBOOK_PATH_ENV = "JPY_SESSION_NAME"
+
+
+def default_store_url() -> str:
+    from jupyter_core.paths import jupyter_data_dir
+
+    return str(Path(jupyter_data_dir()) / "jupyter_spot" / "store")
+
+
+def resolve_store_url(configured: str = "") -> str:
+    """``$JUPYTER_SPOT_STORE``, else the configured value, else the Jupyter data dir."""
+    return os.environ.get(STORE_ENV) or configured or default_store_url()
+
+
+def resolve_session(configured: str = "", kernel_id: str = "") -> str:
+    """``$JUPYTER_SPOT_SESSION``, else config, else the notebook path, else the kernel id."""
+    return (
+        os.environ.get(SESSION_ENV)
+        or configured
+        or os.environ.get(NOTEBOOK_PATH_ENV)
+        or kernel_id
+        or f"pid-{os.getpid()}"
+    )
+
+
+class SpotSettings(Configurable):
+    """jupyter-spot's settings inside a kernel (``c.SpotSettings.…`` in ipython_kernel_config.py)."""
+
+    store = Unicode("", help="Store URL: a directory or s3://bucket/prefix. $JUPYTER_SPOT_STORE wins.").tag(
+        config=True
+    )
+    session = Unicode("", help="Session name. $JUPYTER_SPOT_SESSION wins; default: the notebook path.").tag(
+        config=True
+    )
+    auto_snapshot = Bool(True, help="Snapshot after every cell.").tag(config=True)
+    exclude = List(Unicode(), help="Variable names never snapshotted.").tag(config=True)
+    keep = Int(20, help="Snapshots kept per session when retention runs after a snapshot (0: keep all).").tag(
+        config=True
+    )
+    background_threshold = Int(
+        8 << 20,
+        help="New data above this many bytes after a cell is written in the background, "
+        "so the prompt comes back at once; %spot snapshot and notice flushes still wait for it.",
+    ).tag(config=True)
+    watch_notices = Bool(
+        True, help="Watch for interruption notices from inside the kernel when no server extension does."
+    ).tag(config=True)
+    notice_poll_interval = Float(5.0, help="Seconds between polls of the cloud's metadata service.").tag(config=True)

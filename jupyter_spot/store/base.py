@@ -1,0 +1,206 @@
+"""The one interface every snapshot store implements.
+
+A store holds three kinds of things:
+
+* **blobs** — immutable bytes addressed by their SHA-256, so identical data is
+  written once however many snapshots use it, and every read can be verified;
+* **manifests** — one signed JSON document per snapshot, committed only after
+  every blob it names is durable, and never overwritten;
+* **records** — small JSON documents the server keeps (which notebook had
+  which kernel when a notice came), overwritten freely.
+
+Snapshots are only ever added or deleted whole, so a reader sees either the old
+snapshot or the new one, never a mix.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import urllib.parse
+from abc import ABC, abstractmethod
+from collections.abc import Iterator
+from typing import Any, Union
+
+Buffer = Union[bytes, bytearray, memoryview]
+
+_DIGEST = re.compile(r"^[0-9a-f]{64}$")
+_SNAPSHOT_ID = re.compile(r"^[0-9A-Za-z][0-9A-Za-z._-]{0,127}$")
+_RECORD_NAME = re.compile(r"^[0-9A-Za-z][0-9A-Za-z._-]{0,127}$")
+
+
+class StoreError(Exception):
+    """Anything a store cannot do; the message says what and where."""
+
+
+class CorruptBlobError(StoreError):
+    """A blob's bytes no longer hash to its address."""
+
+
+class MissingBlobError(StoreError):
+    """A manifest names a blob the store does not have."""
+
+
+class ManifestError(StoreError):
+    """A manifest is missing, truncated, not JSON, or not signed by a trusted key."""
+
+
+class SnapshotExistsError(StoreError):
+    """Another writer already committed a snapshot with this id."""
+
+
+def digest_of(data: Buffer) -> str:
+    """The address of ``data`` in every store."""
+    return hashlib.sha256(data).hexdigest()
+
+
+def check_digest(digest: str) -> str:
+    if not isinstance(digest, str) or not _DIGEST.match(digest):
+        raise StoreError(f"not a blob address: {digest!r}")
+    return digest
+
+
+def check_snapshot_id(snapshot_id: str) -> str:
+    if not isinstance(snapshot_id, str) or not _SNAPSHOT_ID.match(snapshot_id):
+        raise StoreError(f"not a snapshot id: {snapshot_id!r}")
+    return snapshot_id
+
+
+def check_record_name(name: str) -> str:
+    if not isinstance(name, str) or not _RECORD_NAME.match(name):
+        raise StoreError(f"not a record name: {name!r}")
+    return name
+
+
+def encode_session(session: str) -> str:
+    """A session name (often a notebook path) as one safe path component.
+
+    Reversible, never contains ``/`` and never starts with ``.``, so no session
+    name — however hostile — can point outside the store.
+    """
+    if not isinstance(session, str) or not session or len(session) > 1024:
+        raise StoreError(f"not a session name: {session!r}")
+    encoded = urllib.parse.quote(session, safe="")
+    if encoded.startswith("."):
+        encoded = "%2E" + encoded[1:]
+    return encoded
+
+
+def decode_session(component: str) -> str:
+    return urllib.parse.unquote(component)
+
+
+class Store(ABC):
+    """Blobs, manifests and records in one place (a directory, a bucket, …)."""
+
+    #: Short name shown to users: "local", "s3", "tiered".
+    kind: str = "store"
+
+    def __init__(self, url: str, signer: Any = None) -> None:
+        from .manifest import ManifestSigner
+
+        self.url = url
+        self.signer: ManifestSigner = signer or ManifestSigner.default()
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {self.url}>"
+
+    # -- blobs ---------------------------------------------------------------
+    @abstractmethod
+    def has_blob(self, digest: str) -> bool:
+        """Whether the blob is already stored (and so need not be written)."""
+
+    @abstractmethod
+    def put_blob(self, digest: str, data: Buffer) -> int:
+        """Store ``data`` under ``digest``; durable when this returns.
+
+        Returns the number of bytes written: 0 when the store already had it.
+        """
+
+    @abstractmethod
+    def get_blob(self, digest: str) -> Buffer:
+        """The blob's bytes, verified against ``digest``, as a *writable* buffer.
+
+        Raises :class:`MissingBlobError` or :class:`CorruptBlobError`.
+        """
+
+    @abstractmethod
+    def iter_blobs(self) -> Iterator[str]:
+        """Every blob address in the store."""
+
+    @abstractmethod
+    def blob_age(self, digest: str) -> float:
+        """Seconds since the blob was last written or re-used (``put_blob`` of
+        a blob that exists counts as a use), so GC can spare blobs a snapshot
+        in progress is about to reference."""
+
+    @abstractmethod
+    def delete_blob(self, digest: str) -> None:
+        """Remove a blob; only garbage collection calls this."""
+
+    # -- manifests -----------------------------------------------------------
+    @abstractmethod
+    def _write_manifest(self, session: str, snapshot_id: str, data: bytes) -> None:
+        """Write the encoded manifest atomically; raise SnapshotExistsError if present."""
+
+    @abstractmethod
+    def _read_manifest(self, session: str, snapshot_id: str) -> bytes:
+        """The encoded manifest; raise ManifestError if absent."""
+
+    @abstractmethod
+    def list_sessions(self) -> list[str]:
+        """Every session that has at least one snapshot."""
+
+    @abstractmethod
+    def list_snapshots(self, session: str) -> list[str]:
+        """The session's snapshot ids, oldest first."""
+
+    @abstractmethod
+    def delete_snapshot(self, session: str, snapshot_id: str) -> None:
+        """Remove one snapshot's manifest (its blobs go at the next GC)."""
+
+    def commit_manifest(self, manifest: dict[str, Any]) -> None:
+        """Commit a snapshot: call only once every blob it names is durable."""
+        session = manifest["session"]
+        snapshot_id = check_snapshot_id(manifest["id"])
+        for digest in manifest.get("blobs", []):
+            check_digest(digest)
+        self._write_manifest(session, snapshot_id, self.signer.encode(manifest))
+
+    def load_manifest(self, session: str, snapshot_id: str) -> dict[str, Any]:
+        """The verified manifest; ManifestError names the snapshot if it is bad."""
+        check_snapshot_id(snapshot_id)
+        data = self._read_manifest(session, snapshot_id)
+        return self.signer.decode(data, where=f"snapshot {snapshot_id} of session {session!r}")
+
+    def latest_manifest(self, session: str) -> tuple[dict[str, Any] | None, list[str]]:
+        """The newest manifest that loads, and why any newer ones did not.
+
+        A truncated or tampered newest manifest must not cost the user the
+        snapshot before it.
+        """
+        problems: list[str] = []
+        for snapshot_id in reversed(self.list_snapshots(session)):
+            try:
+                return self.load_manifest(session, snapshot_id), problems
+            except ManifestError as error:
+                problems.append(str(error))
+        return None, problems
+
+    # -- records -------------------------------------------------------------
+    @abstractmethod
+    def put_record(self, name: str, data: dict[str, Any]) -> None:
+        """Write (or replace) a small JSON record atomically."""
+
+    @abstractmethod
+    def get_record(self, name: str) -> dict[str, Any] | None:
+        """The record, or None if there is none."""
+
+    @abstractmethod
+    def list_records(self) -> list[str]:
+        """Names of every record."""
+
+    # -- health --------------------------------------------------------------
+    @abstractmethod
+    def check_writable(self) -> None:
+        """Raise StoreError with a clear reason if this store cannot take writes."""

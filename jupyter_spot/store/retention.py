@@ -1,0 +1,66 @@
+"""Retention: drop old snapshots, then the blobs no kept snapshot references."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+
+from .base import ManifestError, Store, StoreError
+
+#: A blob younger than this is never collected: a snapshot being written right
+#: now may have stored (or re-used) it and not yet committed its manifest.
+GRACE_SECONDS = 15 * 60
+
+
+@dataclass
+class GCReport:
+    snapshots_deleted: list[str] = field(default_factory=list)
+    blobs_deleted: int = 0
+    blobs_kept: int = 0
+
+    def __str__(self) -> str:
+        return (
+            f"deleted {len(self.snapshots_deleted)} snapshot(s) and {self.blobs_deleted} blob(s); "
+            f"{self.blobs_kept} blob(s) still referenced or too recent"
+        )
+
+
+def referenced_blobs(store: Store, session: str, snapshot_id: str) -> set[str] | None:
+    """Blobs a manifest names, read even if its signature fails; None if unreadable."""
+    try:
+        return set(store.load_manifest(session, snapshot_id).get("blobs", []))
+    except ManifestError:
+        pass
+    try:
+        envelope = json.loads(store._read_manifest(session, snapshot_id))
+        return set(json.loads(envelope["manifest"]).get("blobs", []))
+    except (ValueError, KeyError, TypeError, StoreError):
+        return None
+
+
+def collect_garbage(
+    store: Store, keep: int, session: str | None = None, grace_seconds: float = GRACE_SECONDS
+) -> GCReport:
+    """Keep the newest ``keep`` snapshots of each session (or of one), then
+    delete unreferenced blobs older than ``grace_seconds``."""
+    if keep < 1:
+        raise ValueError("keep must be at least 1: the latest snapshot is never collected")
+    report = GCReport()
+    sessions = [session] if session is not None else store.list_sessions()
+    for name in sessions:
+        for snapshot_id in store.list_snapshots(name)[:-keep]:
+            store.delete_snapshot(name, snapshot_id)
+            report.snapshots_deleted.append(f"{name}/{snapshot_id}")
+    in_use: set[str] = set()
+    for name in store.list_sessions():
+        for snapshot_id in store.list_snapshots(name):
+            blobs = referenced_blobs(store, name, snapshot_id)
+            if blobs is not None:
+                in_use |= blobs
+    for digest in list(store.iter_blobs()):
+        if digest in in_use or store.blob_age(digest) < grace_seconds:
+            report.blobs_kept += 1
+        else:
+            store.delete_blob(digest)
+            report.blobs_deleted += 1
+    return report
