@@ -1,0 +1,28 @@
+"""``jupyter spot …``: one jupyter_core application with a subcommand per task."""
+
+from __future__ import annotations
+
+from jupyter_core.application import JupyterApp
+
+from ._version import __version__
+
+
+class SpotCLI(JupyterApp):
+    name = "jupyter-spot"
+    version = __version__
+    description = "Jupyter sessions that survive spot-instance interruptions."
+    subcommands = {
+        "simulate": (
+            "jupyter_spot.notice.simulator.SimulateApp",
+            "Serve a cloud's metadata protocol on 127.0.0.1 and fire an interruption notice.",
+        ),
+    }
+
+    def start(self) -> None:
+        if self.subapp is None:
+            self.print_help()
+            self.exit(0 if self.subcommand is None else 1)
+        super().start()
+
+
+main = launch_new_instance = SpotCLI.launch_instance
