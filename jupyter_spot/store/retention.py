@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 from dataclasses import dataclass, field
 
@@ -17,8 +18,15 @@ class GCReport:
     snapshots_deleted: list[str] = field(default_factory=list)
     blobs_deleted: int = 0
     blobs_kept: int = 0
+    #: True when a writer was storing a snapshot, so blobs were left for next time.
+    blobs_deferred: bool = False
 
     def __str__(self) -> str:
+        if self.blobs_deferred:
+            return (
+                f"deleted {len(self.snapshots_deleted)} snapshot(s); blobs left for the next run "
+                "because another writer is storing a snapshot"
+            )
         return (
             f"deleted {len(self.snapshots_deleted)} snapshot(s) and {self.blobs_deleted} blob(s); "
             f"{self.blobs_kept} blob(s) still referenced or too recent"
@@ -51,16 +59,23 @@ def collect_garbage(
         for snapshot_id in store.list_snapshots(name)[:-keep]:
             store.delete_snapshot(name, snapshot_id)
             report.snapshots_deleted.append(f"{name}/{snapshot_id}")
-    in_use: set[str] = set()
-    for name in store.list_sessions():
-        for snapshot_id in store.list_snapshots(name):
-            blobs = referenced_blobs(store, name, snapshot_id)
-            if blobs is not None:
-                in_use |= blobs
-    for digest in list(store.iter_blobs()):
-        if digest in in_use or store.blob_age(digest) < grace_seconds:
-            report.blobs_kept += 1
-        else:
-            store.delete_blob(digest)
-            report.blobs_deleted += 1
+    # A store shared by writers on other machines (S3) says whether blobs may
+    # go now; its guard is held from before the scan of references to the end.
+    guard = getattr(store, "blob_gc_guard", None)
+    with guard() if guard else contextlib.nullcontext(True) as may_delete:
+        if not may_delete:
+            report.blobs_deferred = True
+            return report
+        in_use: set[str] = set()
+        for name in store.list_sessions():
+            for snapshot_id in store.list_snapshots(name):
+                blobs = referenced_blobs(store, name, snapshot_id)
+                if blobs is not None:
+                    in_use |= blobs
+        for digest in list(store.iter_blobs()):
+            if digest in in_use or store.blob_age(digest) < grace_seconds:
+                report.blobs_kept += 1
+            else:
+                store.delete_blob(digest)
+                report.blobs_deleted += 1
     return report
