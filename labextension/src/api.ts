@@ -1,0 +1,159 @@
+/**
+ * Typed client of the server extension's REST API (docs/server.md is the contract).
+ *
+ * Every call goes through ServerConnection.makeRequest so Jupyter's token and
+ * XSRF header come for free.
+ */
+import { URLExt } from '@jupyterlab/coreutils';
+import { ServerConnection } from '@jupyterlab/services';
+
+export const NOTICE_SCHEMA = 'https://events.jupyter.org/jupyter_spot/notice/v1';
+export const FLUSH_SCHEMA = 'https://events.jupyter.org/jupyter_spot/flush/v1';
+
+export interface INotice {
+  kind: 'interruption' | 'rebalance' | 'maintenance';
+  action: 'terminate' | 'stop' | 'hibernate' | 'preempt';
+  deadline: string | null;
+  source: string;
+  seconds_left: number | null;
+}
+
+export interface IFlush {
+  kernel_id: string;
+  session: string;
+  status: 'started' | 'done' | 'failed';
+  snapshot_id: string | null;
+  seconds: number | null;
+  message: string | null;
+}
+
+export interface ISkipped {
+  name: string;
+  type: string;
+  reason: string;
+  cell: number | null;
+}
+
+export interface ISnapshot {
+  id: string;
+  session: string;
+  created: string;
+  kind: 'auto' | 'explicit' | 'notice' | 'mid-cell';
+  during_cell: number | null;
+  execution_count: number;
+  size: number;
+  variable_count: number;
+  skipped: ISkipped[];
+}
+
+export interface ISession {
+  id: string;
+  interrupted: boolean;
+  live_kernel: string | null;
+  reason: string | null;
+  latest: ISnapshot;
+}
+
+export interface IStatus {
+  version: string;
+  store: {
+    url: string;
+    kind: 'local' | 's3' | 'tiered';
+    writable: boolean;
+    error: string | null;
+  };
+  watcher: { running: boolean; provider: string | null; sources: string[] };
+  last_notice: INotice | null;
+}
+
+export interface IRestoreReport {
+  snapshot: ISnapshot;
+  restored: string[];
+  not_restored: ISkipped[];
+  notes: string[];
+}
+
+export interface IRestoreResult {
+  kernel_id: string;
+  report: IRestoreReport;
+}
+
+/** An error the server answered with, carrying its `{"message": …}`. */
+export class SpotApiError extends Error {
+  constructor(
+    readonly status: number,
+    message: string
+  ) {
+    super(message);
+  }
+}
+
+/** Talks to `{base_url}jupyter-spot/api/`. */
+export class SpotApi {
+  constructor(
+    private readonly _settings: ServerConnection.ISettings = ServerConnection.makeSettings()
+  ) {}
+
+  status(): Promise<IStatus> {
+    return this._request<IStatus>('status');
+  }
+
+  /** The session of one notebook, or null when nothing was ever snapshotted for it. */
+  async session(path: string): Promise<ISession | null> {
+    const reply = await this._request<{ sessions: ISession[] }>(
+      'sessions' + URLExt.objectToQueryString({ path })
+    );
+    return reply.sessions.find(s => s.id === path) ?? null;
+  }
+
+  /** Snapshots of a session, newest first. */
+  async snapshots(session: string): Promise<ISnapshot[]> {
+    const reply = await this._request<{ snapshots: ISnapshot[] }>(
+      `sessions/${encodeURIComponent(session)}/snapshots`
+    );
+    return reply.snapshots;
+  }
+
+  restore(
+    session: string,
+    snapshot: string,
+    kernelId: string | undefined
+  ): Promise<IRestoreResult> {
+    const body: { snapshot: string; kernel_id?: string } = { snapshot };
+    if (kernelId) {
+      body.kernel_id = kernelId;
+    }
+    return this._request<IRestoreResult>(
+      `sessions/${encodeURIComponent(session)}/restore`,
+      { method: 'POST', body: JSON.stringify(body) }
+    );
+  }
+
+  async deleteSnapshot(session: string, snapshot: string): Promise<void> {
+    await this._request<null>(
+      `sessions/${encodeURIComponent(session)}/snapshots/${encodeURIComponent(snapshot)}`,
+      { method: 'DELETE' }
+    );
+  }
+
+  private async _request<T>(path: string, init: RequestInit = {}): Promise<T> {
+    const url = URLExt.join(this._settings.baseUrl, 'jupyter-spot/api', path);
+    const response = await ServerConnection.makeRequest(url, init, this._settings);
+    const text = await response.text();
+    let data: any = null;
+    if (text) {
+      try {
+        data = JSON.parse(text);
+      } catch {
+        data = { message: text };
+      }
+    }
+    if (!response.ok) {
+      throw new SpotApiError(
+        response.status,
+        data?.message ?? `${response.status} ${response.statusText}`
+      );
+    }
+    return data as T;
+  }
+}

@@ -1,0 +1,193 @@
+/**
+ * jupyter-spot in JupyterLab: the interruption warning, the restore banner and the
+ * snapshot status item, all fed by the server extension's REST API and events.
+ */
+import { JupyterFrontEnd, JupyterFrontEndPlugin } from '@jupyterlab/application';
+import { ICommandPalette } from '@jupyterlab/apputils';
+import { INotebookTracker, NotebookActions, NotebookPanel } from '@jupyterlab/notebook';
+import { Event } from '@jupyterlab/services';
+import { ISettingRegistry } from '@jupyterlab/settingregistry';
+import { IStatusBar } from '@jupyterlab/statusbar';
+import { Signal } from '@lumino/signaling';
+
+import { FLUSH_SCHEMA, IFlush, INotice, NOTICE_SCHEMA, SpotApi } from './api';
+import { NoticeBanner } from './notice';
+import { RestoreBanner } from './restore';
+import { SnapshotStatus, SnapshotsPanel, sessionName } from './status';
+
+const PLUGIN_ID = 'jupyter-spot:plugin';
+
+namespace CommandIDs {
+  export const openSnapshots = 'jupyter-spot:open-snapshots';
+  export const restoreLatest = 'jupyter-spot:restore-latest';
+}
+
+interface ISpotSettings {
+  autoRestore: boolean;
+  showRestoreBanner: boolean;
+  showStatusBar: boolean;
+  saveOnNotice: boolean;
+  refreshInterval: number;
+}
+
+const DEFAULTS: ISpotSettings = {
+  autoRestore: false,
+  showRestoreBanner: true,
+  showStatusBar: true,
+  saveOnNotice: true,
+  refreshInterval: 10
+};
+
+const plugin: JupyterFrontEndPlugin<void> = {
+  id: PLUGIN_ID,
+  description: 'Interruption warning, restore banner and snapshot status for spot instances.',
+  autoStart: true,
+  requires: [INotebookTracker],
+  optional: [ISettingRegistry, IStatusBar, ICommandPalette],
+  activate: (
+    app: JupyterFrontEnd,
+    tracker: INotebookTracker,
+    registry: ISettingRegistry | null,
+    statusBar: IStatusBar | null,
+    palette: ICommandPalette | null
+  ) => {
+    const api = new SpotApi(app.serviceManager.serverSettings);
+    const settings: ISpotSettings = { ...DEFAULTS };
+    const settingsChanged = new Signal<object, void>(plugin);
+
+    // The warning: saving is on by default because a notice is the last chance to.
+    const notice = new NoticeBanner(async () => {
+      if (settings.saveOnNotice) {
+        await app.commands.execute('docmanager:save-all');
+      }
+    });
+    notice.id = 'jp-spot-notice';
+    app.shell.add(notice, 'top', { rank: 1000 });
+    app.serviceManager.events.stream.connect((_, event: Event.Emission) => {
+      if (event.schema_id === NOTICE_SCHEMA) {
+        notice.showNotice(event as unknown as INotice);
+      } else if (event.schema_id === FLUSH_SCHEMA) {
+        notice.showFlush(event as unknown as IFlush);
+      }
+    });
+
+    // The side panel and the status item.
+    const panel = new SnapshotsPanel(api, tracker);
+    const openSnapshots = (): void => {
+      if (!panel.isAttached) {
+        app.shell.add(panel, 'right', { rank: 900 });
+      }
+      app.shell.activateById(panel.id);
+    };
+    const status = new SnapshotStatus(api, tracker, openSnapshots);
+    NotebookActions.executed.connect((_, { notebook }) => {
+      if (notebook === tracker.currentWidget?.content) {
+        status.cellExecuted();
+      }
+    });
+    status.changed.connect(() => {
+      if (panel.isVisible) {
+        void panel.refresh();
+      }
+    });
+    if (statusBar) {
+      statusBar.registerStatusItem(PLUGIN_ID + ':status', {
+        item: status,
+        align: 'left',
+        rank: 5,
+        isActive: () => settings.showStatusBar && tracker.currentWidget !== null,
+        activeStateChanged: settingsChanged
+      });
+      tracker.currentChanged.connect(() => settingsChanged.emit());
+    }
+
+    // The restore banner: offered once per notebook opened while its session is interrupted.
+    const banners = new Map<NotebookPanel, RestoreBanner>();
+    const offerRestore = async (nb: NotebookPanel): Promise<void> => {
+      await nb.context.ready;
+      if (!settings.showRestoreBanner && !settings.autoRestore) {
+        return;
+      }
+      let session;
+      try {
+        session = await api.session(sessionName(nb));
+      } catch (error) {
+        console.warn('jupyter-spot: cannot ask the server about this notebook', error);
+        return;
+      }
+      if (!session?.interrupted || banners.has(nb) || nb.isDisposed) {
+        return;
+      }
+      const banner = new RestoreBanner(api, nb, session);
+      banners.set(nb, banner);
+      banner.disposed.connect(() => banners.delete(nb));
+      nb.contentHeader.addWidget(banner);
+      if (settings.autoRestore) {
+        await banner.restore();
+      }
+      status.cellExecuted();
+    };
+    tracker.widgetAdded.connect((_, nb) => void offerRestore(nb));
+
+    app.commands.addCommand(CommandIDs.openSnapshots, {
+      label: 'Show Snapshots of This Notebook',
+      caption: 'List the jupyter-spot snapshots of the current notebook',
+      execute: openSnapshots
+    });
+    app.commands.addCommand(CommandIDs.restoreLatest, {
+      label: 'Restore Latest Snapshot Into This Kernel',
+      isEnabled: () => tracker.currentWidget !== null,
+      execute: async () => {
+        const nb = tracker.currentWidget;
+        if (!nb) {
+          return;
+        }
+        const session = await api.session(sessionName(nb));
+        if (session) {
+          const banner = banners.get(nb) ?? new RestoreBanner(api, nb, session);
+          if (!banner.isAttached) {
+            banners.set(nb, banner);
+            banner.disposed.connect(() => banners.delete(nb));
+            nb.contentHeader.addWidget(banner);
+          }
+          await banner.restore();
+        }
+      }
+    });
+    palette?.addItem({ command: CommandIDs.openSnapshots, category: 'Spot' });
+    palette?.addItem({ command: CommandIDs.restoreLatest, category: 'Spot' });
+
+    const apply = (loaded: ISettingRegistry.ISettings): void => {
+      Object.assign(settings, DEFAULTS, loaded.composite as unknown as Partial<ISpotSettings>);
+      status.refreshInterval = settings.refreshInterval;
+      settingsChanged.emit();
+    };
+    status.refreshInterval = settings.refreshInterval;
+    if (registry) {
+      void registry
+        .load(PLUGIN_ID)
+        .then(loaded => {
+          apply(loaded);
+          loaded.changed.connect(apply);
+        })
+        .catch(reason => console.error('jupyter-spot: settings failed to load', reason));
+    }
+
+    // After the shell is restored (never awaited here: Lab would hang), catch up on a
+    // notice that fired before this page loaded, and on the state of the current notebook.
+    void app.restored.then(async () => {
+      try {
+        const server = await api.status();
+        const deadline = server.last_notice?.deadline;
+        if (server.last_notice && (!deadline || Date.parse(deadline) > Date.now())) {
+          notice.showNotice(server.last_notice);
+        }
+      } catch (error) {
+        console.warn('jupyter-spot: the server extension did not answer', error);
+      }
+      await status.refresh();
+    });
+  }
+};
+
+export default plugin;

@@ -1,0 +1,138 @@
+/**
+ * The interruption warning: a banner across the top of Lab with a live countdown,
+ * the save of every unsaved document, and one line per kernel flush.
+ *
+ * The notice is the last chance to save; the banner exists so the user stops
+ * starting new work and sees that their state made it to the store.
+ */
+import { Widget } from '@lumino/widgets';
+
+import { IFlush, INotice } from './api';
+import { formatCountdown, h } from './format';
+
+const VERBS: Record<INotice['action'], string> = {
+  terminate: 'reclaimed',
+  preempt: 'reclaimed',
+  stop: 'stopped',
+  hibernate: 'hibernated'
+};
+
+export class NoticeBanner extends Widget {
+  constructor(private readonly _saveAll: () => Promise<unknown>) {
+    super();
+    this.addClass('jp-spot-notice');
+    this.node.setAttribute('role', 'alert');
+    this._message = h('span', { className: 'jp-spot-notice-message' });
+    this._documents = h('div', { className: 'jp-spot-notice-documents' });
+    this._kernels = h('ul', { className: 'jp-spot-notice-kernels' });
+    const close = h('button', {
+      className: 'jp-spot-notice-dismiss jp-mod-styled',
+      text: '×',
+      title: 'Hide this warning (saving continues)'
+    });
+    close.addEventListener('click', () => this.hide());
+    this.node.append(
+      h('div', { className: 'jp-spot-notice-head' }, h('strong', { text: 'Spot interruption' }), this._message, close),
+      this._documents,
+      this._kernels
+    );
+    this.hide();
+  }
+
+  /** The notice this banner shows, or null before any. */
+  get notice(): INotice | null {
+    return this._notice;
+  }
+
+  /** Show a notice, start its countdown and save every unsaved document once per deadline. */
+  showNotice(notice: INotice, receivedAt: number = Date.now()): void {
+    const deadline = notice.deadline
+      ? Date.parse(notice.deadline)
+      : notice.seconds_left !== null && notice.seconds_left !== undefined
+        ? receivedAt + notice.seconds_left * 1000
+        : null;
+    const known = this._notice !== null && this._deadline === deadline;
+    this._notice = notice;
+    this._deadline = deadline;
+    this.show();
+    this._tick();
+    if (this._timer === null) {
+      this._timer = window.setInterval(() => this._tick(), 1000);
+    }
+    if (!known) {
+      void this._save();
+    }
+  }
+
+  /** Show one kernel's flush as it starts, completes or fails. */
+  showFlush(flush: IFlush): void {
+    let row = this._rows.get(flush.kernel_id);
+    if (!row) {
+      row = h('li', { className: 'jp-spot-notice-kernel', attrs: { 'data-kernel-id': flush.kernel_id } });
+      this._rows.set(flush.kernel_id, row);
+      this._kernels.append(row);
+    }
+    const name = flush.session || flush.kernel_id;
+    row.dataset.status = flush.status;
+    if (flush.status === 'started') {
+      row.textContent = `${name}: saving kernel state…`;
+    } else if (flush.status === 'done') {
+      const took = flush.seconds === null ? '' : ` in ${flush.seconds.toFixed(1)} s`;
+      row.textContent = `${name}: kernel state saved${took}`;
+    } else {
+      row.textContent = `${name}: kernel state NOT saved — ${flush.message ?? 'unknown error'}`;
+    }
+  }
+
+  dispose(): void {
+    if (this._timer !== null) {
+      window.clearInterval(this._timer);
+      this._timer = null;
+    }
+    super.dispose();
+  }
+
+  private _tick(): void {
+    const notice = this._notice;
+    if (!notice) {
+      return;
+    }
+    const verb = VERBS[notice.action] ?? 'reclaimed';
+    const saving = this._saved ? 'notebooks saved, saving kernel state…' : 'saving notebooks and kernel state…';
+    let text: string;
+    if (notice.kind === 'rebalance') {
+      text = `The cloud asks to move off this machine soon (rebalance hint) — ${saving}`;
+    } else if (this._deadline === null) {
+      text = `This machine will be ${verb} shortly — ${saving}`;
+    } else {
+      const left = this._deadline - Date.now();
+      text =
+        left > 0
+          ? `This machine will be ${verb} in ${formatCountdown(left)} — ${saving}`
+          : `This machine is being ${verb} now — ${saving}`;
+    }
+    this._message.textContent = ' ' + text;
+    this.node.dataset.kind = notice.kind;
+  }
+
+  private async _save(): Promise<void> {
+    this._documents.textContent = 'Saving unsaved notebooks and files…';
+    try {
+      await this._saveAll();
+      this._saved = true;
+      this._documents.textContent = 'All open notebooks and files are saved.';
+    } catch (error) {
+      this._documents.textContent = `Saving documents failed: ${(error as Error).message ?? error}`;
+    }
+    this._tick();
+  }
+
+  private _notice: INotice | null = null;
+  private _deadline: number | null = null;
+  private _timer: number | null = null;
+  private _saved = false;
+  private readonly _message: HTMLElement;
+  private readonly _documents: HTMLElement;
+  private readonly _kernels: HTMLElement;
+  private readonly _rows = new Map<string, HTMLElement>();
+}

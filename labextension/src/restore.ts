@@ -1,0 +1,152 @@
+/**
+ * Restore: the banner a notebook shows when its last kernel died with the machine,
+ * and the one restore routine the banner and the snapshots panel share.
+ */
+import { NotebookPanel } from '@jupyterlab/notebook';
+import { Widget } from '@lumino/widgets';
+
+import { IRestoreResult, ISession, SpotApi } from './api';
+import { describeSkipped, describeSnapshot, formatAge, formatBytes, formatTime, h } from './format';
+
+/**
+ * Load a snapshot into the notebook's own kernel (the server starts one when the
+ * notebook has none, and the notebook is then switched to it).
+ */
+export async function restoreInto(
+  api: SpotApi,
+  panel: NotebookPanel,
+  session: string,
+  snapshot: string
+): Promise<IRestoreResult> {
+  await panel.sessionContext.ready;
+  const kernelId = panel.sessionContext.session?.kernel?.id;
+  const result = await api.restore(session, snapshot, kernelId);
+  if (result.kernel_id !== kernelId) {
+    await panel.sessionContext.changeKernel({ id: result.kernel_id });
+  }
+  return result;
+}
+
+/** What came back and what did not, with the cell that recreates each missing object. */
+export function renderReport(result: IRestoreResult): HTMLElement {
+  const { report } = result;
+  const restored = report.restored.length;
+  const summary = h(
+    'div',
+    { className: 'jp-spot-report' },
+    h('div', {
+      className: 'jp-spot-report-summary',
+      text:
+        `Restored ${restored} variable${restored === 1 ? '' : 's'} from the snapshot of ` +
+        `${formatTime(report.snapshot.created)} (execution count ${report.snapshot.execution_count}).`
+    })
+  );
+  if (restored) {
+    summary.append(h('div', { className: 'jp-spot-report-restored', text: report.restored.join(', ') }));
+  }
+  if (report.not_restored.length) {
+    summary.append(
+      h('div', { text: 'Not restored (re-run the cell that made each):' }),
+      h('ul', {}, ...report.not_restored.map(item => h('li', { text: describeSkipped(item) })))
+    );
+  }
+  for (const note of report.notes) {
+    summary.append(h('div', { className: 'jp-spot-report-note', text: note }));
+  }
+  return summary;
+}
+
+/** The banner at the top of a notebook whose session was interrupted. */
+export class RestoreBanner extends Widget {
+  constructor(
+    private readonly _api: SpotApi,
+    private readonly _panel: NotebookPanel,
+    private readonly _session: ISession
+  ) {
+    super();
+    this.addClass('jp-spot-restore');
+    this.node.setAttribute('role', 'region');
+    this.node.setAttribute('aria-label', 'Restore interrupted session');
+    const snapshot = _session.latest;
+    const why = _session.reason ? ` (${_session.reason})` : '';
+    this._message = h('div', {
+      className: 'jp-spot-restore-message',
+      text:
+        `This notebook's kernel was interrupted ${formatAge(snapshot.created)}${why}. ` +
+        `Its last snapshot holds ${describeSnapshot(snapshot)}.`
+    });
+    this._restoreButton = h('button', {
+      className: 'jp-spot-restore-button jp-mod-styled jp-mod-accept',
+      text: 'Restore'
+    });
+    const dismiss = h('button', { className: 'jp-spot-dismiss-button jp-mod-styled', text: 'Dismiss' });
+    const details = h('button', { className: 'jp-spot-details-button jp-mod-styled', text: 'Details' });
+    this._details = this._renderDetails();
+    this._details.hidden = true;
+    this._restoreButton.addEventListener('click', () => void this.restore());
+    dismiss.addEventListener('click', () => this.dispose());
+    details.addEventListener('click', () => {
+      this._details.hidden = !this._details.hidden;
+    });
+    this._buttons = h('div', { className: 'jp-spot-restore-buttons' }, this._restoreButton, dismiss, details);
+    this._status = h('div', { className: 'jp-spot-restore-status' });
+    this.node.append(this._message, this._buttons, this._status, this._details);
+  }
+
+  /** Restore the latest snapshot into this notebook's kernel, showing progress then the report. */
+  async restore(): Promise<void> {
+    this._restoreButton.disabled = true;
+    this.node.dataset.state = 'restoring';
+    this._status.replaceChildren(
+      h('progress', { className: 'jp-spot-progress' }),
+      ` Restoring ${this._session.latest.variable_count} variables (${formatBytes(this._session.latest.size)})…`
+    );
+    try {
+      const result = await restoreInto(this._api, this._panel, this._session.id, 'latest');
+      this.node.dataset.state = 'restored';
+      this._message.textContent = 'Session restored.';
+      this._buttons.replaceChildren(
+        h('button', { className: 'jp-spot-dismiss-button jp-mod-styled', text: 'Close' })
+      );
+      this._buttons.firstElementChild!.addEventListener('click', () => this.dispose());
+      this._status.replaceChildren(renderReport(result));
+    } catch (error) {
+      this.node.dataset.state = 'failed';
+      this._restoreButton.disabled = false;
+      this._status.textContent = `Restore failed: ${(error as Error).message}`;
+    }
+  }
+
+  private _renderDetails(): HTMLElement {
+    const snapshot = this._session.latest;
+    const rows: [string, string][] = [
+      ['Session', this._session.id],
+      ['Snapshot', snapshot.id],
+      ['Taken', `${formatTime(snapshot.created)} (${snapshot.kind})`],
+      ['Execution count', String(snapshot.execution_count)],
+      ['Size', formatBytes(snapshot.size)],
+      ['Variables', String(snapshot.variable_count)]
+    ];
+    if (snapshot.during_cell !== null && snapshot.during_cell !== undefined) {
+      rows.push(['Taken while running', `cell [${snapshot.during_cell}]`]);
+    }
+    const details = h(
+      'div',
+      { className: 'jp-spot-restore-details' },
+      h('table', {}, ...rows.map(([key, value]) => h('tr', {}, h('th', { text: key }), h('td', { text: value }))))
+    );
+    if (snapshot.skipped.length) {
+      details.append(
+        h('div', { text: 'Skipped (not in the snapshot):' }),
+        h('ul', {}, ...snapshot.skipped.map(item => h('li', { text: describeSkipped(item) })))
+      );
+    }
+    return details;
+  }
+
+  private readonly _message: HTMLElement;
+  private readonly _buttons: HTMLElement;
+  private readonly _restoreButton: HTMLButtonElement;
+  private readonly _status: HTMLElement;
+  private readonly _details: HTMLElement;
+}
