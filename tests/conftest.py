@@ -7,6 +7,9 @@ from pathlib import Path
 
 import pytest
 
+# jp_fetch, jp_serverapp, jp_server_config, … for the server extension's tests.
+pytest_plugins = ["pytest_jupyter.jupyter_server"]
+
 
 @pytest.fixture
 def spot_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
