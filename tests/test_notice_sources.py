@@ -1,0 +1,284 @@
+"""Each cloud's notice source against the simulator on 127.0.0.1, including IMDS's traps."""
+
+from __future__ import annotations
+
+import logging
+import socket
+import threading
+import time
+from datetime import timedelta
+
+import pytest
+
+from jupyter_spot.notice import AWSSource, AzureSource, GCPSource, Notice, NoticeWatcher
+from jupyter_spot.notice.fetch import request
+from jupyter_spot.notice.model import utcnow
+from jupyter_spot.notice.simulator import Simulator
+
+
+class Recorder:
+    """A callback that remembers what it was given and when."""
+
+    def __init__(self) -> None:
+        self.notices: list[Notice] = []
+        self.times: list[float] = []
+        self.event = threading.Event()
+
+    def __call__(self, notice: Notice) -> None:
+        self.notices.append(notice)
+        self.times.append(time.monotonic())
+        self.event.set()
+
+
+def wait_for(predicate, timeout: float = 5.0) -> bool:
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if predicate():
+            return True
+        time.sleep(0.01)
+    return predicate()
+
+
+def closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# -- AWS ------------------------------------------------------------------------------
+
+
+def test_aws_notice_seen_within_one_poll_interval() -> None:
+    interval = 0.3
+    with Simulator("aws", imdsv2_only=True) as sim:
+        rec = Recorder()
+        with NoticeWatcher([AWSSource(sim.url, interval=interval)], [rec]):
+            time.sleep(interval)  # a few empty polls first
+            assert rec.notices == []
+            fired = time.monotonic()
+            sim.fire("stop")
+            assert rec.event.wait(5)
+        latency = rec.times[0] - fired
+    (notice,) = rec.notices
+    assert (notice.kind, notice.action, notice.source) == ("interruption", "stop", "aws")
+    assert 100 < notice.seconds_left() <= 121
+    assert latency < interval + 0.5, f"notice took {latency:.2f} s with a {interval} s poll interval"
+
+
+def test_aws_html_404_is_no_notice() -> None:
+    with Simulator("aws") as sim:
+        raw = request(sim.url, "GET", "/latest/meta-data/spot/instance-action")
+        assert raw.status == 404 and raw.body.lstrip().startswith(b"<?xml")
+        source = AWSSource(sim.url)
+        assert source.poll() is None
+        sim.fire("hibernate")
+        notice = source.poll()
+    assert notice is not None and notice.action == "hibernate"
+
+
+def test_aws_expired_token_is_refreshed_once() -> None:
+    with Simulator("aws", imdsv2_only=True) as sim:
+        source = AWSSource(sim.url)
+        assert source.poll() is None
+        assert sim.token_puts == 1
+        sim.expire_tokens()  # the next GET gets a 401
+        assert source.poll() is None
+        assert sim.token_puts == 2
+        assert source.poll() is None
+        assert sim.token_puts == 2  # the new token is reused, not fetched per poll
+        sim.fire()
+        notice = source.poll()
+    assert notice is not None and notice.action == "terminate"
+    assert not source.imdsv1_only
+
+
+def test_aws_token_is_renewed_before_its_ttl_runs_out() -> None:
+    with Simulator("aws", imdsv2_only=True, token_ttl=16) as sim:  # 16 s: inside the 15 s refresh margin after 1 s
+        source = AWSSource(sim.url)
+        assert source.poll() is None
+        time.sleep(1.1)
+        assert source.poll() is None
+        statuses = sim.token_puts
+    assert statuses == 2
+
+
+def test_aws_hanging_token_put_falls_back_to_imdsv1_and_stays(caplog: pytest.LogCaptureFixture) -> None:
+    timeout = 0.5
+    with Simulator("aws", hang_token_put=True) as sim:
+        source = AWSSource(sim.url, timeout=timeout)
+        started = time.monotonic()
+        assert source.poll() is None
+        first = time.monotonic() - started
+        later = []
+        for _ in range(5):
+            started = time.monotonic()
+            assert source.poll() is None
+            later.append(time.monotonic() - started)
+        sim.fire()
+        notice = source.poll()
+        puts = sim.token_puts
+    assert source.imdsv1_only
+    assert first >= timeout
+    assert max(later) < timeout / 2, f"later polls took {later} — still paying the token timeout"
+    assert puts == 1
+    assert notice is not None and notice.kind == "interruption"
+    assert sum("hop limit" in r.getMessage() for r in caplog.records) == 1
+
+
+def test_aws_rebalance_is_reported_once_then_the_interruption() -> None:
+    with Simulator("aws") as sim:
+        rec = Recorder()
+        with NoticeWatcher([AWSSource(sim.url, interval=0.05)], [rec]):
+            sim.rebalance()
+            assert wait_for(lambda: len(rec.notices) == 1)
+            polls = len(sim.requests)
+            assert wait_for(lambda: len(sim.requests) > polls + 20)  # many more polls see it again
+            assert len(rec.notices) == 1
+            sim.fire()
+            assert wait_for(lambda: len(rec.notices) == 2)
+            time.sleep(0.3)
+    assert [n.kind for n in rec.notices] == ["rebalance", "interruption"]
+    assert rec.notices[0].deadline is None
+
+
+def test_aws_scheduled_maintenance() -> None:
+    with Simulator("aws") as sim:
+        source = AWSSource(sim.url)
+        assert source.poll() is None
+        sim.schedule_maintenance("instance-stop", after=600)
+        notice = source.poll()
+    assert notice is not None
+    assert (notice.kind, notice.action) == ("maintenance", "stop")
+    assert 590 < notice.seconds_left() <= 601
+    assert "instance-stop" in notice.detail
+
+
+# -- GCP ------------------------------------------------------------------------------
+
+
+def test_gcp_wait_for_change_sees_preemption_at_once() -> None:
+    with Simulator("gcp") as sim:
+        rec = Recorder()
+        with NoticeWatcher([GCPSource(f"127.0.0.1:{sim.port}", wait=10)], [rec]):
+            time.sleep(0.3)  # the watcher is now hanging in wait_for_change
+            fired = time.monotonic()
+            sim.fire()
+            assert rec.event.wait(5)
+        latency = rec.times[0] - fired
+    (notice,) = rec.notices
+    assert (notice.kind, notice.action, notice.source) == ("interruption", "preempt", "gcp")
+    assert 25 < notice.seconds_left() <= 30
+    assert latency < 1.0
+
+
+def test_gcp_no_preemption_returns_none_after_wait() -> None:
+    with Simulator("gcp") as sim:
+        source = GCPSource(f"127.0.0.1:{sim.port}", wait=1)
+        started = time.monotonic()
+        assert source.poll() is None
+        assert 0.9 < time.monotonic() - started < 3
+        assert request(sim.url, "GET", "/computeMetadata/v1/instance/preempted").status == 403  # no flavor header
+
+
+# -- Azure ------------------------------------------------------------------------------
+
+
+def test_azure_preempt_seen_and_acknowledged_after_the_callback() -> None:
+    with Simulator("azure") as sim:
+        acks_during_callback: list[list[str]] = []
+
+        def slow_flush(notice: Notice) -> None:
+            time.sleep(0.2)
+            acks_during_callback.append(list(sim.acks))
+
+        rec = Recorder()
+        with NoticeWatcher([AzureSource(sim.url, interval=0.2)], [slow_flush, rec]):
+            time.sleep(0.3)
+            fired = time.monotonic()
+            event = sim.fire()
+            assert rec.event.wait(5)
+            assert wait_for(lambda: sim.acks == [event["EventId"]])
+        latency = rec.times[0] - fired
+    (notice,) = rec.notices
+    assert (notice.kind, notice.action, notice.source, notice.event_id) == (
+        "interruption",
+        "preempt",
+        "azure",
+        event["EventId"],
+    )
+    assert 25 < notice.seconds_left() <= 31
+    assert acks_during_callback == [[]]  # not approved before the flush was done
+    assert latency < 0.2 + 0.2 + 0.5
+
+
+def test_azure_ignores_events_for_other_vms_and_freezes() -> None:
+    with Simulator("azure") as sim:
+        source = AzureSource(sim.url)
+        sim.fire("terminate")
+        sim.notice["Resources"] = ["someone-else"]
+        assert source.poll() is None
+        sim.notice["Resources"] = ["spot-simulated-vm"]
+        sim.notice["EventType"] = "Freeze"
+        assert source.poll() is None
+        sim.notice["EventType"] = "Terminate"
+        notice = source.poll()
+    assert notice is not None and notice.action == "terminate"
+
+
+# -- all clouds --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda port: AWSSource(f"http://127.0.0.1:{port}", interval=0.02),
+        lambda port: GCPSource(f"127.0.0.1:{port}", wait=1),
+        lambda port: AzureSource(f"http://127.0.0.1:{port}", interval=0.02),
+    ],
+    ids=["aws", "gcp", "azure"],
+)
+def test_dead_endpoint_no_crash_no_log_flood(make, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.DEBUG, logger="jupyter_spot.notice")
+    source = make(closed_port())
+    watcher = NoticeWatcher([source], max_backoff=0.2)
+    calls = []
+    original = source.poll
+
+    def counting_poll():
+        calls.append(1)
+        return original()
+
+    source.poll = counting_poll  # count attempts on the real poll
+    with watcher:
+        time.sleep(1.5)
+        assert all(t.is_alive() for t in watcher._threads)
+    records = [r for r in caplog.records if r.name == "jupyter_spot.notice"]
+    assert len(calls) >= 3  # it kept trying…
+    assert len(records) == 1, [r.getMessage() for r in records]  # …and said so once
+    assert records[0].levelno == logging.WARNING
+    assert watcher.notices == []
+
+
+def test_watcher_survives_a_failing_callback(caplog: pytest.LogCaptureFixture) -> None:
+    def broken(notice: Notice) -> None:
+        raise RuntimeError("boom")
+
+    with Simulator("aws") as sim:
+        rec = Recorder()
+        sim.fire()
+        with NoticeWatcher([AWSSource(sim.url, interval=0.05)], [broken, rec]):
+            assert rec.event.wait(5)
+            time.sleep(0.2)
+    assert len(rec.notices) == 1
+    assert any("boom" in (r.exc_text or "") or r.exc_info for r in caplog.records)
+
+
+def test_notice_round_trips_through_json() -> None:
+    notice = Notice("interruption", "hibernate", utcnow() + timedelta(seconds=90), "aws", event_id="x")
+    again = Notice.from_dict(notice.to_dict())
+    assert again == notice and again.key == notice.key
+    assert 85 < again.seconds_left() <= 90
+    with pytest.raises(ValueError, match="kind"):
+        Notice("reboot", "stop", None, "aws")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="timezone"):
+        Notice("interruption", "stop", notice.deadline.replace(tzinfo=None), "aws")
