@@ -1,0 +1,140 @@
+"""``SpotApp``: jupyter-spot as a jupyter_server extension.
+
+Configured like any Jupyter app (``c.SpotApp.store = "s3://bucket/prefix"`` in
+jupyter_server_config.py, or ``--SpotApp.auto_restore=True``). The store URL is
+resolved the same way as in kernels: ``$JUPYTER_SPOT_STORE`` first.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from pathlib import Path
+from typing import Any
+
+from jupyter_server.extension.application import ExtensionApp
+from traitlets import Bool, Float, Int, List, Unicode
+
+from .._version import __version__
+from ..config import resolve_store_url
+from ..store import Store, StoreError, collect_garbage, open_store
+from . import catalog
+from .handlers import handlers
+from .kernels import KERNEL_ACTIONS_SCHEMA, SpotKernels
+from .notices import NoticeCoordinator, build_sources
+
+EVENTS_DIR = Path(__file__).parent / "events"
+#: How long a store health check stays fresh: GET status is polled by every browser tab.
+WRITABLE_CHECK_TTL = 30.0
+
+
+class SpotApp(ExtensionApp):
+    """Snapshots every kernel, watches for interruption notices, restores on a fresh server."""
+
+    name = "jupyter_spot"
+    description = __doc__
+    load_other_extensions = True
+
+    store = Unicode("", help="Store URL: a directory (local disk, EFS mount) or s3://bucket/prefix. "
+                    "$JUPYTER_SPOT_STORE wins; default: jupyter_spot/store in the Jupyter data dir.").tag(config=True)
+    auto_load_kernel_extension = Bool(
+        True, help="Load the kernel extension into every IPython kernel this server starts (no %load_ext needed)."
+    ).tag(config=True)
+    auto_restore = Bool(
+        False,
+        help="When a notebook whose session was interrupted starts a kernel, restore its latest snapshot "
+        "into it without asking. Off: JupyterLab shows a restore banner instead.",
+    ).tag(config=True)
+    keep = Int(20, help="Snapshots kept per session by the server's periodic garbage collection (0: never collect).").tag(
+        config=True
+    )
+    gc_interval = Float(3600.0, help="Seconds between garbage collections of the store.").tag(config=True)
+    notice_sources = List(
+        Unicode(),
+        default_value=["auto"],
+        help='Where notices come from: "auto" (the detected cloud + SIGTERM), "aws", "gcp", "azure", "signal". '
+        "Empty: no watcher.",
+    ).tag(config=True)
+    notice_poll_interval = Float(
+        None, allow_none=True, help="Seconds between metadata polls (default: the cloud's: AWS 5, Azure 1)."
+    ).tag(config=True)
+    flush_timeout = Float(30.0, help="Seconds to wait for kernel flushes when a notice gives no deadline.").tag(
+        config=True
+    )
+    flush_poll_interval = Float(0.2, help="Seconds between store checks while waiting for a kernel's flush.").tag(
+        config=True
+    )
+    restore_timeout = Float(300.0, help="Seconds a restore into a kernel may take.").tag(config=True)
+
+    store_url = Unicode("")
+
+    def initialize_settings(self) -> None:
+        self.store_url = resolve_store_url(self.store)
+        self.snapshot_store: Store = open_store(self.store_url)
+        self._writable: tuple[float, bool, str | None] = (0.0, False, None)
+        logger = self.serverapp.event_logger
+        for schema in sorted(EVENTS_DIR.glob("*.yaml")):
+            logger.register_event_schema(schema)
+        self.kernels = SpotKernels(self)
+        logger.add_listener(schema_id=KERNEL_ACTIONS_SCHEMA, listener=self.kernels.on_kernel_action)
+        watcher, provider = self._make_watcher()
+        self.notices = NoticeCoordinator(self, watcher, provider)
+        self._gc_task: asyncio.Task[None] | None = None
+        self.log.info("jupyter-spot: store %s (%s); watcher: %s", self.store_url, self.snapshot_store.kind,
+                      ", ".join(s.name for s in watcher.sources) if watcher else "off")
+
+    def _make_watcher(self) -> tuple[Any, str | None]:
+        if not self.notice_sources:
+            return None, None
+        from ..notice import NoticeWatcher
+
+        sources, provider = build_sources(list(self.notice_sources), self.notice_poll_interval)
+        return NoticeWatcher(sources).start(), provider
+
+    def initialize_handlers(self) -> None:
+        self.handlers.extend(handlers(self))
+
+    async def _start_jupyter_server_extension(self, serverapp: Any) -> None:
+        if self.keep > 0 and self.gc_interval > 0:
+            self._gc_task = asyncio.ensure_future(self._collect_garbage_periodically())
+
+    async def stop_extension(self) -> None:
+        self.kernels.stopping = True  # the shutdowns that follow are the server's, not the user's
+        if self._gc_task is not None:
+            self._gc_task.cancel()
+        if self.notices.watcher is not None:
+            await asyncio.to_thread(self.notices.watcher.stop)
+
+    async def _collect_garbage_periodically(self) -> None:
+        while True:
+            await asyncio.sleep(self.gc_interval)
+            try:
+                report = await asyncio.to_thread(collect_garbage, self.snapshot_store, self.keep)
+                self.log.info("jupyter-spot: garbage collection %s", report)
+            except StoreError as error:
+                self.log.warning("jupyter-spot: garbage collection failed: %s", error)
+
+    async def session_is_interrupted(self, session: str) -> bool:
+        try:
+            described = await asyncio.to_thread(
+                catalog.describe_session, self.snapshot_store, session, self.kernels.live_kernels()
+            )
+        except StoreError as error:
+            self.log.warning("jupyter-spot: cannot read session %r: %s", session, error)
+            return False
+        return bool(described and described["interrupted"])
+
+    async def status(self) -> dict[str, Any]:
+        checked, writable, error = self._writable
+        if time.monotonic() - checked > WRITABLE_CHECK_TTL:
+            try:
+                await asyncio.to_thread(self.snapshot_store.check_writable)
+                writable, error = True, None
+            except StoreError as exc:
+                writable, error = False, str(exc)
+            self._writable = (time.monotonic(), writable, error)
+        return {
+            "version": __version__,
+            "store": {"url": self.store_url, "kind": self.snapshot_store.kind, "writable": writable, "error": error},
+            **self.notices.status(),
+        }

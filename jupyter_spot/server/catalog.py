@@ -1,0 +1,207 @@
+"""What the store says about sessions: summaries, records, and which sessions were interrupted.
+
+Pure functions over a :class:`~jupyter_spot.store.Store`, shared by the REST
+handlers and the ``jupyter spot`` CLI, so both tell the same story.
+
+**Interrupted** (the definition the REST API and docs/server.md use): a session
+is interrupted when its latest snapshot holds state that no running kernel has
+and nobody chose to throw away. Concretely, all of:
+
+1. it has a snapshot that loads (signed by our key);
+2. that snapshot is not already loaded into, nor newer than the start of, a
+   kernel of this session that is running on this server (a kernel started
+   after the snapshot was written did not write it: a fresh server's kernel for
+   the same notebook is still "interrupted" until it restores or writes anew);
+3. the session was not closed cleanly after that snapshot — a user shutting
+   the kernel down (kernel or session DELETE) writes a ``closed`` session record;
+   a server stopping, a notice, SIGKILL or a lost machine do not.
+
+The ``reason`` comes from the records: the notice record that named the
+session's last kernel, else the session record of a kernel that never shut
+down cleanly, else "written by a kernel outside this server".
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from typing import Any
+
+from ..store import ManifestError, Store, StoreError
+
+NOTICE_RECORD_PREFIX = "notice-"
+SESSION_RECORD_PREFIX = "session-"
+_BAD_COMPONENT = re.compile(r"[\x00-\x1f\x7f\\]")
+
+
+class BadId(ValueError):
+    """A session or snapshot id that cannot name anything in a store (HTTP 400)."""
+
+
+def check_session_name(session: str) -> str:
+    """Refuse names that look like path tricks, even though the store encodes them safely.
+
+    Notebook paths relative to the server root, kernel ids and ``pid-N`` pass.
+    """
+    if not isinstance(session, str) or not session or len(session) > 1024:
+        raise BadId(f"not a session id: {session!r}")
+    if _BAD_COMPONENT.search(session) or any(part in (".", "..") for part in session.split("/")):
+        raise BadId(f"not a session id: {session!r}")
+    return session
+
+
+def utcnow() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+def isoformat(moment: datetime) -> str:
+    return moment.astimezone(timezone.utc).isoformat().replace("+00:00", "Z")
+
+
+def parse_time(value: Any) -> datetime | None:
+    """An ISO time from a manifest or record as an aware UTC datetime (None if absent/bad)."""
+    if not isinstance(value, str) or not value:
+        return None
+    try:
+        moment = datetime.fromisoformat(value.replace("Z", "+00:00"))
+    except ValueError:
+        return None
+    return moment if moment.tzinfo else moment.replace(tzinfo=timezone.utc)
+
+
+def skipped_list(skipped: Any) -> list[dict[str, Any]]:
+    """The manifest's ``skipped`` ({name: {type, reason, cell}}) as the API's list."""
+    if isinstance(skipped, dict):
+        items = [{"name": name, **(info if isinstance(info, dict) else {})} for name, info in skipped.items()]
+    elif isinstance(skipped, list):
+        items = [dict(item) for item in skipped if isinstance(item, dict)]
+    else:
+        items = []
+    return [
+        {"name": str(i.get("name", "")), "type": i.get("type"), "reason": i.get("reason"), "cell": i.get("cell")}
+        for i in items
+    ]
+
+
+def snapshot_summary(manifest: dict[str, Any]) -> dict[str, Any]:
+    """A manifest as the API's Snapshot object."""
+    variables = manifest.get("variables")
+    count = manifest.get("variable_count")
+    if count is None:
+        count = len(variables) if isinstance(variables, dict) else 0
+    created = parse_time(manifest.get("created"))
+    return {
+        "id": manifest["id"],
+        "session": manifest["session"],
+        "created": isoformat(created) if created else None,
+        "kind": manifest.get("kind", "auto"),
+        "during_cell": manifest.get("during_cell"),
+        "execution_count": int(manifest.get("execution_count") or 0),
+        "size": int(manifest.get("size") or 0),
+        "variable_count": int(count),
+        "skipped": skipped_list(manifest.get("skipped")),
+    }
+
+
+def session_record_name(session: str) -> str:
+    """Record names are short and path-free; a session name may be neither."""
+    return SESSION_RECORD_PREFIX + hashlib.sha256(session.encode()).hexdigest()[:40]
+
+
+def list_snapshot_summaries(store: Store, session: str) -> list[dict[str, Any]]:
+    """The session's snapshots that load, newest first (bad ones are left out, not deleted)."""
+    summaries = []
+    for snapshot_id in reversed(store.list_snapshots(session)):
+        try:
+            summaries.append(snapshot_summary(store.load_manifest(session, snapshot_id)))
+        except ManifestError:
+            continue
+    return summaries
+
+
+@dataclass
+class LiveKernel:
+    """A kernel running on this server and the session it snapshots into."""
+
+    kernel_id: str
+    session: str
+    started: datetime
+    restored: str | None = None  # snapshot id loaded into it through the server
+
+
+def notice_records(store: Store) -> list[dict[str, Any]]:
+    """Every notice record, newest first."""
+    records = []
+    for name in reversed(store.list_records()):
+        if name.startswith(NOTICE_RECORD_PREFIX):
+            try:
+                record = store.get_record(name)
+            except StoreError:
+                continue
+            if record:
+                records.append(record)
+    return records
+
+
+def _notice_reason(notices: list[dict[str, Any]], session: str, kernel_id: str | None) -> str | None:
+    for record in notices:
+        for entry in record.get("kernels", []):
+            if entry.get("session") == session and (kernel_id is None or entry.get("kernel_id") == kernel_id):
+                notice = record.get("notice") or {}
+                return (
+                    f"{notice.get('source', '?')} {notice.get('kind', 'interruption')} notice "
+                    f"({notice.get('action', '?')}) at {record.get('at', '?')}; "
+                    f"flush {entry.get('status', '?')}"
+                )
+    return None
+
+
+def describe_session(
+    store: Store,
+    session: str,
+    live: list[LiveKernel],
+    notices: list[dict[str, Any]] | None = None,
+) -> dict[str, Any] | None:
+    """The API's Session object, or None when the session has no loadable snapshot."""
+    manifest, _problems = store.latest_manifest(session)
+    if manifest is None:
+        return None
+    latest = snapshot_summary(manifest)
+    created = parse_time(manifest.get("created")) or utcnow()
+    mine = [k for k in live if k.session == session]
+    live_kernel = mine[-1].kernel_id if mine else None
+    record = store.get_record(session_record_name(session)) or {}
+
+    caught_up = any(k.restored is not None or k.started <= created for k in mine)
+    closed_at = parse_time(record.get("closed_at")) if record.get("state") == "closed" else None
+    closed = closed_at is not None and closed_at >= created
+    interrupted = not caught_up and not closed
+
+    reason = None
+    if interrupted:
+        notices = notice_records(store) if notices is None else notices
+        last_kernel = record.get("kernel_id")
+        reason = _notice_reason(notices, session, last_kernel) if last_kernel else None
+        if reason is None and record.get("state") in ("live", "running"):
+            where = record.get("host") or "another server"
+            reason = f"kernel {last_kernel} on {where} stopped without a clean shutdown"
+        if reason is None:
+            reason = _notice_reason(notices, session, None) or "written by a kernel no server here is running"
+    return {
+        "id": session,
+        "interrupted": interrupted,
+        "live_kernel": live_kernel,
+        "reason": reason,
+        "latest": latest,
+    }
+
+
+def describe_sessions(store: Store, live: list[LiveKernel], only: str | None = None) -> list[dict[str, Any]]:
+    """Every session with a loadable snapshot (or just ``only``), newest activity first."""
+    names = [only] if only is not None else store.list_sessions()
+    notices = notice_records(store)
+    sessions = [s for s in (describe_session(store, name, live, notices) for name in names) if s is not None]
+    sessions.sort(key=lambda s: s["latest"]["created"] or "", reverse=True)
+    return sessions

@@ -1,0 +1,280 @@
+"""The server's kernels as jupyter-spot sees them: launch settings, sessions, restore.
+
+jupyter_server has no hook to add launch arguments to every kernel, so the
+mapping kernel manager's ``start_kernel`` is wrapped on the instance (the
+sessions API, the kernels API and other extensions all start kernels through
+it). The wrapper gives each kernel:
+
+* ``JUPYTER_SPOT_SESSION`` — the notebook path relative to the server root
+  (the sessions API passes it as ``JPY_SESSION_NAME``, absolute when it knows
+  the file name), else the kernel id;
+* ``JUPYTER_SPOT_STORE`` — the server's store, so kernel and server agree;
+* ``JUPYTER_SPOT_SERVER_WATCHES=1`` and ``JUPYTER_SPOT_NOTICE_FILE`` — the
+  server watches for notices and hands them over (docs/notices.md);
+* ``--ext=jupyter_spot`` for IPython kernels, so no ``%load_ext`` is needed.
+
+Clean shutdowns are learned from jupyter_server's own ``kernel_actions``
+events, not by wrapping ``shutdown_kernel``.
+"""
+
+from __future__ import annotations
+
+import ast
+import asyncio
+import json
+import os
+import socket
+import uuid
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from jupyter_core.paths import jupyter_runtime_dir
+from tornado import web
+
+from ..config import NOTEBOOK_PATH_ENV, SESSION_ENV, STORE_ENV
+from ..store import StoreError
+from .catalog import LiveKernel, isoformat, session_record_name, snapshot_summary, utcnow
+
+if TYPE_CHECKING:
+    from .app import SpotApp
+
+SERVER_WATCHES_ENV = "JUPYTER_SPOT_SERVER_WATCHES"
+NOTICE_FILE_ENV = "JUPYTER_SPOT_NOTICE_FILE"
+KERNEL_ACTIONS_SCHEMA = "https://events.jupyter.org/jupyter_server/kernel_actions/v1"
+
+
+class KernelRestoreError(Exception):
+    """The kernel could not load the snapshot; the message is the kernel's error."""
+
+
+def restore_expression(snapshot: str, session: str) -> str:
+    """Python evaluated inside the kernel: restore and return the report as JSON.
+
+    Sent as a silent ``user_expressions`` request, so it adds nothing to the
+    user's namespace or history and triggers no post-cell snapshot.
+    """
+    return (
+        "__import__('json').dumps(__import__('jupyter_spot').restore("
+        f"{snapshot!r}, session={session!r}).to_dict(), default=str)"
+    )
+
+
+async def evaluate_in_kernel(kernel: Any, expression: str, timeout: float) -> Any:
+    """Evaluate one expression in a running kernel and return its value (a Python literal)."""
+    client = kernel.client()
+    client.start_channels()
+    try:
+        await client.wait_for_ready(timeout=timeout)
+        reply = await client.execute_interactive(
+            "",
+            silent=True,
+            store_history=False,
+            user_expressions={"value": expression},
+            timeout=timeout,
+            output_hook=lambda msg: None,
+        )
+    finally:
+        client.stop_channels()
+    content = reply["content"]
+    result = content.get("user_expressions", {}).get("value", {})
+    if content.get("status") != "ok" or result.get("status") != "ok":
+        detail = result if result.get("status") == "error" else content
+        raise KernelRestoreError(f"{detail.get('ename', 'Error')}: {detail.get('evalue', 'no details')}")
+    return ast.literal_eval(result["data"]["text/plain"])
+
+
+class SpotKernels:
+    """Tracks which kernel holds which session, starts kernels for restores, restores."""
+
+    def __init__(self, app: SpotApp) -> None:
+        self.app = app
+        self.km = app.serverapp.kernel_manager
+        self.live: dict[str, LiveKernel] = {}
+        self.notice_files: dict[str, Path] = {}
+        self.refuse_reason: str | None = None
+        self.stopping = False
+        self.host = socket.gethostname()
+        self.notice_dir = Path(jupyter_runtime_dir()) / "jupyter_spot"
+        self._start = self.km.start_kernel
+        self.km.start_kernel = self.start_kernel
+
+    def live_kernels(self) -> list[LiveKernel]:
+        """Live kernels, oldest first; kernels that died on their own drop out."""
+        for kernel_id in [k for k in self.live if k not in self.km]:
+            del self.live[kernel_id]
+        return sorted(self.live.values(), key=lambda k: k.started)
+
+    def session_for(self, env: dict[str, str], kernel_id: str) -> str:
+        """The notebook path relative to the root dir, else the kernel id."""
+        if env.get(SESSION_ENV):
+            return env[SESSION_ENV]
+        path = env.get(NOTEBOOK_PATH_ENV, "")
+        if not path:
+            return kernel_id
+        root = os.path.realpath(self.app.serverapp.root_dir)
+        if os.path.isabs(path):
+            real = os.path.realpath(path)
+            if real == root or not real.startswith(root + os.sep):
+                return path
+            path = os.path.relpath(real, root)
+        return path.replace(os.sep, "/").lstrip("/")
+
+    def is_ipython(self, kernel_name: str | None) -> bool:
+        try:
+            spec = self.km.kernel_spec_manager.get_kernel_spec(kernel_name or self.km.default_kernel_name)
+        except Exception:  # noqa: BLE001 - an unknown spec fails in start_kernel with a better message
+            return False
+        return spec.language.lower() == "python" and any("ipykernel" in arg for arg in spec.argv)
+
+    async def start_kernel(self, *, kernel_id: str | None = None, path: str | None = None, **kwargs: Any) -> str:
+        """``MappingKernelManager.start_kernel`` plus jupyter-spot's launch settings."""
+        if kernel_id is not None and kernel_id in self.km:
+            return await self._start(kernel_id=kernel_id, path=path, **kwargs)
+        if self.refuse_reason:
+            raise web.HTTPError(503, self.refuse_reason)
+        kernel_id = kernel_id or str(uuid.uuid4())
+        env = dict(kwargs.get("env") or os.environ)
+        session = self.session_for(env, kernel_id)
+        notice_file = self.notice_dir / f"notice-{kernel_id}.json"
+        self.notice_dir.mkdir(parents=True, exist_ok=True)
+        env.update(
+            {
+                SESSION_ENV: session,
+                STORE_ENV: self.app.store_url,
+                SERVER_WATCHES_ENV: "1",
+                NOTICE_FILE_ENV: str(notice_file),
+            }
+        )
+        kwargs["env"] = env
+        if self.app.auto_load_kernel_extension and self.is_ipython(kwargs.get("kernel_name")):
+            kwargs["extra_arguments"] = [*kwargs.get("extra_arguments", []), "--ext=jupyter_spot"]
+        interrupted = False
+        if self.app.auto_restore:
+            interrupted = await self.app.session_is_interrupted(session)
+        started = utcnow()
+        kernel_id = await self._start(kernel_id=kernel_id, path=path, **kwargs)
+        self.live[kernel_id] = LiveKernel(kernel_id, session, started)
+        self.notice_files[kernel_id] = notice_file
+        await self._write_session_record(kernel_id, "live")
+        if interrupted:
+            self.app.log.info("jupyter-spot: restoring interrupted session %r into kernel %s", session, kernel_id)
+            task = asyncio.ensure_future(self.restore(session, "latest", kernel_id))
+            task.add_done_callback(self._log_auto_restore)
+        return kernel_id
+
+    def _log_auto_restore(self, task: asyncio.Future[Any]) -> None:
+        if task.cancelled():
+            return
+        error = task.exception()
+        if error is not None:
+            self.app.log.warning("jupyter-spot: automatic restore failed: %s", getattr(error, "log_message", error))
+
+    def kernel_info(self, kernel_id: str) -> dict[str, Any]:
+        """What the server record keeps about a kernel so another machine can recreate it."""
+        kernel = self.km.get_kernel(kernel_id)
+        spec = getattr(kernel, "kernel_spec", None)
+        launch = getattr(kernel, "_launch_args", {}) or {}
+        return {
+            "kernel_id": kernel_id,
+            "session": self.live[kernel_id].session if kernel_id in self.live else None,
+            "kernel_spec": {
+                "name": kernel.kernel_name,
+                "display_name": getattr(spec, "display_name", None),
+                "language": getattr(spec, "language", None),
+            },
+            "cwd": launch.get("cwd"),
+            "pid": getattr(getattr(kernel, "provisioner", None), "pid", None),
+        }
+
+    async def _write_session_record(self, kernel_id: str, state: str) -> None:
+        live = self.live.get(kernel_id)
+        if live is None:
+            return
+        record = {
+            "session": live.session,
+            "state": state,
+            "kernel_id": kernel_id,
+            "host": self.host,
+            "server": self.app.serverapp.connection_url,
+            "started": isoformat(live.started),
+            "kernel": self.kernel_info(kernel_id) if kernel_id in self.km else None,
+        }
+        if state == "closed":
+            record["closed_at"] = isoformat(utcnow())
+        try:
+            await asyncio.to_thread(self.app.snapshot_store.put_record, session_record_name(live.session), record)
+        except StoreError as error:
+            self.app.log.warning("jupyter-spot: could not record session %r: %s", live.session, error)
+
+    async def on_kernel_action(self, logger: Any, schema_id: str, data: dict[str, Any]) -> None:
+        """Listener for jupyter_server's kernel_actions events: restarts and clean shutdowns."""
+        kernel_id = data.get("kernel_id")
+        if data.get("status") != "success" or kernel_id not in self.live:
+            return
+        if data.get("action") == "restart":
+            self.live[kernel_id].started = utcnow()
+            self.live[kernel_id].restored = None
+        elif data.get("action") == "shutdown":
+            if not self.stopping:  # a server going down is not the user closing the notebook
+                await self._write_session_record(kernel_id, "closed")
+            self.live.pop(kernel_id, None)
+            self.notice_files.pop(kernel_id, None)
+
+    async def restore(self, session: str, snapshot: str, kernel_id: str | None) -> dict[str, Any]:
+        """Load a snapshot into ``kernel_id``, the session's live kernel, or a new kernel."""
+        if kernel_id is not None:
+            if kernel_id not in self.km:
+                raise web.HTTPError(404, f"no kernel {kernel_id} on this server")
+        else:
+            mine = [k for k in self.live_kernels() if k.session == session]
+            kernel_id = mine[-1].kernel_id if mine else await self._start_for(session)
+        kernel = self.km.get_kernel(kernel_id)
+        try:
+            report = json.loads(
+                await evaluate_in_kernel(kernel, restore_expression(snapshot, session), self.app.restore_timeout)
+            )
+        except (KernelRestoreError, TimeoutError, RuntimeError) as error:
+            raise web.HTTPError(500, f"restore into kernel {kernel_id} failed: {error}") from None
+        snapshot_id = report.get("snapshot_id") or (report.get("snapshot") or {}).get("id") or snapshot
+        if kernel_id in self.live:
+            self.live[kernel_id].restored = snapshot_id
+        return {"kernel_id": kernel_id, "report": await self._report(session, snapshot_id, report)}
+
+    async def _start_for(self, session: str) -> str:
+        """A kernel like the one the session last had (spec and directory), if we can tell."""
+        record = await asyncio.to_thread(self.app.snapshot_store.get_record, session_record_name(session)) or {}
+        spec_name = ((record.get("kernel") or {}).get("kernel_spec") or {}).get("name")
+        if spec_name not in self.km.kernel_spec_manager.find_kernel_specs():
+            spec_name = None
+        directory = session.rsplit("/", 1)[0] if "/" in session else ""
+        path = directory if await self._is_dir(directory) else ""
+        env = {**os.environ, SESSION_ENV: session}
+        return await self.km.start_kernel(path=path, kernel_name=spec_name, env=env)
+
+    async def _is_dir(self, api_path: str) -> bool:
+        contents = self.app.serverapp.contents_manager
+        try:
+            return bool(await asyncio.to_thread(contents.dir_exists, api_path))
+        except Exception:  # noqa: BLE001 - an async contents manager or odd path: use the root
+            return False
+
+    async def _report(self, session: str, snapshot_id: str, report: dict[str, Any]) -> dict[str, Any]:
+        """The kernel's RestoreReport in the API's shape, with the snapshot summarized by the server."""
+        try:
+            manifest = await asyncio.to_thread(self.app.snapshot_store.load_manifest, session, snapshot_id)
+            summary = snapshot_summary(manifest)
+        except (StoreError, ValueError):
+            summary = report.get("snapshot") if isinstance(report.get("snapshot"), dict) else {"id": snapshot_id}
+        not_restored = report.get("not_restored") or report.get("skipped") or []
+        if isinstance(not_restored, dict):
+            not_restored = [{"name": name, **info} for name, info in not_restored.items()]
+        return {
+            "snapshot": summary,
+            "restored": list(report.get("restored") or []),
+            "not_restored": [
+                {"name": i.get("name"), "type": i.get("type"), "reason": i.get("reason"), "cell": i.get("cell")}
+                for i in not_restored
+                if isinstance(i, dict)
+            ],
+            "notes": [str(n) for n in report.get("notes") or []],
+        }
