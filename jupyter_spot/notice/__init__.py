@@ -8,6 +8,7 @@ from .aws import AWSSource
 from .azure import AzureSource
 from .detect import cloud_sources, detect_cloud
 from .gcp import GCPSource
+from .kernel_watch import NOTICE_FILE_ENV, SERVER_WATCHES_ENV, KernelNotReady, deliver_notice_to_kernel
 from .model import Notice
 from .signals import SignalSource
 from .source import NoticeSource
@@ -17,10 +18,14 @@ __all__ = [
     "AWSSource",
     "AzureSource",
     "GCPSource",
+    "KernelNotReady",
+    "NOTICE_FILE_ENV",
+    "SERVER_WATCHES_ENV",
     "Notice",
     "NoticeSource",
     "NoticeWatcher",
     "SignalSource",
     "cloud_sources",
+    "deliver_notice_to_kernel",
     "detect_cloud",
 ]

@@ -55,7 +55,7 @@ class NoticeWatcher:
             self._threads.append(thread)
         return self
 
-    def stop(self, timeout: float = 2.0) -> None:
+    def stop(self, timeout: float = 1.0) -> None:
         self._stop.set()
         for source in self.sources:
             try:

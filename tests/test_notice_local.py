@@ -1,0 +1,248 @@
+"""SIGTERM as a notice, cloud detection, the simulate command, and the server → kernel hand-off.
+
+Every process here is real: signals go to real child processes, and the
+hand-off test's "kernel" is a Python process running a long loop on its main
+thread, exactly where the kernel's handler has to interrupt it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+from jupyter_spot.notice import AWSSource, KernelNotReady, Notice, deliver_notice_to_kernel, detect_cloud
+from jupyter_spot.notice.detect import AZURE_ASSET_TAG
+from jupyter_spot.notice.model import deadline_in
+from jupyter_spot.notice.simulator import Simulator
+
+PY = sys.executable
+
+
+def wait_for_file(path: Path, timeout: float = 20.0) -> str:
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if path.exists() and path.read_text():
+            return path.read_text()
+        time.sleep(0.02)
+    raise AssertionError(f"{path} did not appear in {timeout} s")
+
+
+# -- SIGTERM ----------------------------------------------------------------------------
+
+SIGTERM_CHILD = """
+import sys, time, pathlib
+from jupyter_spot.notice import NoticeWatcher, SignalSource
+out = pathlib.Path(sys.argv[1])
+def flush(notice):
+    time.sleep(0.3)  # the work the notice is for; the process must outlive it
+    out.write_text(f"{notice.kind} {notice.action} {notice.source} {notice.seconds_left():.0f}")
+watcher = NoticeWatcher([SignalSource(grace=25, wait=0.1)], [flush]).start()
+out.with_suffix(".ready").write_text("ready")
+while True:
+    time.sleep(0.05)
+"""
+
+
+def test_sigterm_flushes_first_then_the_default_action_ends_the_process(tmp_path: Path) -> None:
+    out = tmp_path / "flushed"
+    child = subprocess.Popen([PY, "-c", SIGTERM_CHILD, str(out)])
+    try:
+        wait_for_file(out.with_suffix(".ready"))
+        child.send_signal(signal.SIGTERM)
+        assert child.wait(10) == -signal.SIGTERM  # the previous (default) action ran…
+    finally:
+        child.kill()
+    assert out.read_text() in ("interruption terminate signal 25", "interruption terminate signal 24")  # …after the flush
+
+
+def test_sigterm_chains_a_previous_python_handler_after_the_callbacks() -> None:
+    order: list[str] = []
+    previous = signal.signal(signal.SIGUSR2, lambda s, f: order.append("previous handler"))
+    try:
+        from jupyter_spot.notice import NoticeWatcher, SignalSource
+
+        source = SignalSource(signal.SIGUSR2, grace=10, wait=0.05)
+        with NoticeWatcher([source], [lambda n: (time.sleep(0.2), order.append(f"flush {n.source}"))]):
+            os.kill(os.getpid(), signal.SIGUSR2)
+            end = time.monotonic() + 5
+            while len(order) < 2 and time.monotonic() < end:
+                time.sleep(0.01)  # the main thread must run bytecode for handlers to fire
+        assert order == ["flush signal", "previous handler"]
+        assert signal.getsignal(signal.SIGUSR2) is not source._handle  # ours is gone again
+    finally:
+        signal.signal(signal.SIGUSR2, previous)
+
+
+# -- detection --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "files, cloud",
+    [
+        ({"sys_vendor": "Amazon EC2", "product_name": "m5.large"}, "aws"),
+        ({"sys_vendor": "Xen", "bios_version": "4.11.amazon"}, "aws"),
+        ({"sys_vendor": "Google", "product_name": "Google Compute Engine"}, "gcp"),
+        ({"sys_vendor": "Microsoft Corporation", "chassis_asset_tag": AZURE_ASSET_TAG}, "azure"),
+        ({"sys_vendor": "LENOVO", "product_name": "ThinkPad X1"}, None),
+        ({}, None),
+    ],
+)
+def test_detect_cloud_from_dmi(files: dict, cloud: str | None, tmp_path: Path, monkeypatch) -> None:
+    for name in ("JUPYTER_SPOT_CLOUD", "AWS_EC2_METADATA_SERVICE_ENDPOINT", "GCE_METADATA_HOST", "JUPYTER_SPOT_AZURE_ENDPOINT"):
+        monkeypatch.delenv(name, raising=False)
+    for name, text in files.items():
+        (tmp_path / name).write_text(text + "\n")
+    started = time.monotonic()
+    assert detect_cloud(probe=False, dmi_root=tmp_path) == cloud
+    assert time.monotonic() - started < 0.1
+
+
+def test_detect_cloud_settings_win(monkeypatch, tmp_path: Path) -> None:
+    (tmp_path / "sys_vendor").write_text("Amazon EC2\n")
+    monkeypatch.setenv("JUPYTER_SPOT_CLOUD", "none")
+    assert detect_cloud(dmi_root=tmp_path) is None
+    monkeypatch.delenv("JUPYTER_SPOT_CLOUD")
+    monkeypatch.setenv("GCE_METADATA_HOST", "127.0.0.1:1")
+    monkeypatch.delenv("AWS_EC2_METADATA_SERVICE_ENDPOINT", raising=False)
+    assert detect_cloud(dmi_root=tmp_path) == "gcp"
+
+
+# -- jupyter spot simulate ----------------------------------------------------------------
+
+
+def test_simulate_command_prints_the_export_and_fires(tmp_path: Path) -> None:
+    proc = subprocess.Popen(
+        [PY, "-c", "from jupyter_spot.cli import main; main()", "simulate", "aws", "--port", "0",
+         "--notice-after", "0.5", "--imdsv2-only", "--action", "stop"],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        endpoint = None
+        for line in proc.stdout:  # type: ignore[union-attr]
+            if "export AWS_EC2_METADATA_SERVICE_ENDPOINT=" in line:
+                endpoint = line.split("=", 1)[1].strip()
+                break
+        assert endpoint and endpoint.startswith("http://127.0.0.1:")
+        source = AWSSource(endpoint)
+        end = time.monotonic() + 10
+        notice = None
+        while notice is None and time.monotonic() < end:
+            notice = source.poll()
+            time.sleep(0.05)
+    finally:
+        proc.terminate()
+        proc.wait(10)
+    assert notice is not None and (notice.kind, notice.action) == ("interruption", "stop")
+
+
+def test_simulate_command_rejects_an_unknown_cloud() -> None:
+    result = subprocess.run(
+        [PY, "-c", "from jupyter_spot.cli import main; main()", "simulate", "oracle"],
+        capture_output=True, text=True, timeout=60,
+    )
+    assert result.returncode == 2
+    assert "aws|gcp|azure" in result.stderr
+
+
+def test_simulator_control_endpoint_fires_the_notice() -> None:
+    from jupyter_spot.notice.fetch import request
+
+    with Simulator("azure") as sim:
+        resp = request(sim.url, "POST", "/__simulator/notice", body=b'{"action": "terminate"}')
+        assert resp.status == 200
+        state = json.loads(request(sim.url, "GET", "/__simulator/state").body)
+        bad = request(sim.url, "POST", "/__simulator/notice", body=b"not json")
+    assert state["notice"]["EventType"] == "Terminate"
+    assert bad.status == 400
+
+
+# -- server → kernel hand-off --------------------------------------------------------------
+
+KERNEL_LIKE = """
+import json, os, sys, time, pathlib, asyncio
+from jupyter_spot.notice.kernel_watch import start_kernel_watch
+out = pathlib.Path(sys.argv[1])
+progress = 0
+def flush(reason, deadline):
+    out.write_text(json.dumps({"reason": reason, "progress": progress, "deadline": str(deadline)}))
+    return f"flushed at {progress}"
+def snapshot(reason):
+    out.write_text(json.dumps({"snapshot": reason, "progress": progress}))
+    return "snapshot taken"
+start_kernel_watch(flush, snapshot)
+if sys.argv[2] == "busy":
+    while True:
+        progress += 1  # a long pure-Python cell
+else:  # idle: the main thread waits in an event loop, as an idle kernel does
+    asyncio.run(asyncio.sleep(60))
+"""
+
+
+@pytest.mark.parametrize("state", ["busy", "idle"])
+def test_server_hand_off_interrupts_the_main_thread(state: str, tmp_path: Path) -> None:
+    out, notice_file = tmp_path / "flushed.json", tmp_path / "notice.json"
+    env = {**os.environ, "JUPYTER_SPOT_NOTICE_FILE": str(notice_file), "JUPYTER_SPOT_SERVER_WATCHES": "1"}
+    kernel = subprocess.Popen([PY, "-c", KERNEL_LIKE, str(out), state], env=env, stderr=subprocess.PIPE, text=True)
+    try:
+        wait_for_file(Path(str(notice_file) + ".ready"))
+        time.sleep(0.2)
+        notice = Notice("interruption", "terminate", deadline_in(120), "aws", event_id="e1")
+        sent = time.monotonic()
+        deliver_notice_to_kernel(kernel.pid, notice, notice_file)
+        result = json.loads(wait_for_file(out, timeout=5))
+        latency = time.monotonic() - sent
+        deliver_notice_to_kernel(kernel.pid, notice, notice_file)  # the same notice twice: one flush
+        time.sleep(0.3)
+        assert kernel.poll() is None  # SIGUSR1 did not kill it
+    finally:
+        kernel.kill()
+        stderr = kernel.communicate()[1]
+    assert result["reason"] == "aws interruption: terminate"
+    assert (result["progress"] > 0) == (state == "busy")
+    assert latency < 1.0
+    assert stderr.count("Saving this session now") == 1
+    assert "flushed at" in stderr
+
+
+def test_rebalance_is_one_ordinary_snapshot_and_a_warning(tmp_path: Path) -> None:
+    out, notice_file = tmp_path / "flushed.json", tmp_path / "notice.json"
+    env = {**os.environ, "JUPYTER_SPOT_NOTICE_FILE": str(notice_file), "JUPYTER_SPOT_SERVER_WATCHES": "1"}
+    kernel = subprocess.Popen([PY, "-c", KERNEL_LIKE, str(out), "busy"], env=env, stderr=subprocess.PIPE, text=True)
+    try:
+        wait_for_file(Path(str(notice_file) + ".ready"))
+        notice = Notice("rebalance", "terminate", None, "aws", event_id="rebalance-1")
+        for _ in range(3):
+            deliver_notice_to_kernel(kernel.pid, notice, notice_file)
+            time.sleep(0.2)
+        result = json.loads(wait_for_file(out))
+    finally:
+        kernel.kill()
+        stderr = kernel.communicate()[1]
+    assert result["snapshot"] == "rebalance recommendation"
+    assert stderr.count("Taking a snapshot now") == 1
+    assert "rebalance recommendation" in stderr
+
+
+def test_hand_off_refuses_a_kernel_without_the_handler(tmp_path: Path) -> None:
+    sleeper = subprocess.Popen([PY, "-c", "import time; time.sleep(30)"])
+    try:
+        notice = Notice("interruption", "terminate", deadline_in(30), "signal")
+        with pytest.raises(KernelNotReady, match="has not installed"):
+            deliver_notice_to_kernel(sleeper.pid, notice, tmp_path / "notice.json")
+        Path(str(tmp_path / "notice.json") + ".ready").write_text("1")  # stale: pid 1 is not this kernel
+        with pytest.raises(KernelNotReady, match="names pid 1"):
+            deliver_notice_to_kernel(sleeper.pid, notice, tmp_path / "notice.json")
+        time.sleep(0.1)
+        assert sleeper.poll() is None  # never signalled
+    finally:
+        sleeper.kill()
+        sleeper.wait()
