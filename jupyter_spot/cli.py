@@ -12,6 +12,11 @@ class SpotCLI(JupyterApp):
     version = __version__
     description = "Jupyter sessions that survive spot-instance interruptions."
     subcommands = {
+        "list": ("jupyter_spot.server.cli_apps.ListApp", "List sessions in the store and whether they were interrupted."),
+        "show": ("jupyter_spot.server.cli_apps.ShowApp", "Show a snapshot: variables, sizes, what was skipped."),
+        "gc": ("jupyter_spot.server.cli_apps.GCApp", "Keep the newest N snapshots per session; delete unused blobs."),
+        "doctor": ("jupyter_spot.server.cli_apps.DoctorApp", "Check the store, signing key and notice sources."),
+        "run": ("jupyter_spot.run.RunApp", "Run a notebook, snapshotting after each cell; resume after an interruption."),
         "simulate": (
             "jupyter_spot.notice.simulator.SimulateApp",
             "Serve a cloud's metadata protocol on 127.0.0.1 and fire an interruption notice.",
