@@ -1,0 +1,603 @@
+"""Snapshots of one kernel's state, and restores into it.
+
+After each cell the engine finds the variables the cell may have changed (see
+``tracking``), re-pickles only their groups, hashes the bytes with xxh3 and
+hands blobs it has not stored before to the writer thread. A group whose bytes
+hash the same as last time costs no write; a group no touched name reaches is
+not even pickled.
+"""
+
+from __future__ import annotations
+
+import inspect
+import os
+import sys
+import time
+import types
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime, timedelta, timezone
+from typing import Any
+
+import xxhash
+
+from .. import __version__
+from ..config import SpotSettings, resolve_session, resolve_store_url
+from ..store import ManifestError, Store, StoreError, collect_garbage, open_store
+from . import environment, serialize, tracking
+from .results import RestoreReport, SnapshotResult
+from .writer import Job, Writer
+
+#: Functions registered with ``@jupyter_spot.after_restore``.
+AFTER_RESTORE_HOOKS: list[Callable[..., Any]] = []
+_HOOK_MARK = "__jupyter_spot_after_restore__"
+
+
+def register_after_restore(hook: Callable[..., Any]) -> Callable[..., Any]:
+    """Register (or, when a cell is re-run, replace) a hook.
+
+    The mark travels with a notebook function into the snapshot, so the
+    restored kernel finds the hook again without the cell being re-run.
+    """
+    name = (getattr(hook, "__module__", None), getattr(hook, "__qualname__", None))
+    AFTER_RESTORE_HOOKS[:] = [
+        h for h in AFTER_RESTORE_HOOKS if (getattr(h, "__module__", None), getattr(h, "__qualname__", None)) != name
+    ]
+    AFTER_RESTORE_HOOKS.append(hook)
+    try:
+        setattr(hook, _HOOK_MARK, True)
+    except AttributeError:
+        pass  # a builtin: it cannot carry the mark
+    return hook
+
+
+def content_key(data: Any) -> str:
+    """A fast (non-cryptographic) name for bytes, used to skip unchanged blobs.
+
+    The store still addresses blobs by SHA-256; this only avoids computing it
+    — and rewriting the blob — for bytes we have seen before.
+    """
+    view = memoryview(data)
+    return f"{xxhash.xxh3_128_hexdigest(view)}-{view.nbytes}"
+
+
+@dataclass(frozen=True)
+class Group:
+    """Co-variables stored as one pickle, plus the array buffers it points to."""
+
+    names: tuple[str, ...]
+    serializer: str
+    payload: tuple[str, int]  # (content key, size)
+    buffers: tuple[tuple[str, int], ...]
+    definition: bool
+
+    @property
+    def keys(self) -> list[str]:
+        return [self.payload[0], *(key for key, _ in self.buffers)]
+
+    @property
+    def size(self) -> int:
+        return self.payload[1] + sum(size for _, size in self.buffers)
+
+
+def _type_name(value: Any) -> str:
+    value_type = type(value)
+    module = value_type.__module__
+    return value_type.__qualname__ if module in ("builtins", "__main__") else f"{module}.{value_type.__qualname__}"
+
+
+def _is_definition(value: Any) -> bool:
+    """A function or class the notebook defined: stored by value, restored first."""
+    return isinstance(value, types.FunctionType | type) and getattr(value, "__module__", None) == "__main__"
+
+
+def _kernel_id() -> str:
+    try:
+        from ipykernel.kernelapp import IPKernelApp
+
+        if IPKernelApp.initialized():
+            name = os.path.basename(IPKernelApp.instance().connection_file)
+            return name.removeprefix("kernel-").removesuffix(".json")
+    except Exception:
+        pass
+    return ""
+
+
+def _versions() -> dict[str, str]:
+    versions = {"python": sys.version.split()[0], "jupyter_spot": __version__}
+    for name in ("numpy", "pandas", "sklearn", "torch", "dill"):
+        module = sys.modules.get(name)
+        if module is not None:
+            versions[name] = str(getattr(module, "__version__", "?"))
+    return versions
+
+
+def _parse_id_time(snapshot_id: str) -> datetime | None:
+    try:
+        return datetime.strptime(snapshot_id.split("-")[0], "%Y%m%dT%H%M%S.%fZ").replace(tzinfo=timezone.utc)
+    except ValueError:
+        return None
+
+
+class SnapshotEngine:
+    """Snapshot and restore for one IPython shell."""
+
+    def __init__(self, shell: Any) -> None:
+        self.shell = shell
+        self.settings = SpotSettings(parent=shell)
+        self.store_url = resolve_store_url(self.settings.store)
+        self.session = resolve_session(self.settings.session, kernel_id=_kernel_id())
+        self.store: Store = open_store(self.store_url)
+        self.auto = self.settings.auto_snapshot
+        self.excluded: set[str] = set(self.settings.exclude)
+        self.baseline = environment.Baseline()
+        self.durable: dict[str, str] = {}
+        self.writer = Writer(self.store, self.durable, self._committed, parent=None)
+        self.last_result: SnapshotResult | None = None
+        self.last_clean_id: str | None = None
+        self._ids: dict[str, int] = {}
+        self._born: dict[str, int] = {}
+        self._reach: dict[str, dict[int, Any]] = {}
+        self._var_info: dict[str, dict[str, Any]] = {}
+        self._groups: dict[frozenset[str], Group] = {}
+        self._jobs: list[Job] = []
+        self._last_id_time: datetime | None = None
+        self._busy = False
+        self._in_cell: int | None = None
+        self._cell_source = ""
+        self._skip_auto = False
+        self._warned = False
+
+    # -- cell hooks ------------------------------------------------------------
+    def pre_run_cell(self, info: Any) -> None:
+        self._in_cell = self.shell.execution_count
+        self._cell_source = getattr(info, "raw_cell", "") or ""
+
+    def post_run_cell(self, result: Any) -> None:
+        self._in_cell = None
+        if not self.auto or self._skip_auto:
+            self._skip_auto = False
+            return
+        try:
+            source = self.shell.transform_cell(self._cell_source)
+        except Exception:
+            source = self._cell_source
+        if not tracking.user_names(self.shell.user_ns, self.shell.user_ns_hidden):
+            return  # nothing to protect yet, and an empty snapshot would hide a session's real latest one
+        referenced = tracking.cell_names(source)
+        if referenced is not None:
+            referenced = tracking.reachable_names(referenced, self.shell.user_ns)
+        self.snapshot(kind="auto", referenced=referenced, wait=False, quiet=True)
+
+    def skip_next_auto(self) -> None:
+        """The running cell took its own snapshot (or restored): no auto one after it."""
+        self._skip_auto = True
+
+    # -- snapshot --------------------------------------------------------------
+    def _new_id(self) -> str:
+        now = datetime.now(timezone.utc)
+        if self._last_id_time is not None and now <= self._last_id_time:
+            now = self._last_id_time + timedelta(microseconds=1)
+        self._last_id_time = now
+        return now.strftime("%Y%m%dT%H%M%S.%fZ") + "-" + os.urandom(2).hex()
+
+    def _source_line(self, cell: int | None) -> str:
+        history = self.shell.user_ns.get("In")
+        if not cell or not isinstance(history, list) or cell >= len(history):
+            return ""
+        lines = [line for line in str(history[cell]).splitlines() if line.strip()]
+        return lines[0][:100] if lines else ""
+
+    def _warn(self, message: str) -> None:
+        if not self._warned:
+            self._warned = True
+            print(f"jupyter-spot: {message}\n(the kernel keeps working; snapshots resume once this is fixed)",
+                  file=sys.stderr)
+
+    def snapshot(
+        self,
+        kind: str = "explicit",
+        referenced: set[str] | None = None,
+        wait: bool = True,
+        during_cell: int | None = None,
+        deadline: float | None = None,
+        reason: str | None = None,
+        quiet: bool = False,
+    ) -> SnapshotResult:
+        """Snapshot the namespace; ``referenced=None`` re-checks every variable."""
+        if self._busy:
+            raise RuntimeError("a snapshot is already being taken")
+        self._busy = True
+        try:
+            job = self._prepare(kind, referenced, wait, during_cell, reason)
+        finally:
+            self._busy = False
+        result = job.result
+        self.last_result = result
+        if wait and not self.writer.wait(job, deadline):
+            result.error = result.error or "the deadline passed before the snapshot was durable"
+        error = result.error or (None if wait else self.writer.last_error)
+        if error and quiet:  # auto snapshots warn once; explicit ones print their result
+            self._warn(f"snapshot failed: {error}")
+        return result
+
+    def _prepare(
+        self, kind: str, referenced: set[str] | None, wait: bool, during_cell: int | None, reason: str | None
+    ) -> Job:
+        started = time.perf_counter()
+        shell = self.shell
+        namespace = shell.user_ns
+        if during_cell is not None or kind in ("explicit", "notice"):
+            cell = shell.execution_count
+        else:
+            cell = shell.execution_count - 1
+        result = SnapshotResult(id=self._new_id(), session=self.session, kind=kind, execution_count=cell,
+                                during_cell=during_cell)
+        self._jobs = [job for job in self._jobs if not job.done.is_set()]
+        in_flight = {key for job in self._jobs for key, _ in job.blobs}
+
+        modules: dict[str, str] = {}
+        current: dict[str, Any] = {}
+        skipped: dict[str, dict[str, Any]] = {}
+        for name in tracking.user_names(namespace, shell.user_ns_hidden):
+            value = namespace[name]
+            if isinstance(value, types.ModuleType):
+                modules[name] = value.__name__
+            elif name in self.excluded:
+                skipped[name] = {"type": _type_name(value), "reason": "excluded with %spot exclude"}
+            else:
+                current[name] = value
+
+        touched = set(current) if referenced is None else referenced & current.keys()
+        for name, value in current.items():
+            if self._ids.get(name) != id(value):
+                touched.add(name)
+                self._born[name] = cell
+        for group in self._groups.values():
+            if any(key not in self.durable and key not in in_flight for key in group.keys):
+                touched.update(name for name in group.names if name in current)
+        for name in list(self._ids):
+            if name not in current:
+                for table in (self._ids, self._reach, self._var_info):
+                    table.pop(name, None)
+
+        main_refs: dict[int, str] = {}
+        for name, value in current.items():
+            if _is_definition(value):
+                main_refs.setdefault(id(value), name)
+
+        def refs_for(name: str) -> dict[int, str]:
+            value = current[name]
+            if main_refs.get(id(value)) == name:
+                return {key: other for key, other in main_refs.items() if key != id(value)}
+            return main_refs
+
+        singles: dict[str, serialize.Pickled] = {}
+        unserializable: dict[str, str] = {}
+        for name in [n for n in current if n in touched]:
+            value = current[name]
+            self._ids[name] = id(value)
+            try:
+                pickled = serialize.dump({name: value}, refs_for(name), definitions=_is_definition(value))
+            except serialize.Unserializable as error:
+                unserializable[name] = str(error)
+                self._reach.pop(name, None)
+                continue
+            singles[name] = pickled
+            self._reach[name] = pickled.reached
+            self._var_info[name] = {"type": _type_name(value), "size": pickled.size}
+        for name in current:
+            if name not in touched and name not in self._reach:
+                unserializable.setdefault(name, self._var_info.get(name, {}).get("reason", "could not be pickled"))
+        for name, why in unserializable.items():
+            self._var_info[name] = {"type": _type_name(current[name]), "size": 0, "reason": why}
+            skipped[name] = {"type": _type_name(current[name]), "reason": why}
+        for name, info in skipped.items():
+            info["cell"] = self._born.get(name)
+            info["source"] = self._source_line(info["cell"])
+
+        # co-variables: union-find over the objects each variable's pickle reached
+        stored_names = [n for n in current if n not in unserializable]
+        parent = {name: name for name in stored_names}
+
+        def find(name: str) -> str:
+            while parent[name] != name:
+                parent[name] = parent[parent[name]]
+                name = parent[name]
+            return name
+
+        owner: dict[int, str] = {}
+        for name in stored_names:
+            if _is_definition(current[name]):
+                continue
+            for object_id in self._reach.get(name, ()):
+                other = owner.setdefault(object_id, name)
+                if other != name:
+                    parent[find(name)] = find(other)
+        members: dict[str, list[str]] = {}
+        for name in stored_names:
+            members.setdefault(find(name), []).append(name)
+
+        groups: dict[frozenset[str], Group] = {}
+        new_blobs: dict[str, Any] = {}
+        for names in members.values():
+            key = frozenset(names)
+            previous = self._groups.get(key)
+            if previous is not None and not key & touched:
+                groups[key] = previous
+                result.unchanged += len(names)
+                continue
+            try:
+                if len(names) == 1 and names[0] in singles:
+                    pickled = singles[names[0]]
+                else:
+                    pickled = serialize.dump({n: current[n] for n in names}, main_refs)
+            except serialize.Unserializable:  # together they need dill and dill refuses: store apart
+                for name in names:
+                    if name in singles:
+                        groups[frozenset([name])] = self._group_of((name,), singles[name], new_blobs)
+                        result.stored += 1
+                continue
+            group = self._group_of(tuple(names), pickled, new_blobs)
+            groups[key] = group
+            if previous is not None and previous.keys == group.keys:
+                result.unchanged += len(names)
+            else:
+                result.stored += len(names)
+        self._groups = groups
+
+        info, rng_state = environment.capture(self.baseline, modules)
+        rng_key = content_key(rng_state)
+        new_blobs.setdefault(rng_key, rng_state)
+        blobs = [(key, data) for key, data in new_blobs.items() if key not in self.durable]
+        new_bytes = sum(memoryview(data).nbytes for _, data in blobs)
+        if not wait and (new_bytes > self.settings.background_threshold or not self.writer.idle):
+            # The cell's prompt comes back now; the arrays may change under a
+            # background write, so it writes a copy.
+            blobs = [(key, data if isinstance(data, bytes) else bytes(data)) for key, data in blobs]
+        result.skipped = skipped
+        result.size = sum(group.size for group in groups.values()) + len(rng_state)
+        variables = {}
+        for index, group in enumerate(groups.values()):
+            for name in group.names:
+                info_ = self._var_info.get(name, {})
+                variables[name] = {"group": f"g{index}", "type": info_.get("type"), "size": info_.get("size", 0),
+                                   "cell": self._born.get(name)}
+        manifest = {
+            "session": self.session,
+            "id": result.id,
+            "created": datetime.now(timezone.utc).isoformat(),
+            "kind": kind,
+            "reason": reason,
+            "execution_count": cell,
+            "during_cell": during_cell,
+            "variables": variables,
+            "skipped": skipped,
+            "environment": info,
+            "versions": _versions(),
+            "size": result.size,
+            "variable_count": len(variables),
+        }
+        group_list = list(groups.values())
+
+        def build_manifest(durable: dict[str, str]) -> dict[str, Any]:
+            group_docs = {}
+            digests = {durable[rng_key]}
+            for index, group in enumerate(group_list):
+                blob = durable[group.payload[0]]
+                buffers = [durable[key] for key, _ in group.buffers]
+                digests.add(blob)
+                digests.update(buffers)
+                group_docs[f"g{index}"] = {"names": list(group.names), "serializer": group.serializer,
+                                           "definition": group.definition, "blob": blob, "buffers": buffers,
+                                           "size": group.size}
+            return {**manifest, "groups": group_docs, "rng": durable[rng_key], "blobs": sorted(digests)}
+
+        job = Job(result=result, blobs=blobs, build_manifest=build_manifest, started=started)
+        self._jobs.append(job)
+        self.writer.submit(job)
+        return job
+
+    def _group_of(self, names: tuple[str, ...], pickled: serialize.Pickled, new_blobs: dict[str, Any]) -> Group:
+        payload_key = content_key(pickled.payload)
+        new_blobs.setdefault(payload_key, pickled.payload)
+        buffers = []
+        for buffer in pickled.buffers:
+            key = content_key(buffer)
+            new_blobs.setdefault(key, buffer)
+            buffers.append((key, buffer.nbytes))
+        definition = len(names) == 1 and pickled.serializer == "dill" and _is_definition(self.shell.user_ns[names[0]])
+        return Group(names, pickled.serializer, (payload_key, len(pickled.payload)), tuple(buffers), definition)
+
+    def _committed(self, manifest: dict[str, Any]) -> None:
+        """Writer thread, after a commit: apply retention by snapshot count."""
+        self._warned = False
+        if manifest.get("during_cell") is None:
+            self.last_clean_id = manifest["id"]
+        keep = self.settings.keep
+        if keep > 0:
+            for snapshot_id in self.store.list_snapshots(self.session)[:-keep]:
+                if snapshot_id != self.last_clean_id:
+                    self.store.delete_snapshot(self.session, snapshot_id)
+
+    def flush(self, reason: str, deadline: datetime | None = None) -> SnapshotResult:
+        """A final snapshot on an interruption notice, durable before it returns.
+
+        Safe from a signal handler on the main thread: if the handler
+        interrupted a snapshot in progress, it only waits for the writes already
+        queued; if it interrupted a running cell, the snapshot is a mid-cell one.
+        """
+        until = None if deadline is None else time.monotonic() + (deadline - datetime.now(timezone.utc)).total_seconds()
+        if self._busy:
+            self.writer.wait(deadline=until)
+            return self.last_result or SnapshotResult(None, self.session, "notice", self.shell.execution_count,
+                                                      error="interrupted a snapshot in progress")
+        if self._in_cell is not None:
+            return self.snapshot("mid-cell", during_cell=self._in_cell, deadline=until, reason=reason)
+        return self.snapshot("notice", deadline=until, reason=reason)
+
+    def status(self) -> dict[str, Any]:
+        last = self.last_result
+        return {
+            "store": self.store.url,
+            "store_kind": self.store.kind,
+            "session": self.session,
+            "auto_snapshot": self.auto,
+            "pending_blobs": self.writer.pending_blobs,
+            "pending_bytes": self.writer.pending_bytes,
+            "last_snapshot": None if last is None else last.to_dict(),
+            "last_committed": self.writer.last_committed,
+            "last_error": self.writer.last_error,
+            "excluded": sorted(self.excluded),
+        }
+
+    def wait_until_durable(self, timeout: float | None = None) -> bool:
+        return self.writer.wait(deadline=None if timeout is None else time.monotonic() + timeout)
+
+    def gc(self, keep: int) -> Any:
+        self.wait_until_durable()
+        return collect_garbage(self.store, keep, session=self.session)
+
+    # -- restore ---------------------------------------------------------------
+    def restore(self, snapshot: str = "latest", session: str | None = None, clean: bool = False) -> RestoreReport:
+        """Load a snapshot into this kernel, falling back to older ones if it is damaged."""
+        started = time.perf_counter()
+        session = session or self.session
+        report = RestoreReport(snapshot_id=None, session=session)
+        self.wait_until_durable()
+        try:
+            ids = self.store.list_snapshots(session)
+        except StoreError as error:
+            report.error = str(error)
+            return report
+        if not ids:
+            report.error = f"session {session!r} has no snapshots in {self.store.url} (`%spot list` shows what there is)"
+            return report
+        if snapshot == "latest":
+            candidates = ids[::-1]
+        elif snapshot in ids:
+            candidates = ids[: ids.index(snapshot) + 1][::-1]
+        else:
+            report.error = f"session {session!r} has no snapshot {snapshot!r} (`%spot list` shows what there is)"
+            return report
+        loaded = None
+        for snapshot_id in candidates:
+            try:
+                manifest = self.store.load_manifest(session, snapshot_id)
+            except ManifestError as error:
+                report.fallbacks.append(f"snapshot {snapshot_id} cannot be used: {error}")
+                continue
+            except StoreError as error:
+                report.fallbacks.append(f"snapshot {snapshot_id} cannot be used: {error}")
+                continue
+            if clean and manifest.get("during_cell") is not None:
+                continue
+            try:
+                blobs = {digest: self.store.get_blob(digest) for digest in manifest.get("blobs", [])}
+            except StoreError as error:
+                report.fallbacks.append(f"snapshot {snapshot_id} cannot be used: {error}")
+                continue
+            loaded = manifest, blobs
+            break
+        if loaded is None:
+            report.error = f"no usable snapshot of session {session!r} in {self.store.url}"
+            return report
+        self._apply(*loaded, report)
+        report.seconds = time.perf_counter() - started
+        return report
+
+    def _apply(self, manifest: dict[str, Any], blobs: dict[str, Any], report: RestoreReport) -> None:
+        namespace = self.shell.user_ns
+        report.snapshot_id = manifest["id"]
+        report.kind = manifest.get("kind")
+        report.execution_count = manifest.get("execution_count")
+        report.during_cell = manifest.get("during_cell")
+        if report.fallbacks:
+            report.fallbacks.append(f"fell back to snapshot {manifest['id']} (state after cell {report.execution_count})")
+        env = manifest.get("environment", {})
+        modules, notes = environment.import_modules(env)
+        namespace.update(modules)
+        report.notes.extend(notes)
+
+        groups = manifest.get("groups", {})
+        definitions = [g for g in groups.values() if g.get("definition")]
+        data = [g for g in groups.values() if not g.get("definition")]
+        failures: dict[str, str] = {}
+
+        def load(group: dict[str, Any]) -> None:
+            values = serialize.load(blobs[group["blob"]], [blobs[d] for d in group["buffers"]], group["serializer"],
+                                    namespace)
+            namespace.update(values)
+            report.restored.extend(values)
+
+        # Definitions may refer to each other (a subclass to its base): retry until no progress.
+        while definitions:
+            remaining = []
+            for group in definitions:
+                try:
+                    load(group)
+                except Exception as error:
+                    failures.update({name: f"{type(error).__name__}: {error}" for name in group["names"]})
+                    remaining.append(group)
+            if len(remaining) == len(definitions):
+                break
+            for group in definitions:
+                if group not in remaining:
+                    for name in group["names"]:
+                        failures.pop(name, None)
+            definitions = remaining
+        for group in data:
+            try:
+                load(group)
+            except Exception as error:
+                failures.update({name: f"{type(error).__name__}: {error}" for name in group["names"]})
+        variables = manifest.get("variables", {})
+        for name, why in failures.items():
+            cell = variables.get(name, {}).get("cell")
+            report.not_restored[name] = {"type": variables.get(name, {}).get("type"), "reason": f"failed to load: {why}",
+                                         "cell": cell, "source": ""}
+        for name, info in manifest.get("skipped", {}).items():
+            report.not_restored[name] = info
+        rng = manifest.get("rng")
+        report.notes.extend(environment.apply(env, bytes(blobs[rng]) if rng else None))
+
+        # Continue the lineage: the next snapshot's parent is this one, with a later id.
+        count = manifest.get("execution_count")
+        if count is not None:
+            if count < self.shell.execution_count:
+                try:  # IPython's history database refuses a line number twice in one session
+                    self.shell.history_manager.new_session()
+                except Exception:
+                    pass
+            self.shell.execution_count = count
+        id_time = _parse_id_time(manifest["id"])
+        if id_time is not None and (self._last_id_time is None or id_time > self._last_id_time):
+            self._last_id_time = id_time
+        for group in groups.values():
+            for digest in [group["blob"], *group["buffers"]]:
+                self.durable[content_key(blobs[digest])] = digest
+        if rng:
+            self.durable[content_key(blobs[rng])] = rng
+        self.writer.last_committed = manifest["id"]
+        self._ids.clear()
+        self._groups.clear()
+        for name, info in variables.items():
+            if info.get("cell") is not None:
+                self._born[name] = info["cell"]
+        for name, info in manifest.get("skipped", {}).items():
+            if info.get("cell") is not None:
+                self._born[name] = info["cell"]
+        self._run_hooks(report)
+
+    def _run_hooks(self, report: RestoreReport) -> None:
+        for name in report.restored:
+            value = self.shell.user_ns.get(name)
+            if callable(value) and getattr(value, _HOOK_MARK, False):
+                register_after_restore(value)
+        for hook in list(AFTER_RESTORE_HOOKS):
+            try:
+                takes_report = len(inspect.signature(hook).parameters) > 0
+                hook(report) if takes_report else hook()
+            except Exception as error:
+                report.notes.append(f"after_restore hook {getattr(hook, '__name__', hook)!r} failed: "
+                                    f"{type(error).__name__}: {error}")

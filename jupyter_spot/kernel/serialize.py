@@ -1,0 +1,248 @@
+"""Turning groups of variables into bytes and back.
+
+Pickle protocol 5 with out-of-band buffers: large array buffers (numpy, pandas,
+arrow) are handed to us as ``PickleBuffer`` views instead of being copied into
+the pickle, so each becomes its own content-addressed blob — hashed and written
+straight from the array's memory, and restored from the store's writable
+buffer without another copy.
+
+The C pickler goes first because it is fast. Objects it cannot take (lambdas,
+closures, classes that are not the top-level binding of their name, …) send the
+group to dill, whose pickles are slower but handle code defined in the notebook.
+Notebook functions and classes that *are* bound at top level are pickled by
+reference (``__main__.name``) everywhere except in their own group, so after a
+restore instances belong to the restored class and every reference to a
+function is the restored function.
+"""
+
+from __future__ import annotations
+
+import io
+import pickle
+import sys
+import types
+from dataclasses import dataclass, field
+from typing import Any
+
+import dill
+
+#: Buffers smaller than this stay inside the pickle: a blob per tiny array
+#: would cost more in files and manifest entries than it saves.
+OUT_OF_BAND_MIN = 64 << 10
+
+PROTOCOL = 5
+
+
+class Unserializable(Exception):
+    """Neither pickler can store this object; the message says why."""
+
+
+def _refusal(obj_type: type) -> str | None:
+    """Why objects of this type must not be stored even if a pickler would try.
+
+    dill can pickle an open file by reopening it on load — for a file open for
+    writing that truncates it — so files are refused rather than "restored".
+    """
+    if issubclass(obj_type, io.IOBase):
+        return "open file or stream: reopen it after restore"
+    if issubclass(obj_type, types.GeneratorType | types.CoroutineType | types.AsyncGeneratorType):
+        return "generator or coroutine: its paused frame cannot be stored"
+    if issubclass(obj_type, types.FrameType | types.TracebackType):
+        return "interpreter frame or traceback"
+    return None
+
+
+def _is_pandas_index(obj_type: type) -> bool:
+    return any(
+        klass.__name__ == "Index" and klass.__module__.startswith("pandas") for klass in getattr(obj_type, "__mro__", ())
+    )
+
+
+def _rebuild_view(root: Any, offset: int, shape: tuple[int, ...], strides: tuple[int, ...], dtype: Any) -> Any:
+    """A numpy view into ``root``'s memory, as it was before pickling."""
+    import numpy as np
+
+    flat = root.reshape(-1, order="A").view(np.uint8)
+    return np.ndarray(shape, dtype=dtype, buffer=flat, offset=offset, strides=strides)
+
+
+def _reduce_view(array: Any) -> Any:
+    """Pickle a numpy view as (its owning array, where it looks), so that after
+    a restore it still shares memory with the base — numpy alone would copy it."""
+    import numpy as np
+
+    root = array.base
+    while isinstance(root, np.ndarray) and root.base is not None:
+        root = root.base
+    if (
+        type(root) is not np.ndarray
+        or root.dtype.hasobject
+        or array.dtype.hasobject
+        or not (root.flags.c_contiguous or root.flags.f_contiguous)
+    ):
+        return NotImplemented
+    offset = array.__array_interface__["data"][0] - root.__array_interface__["data"][0]
+    if offset < 0 or offset > root.nbytes:
+        return NotImplemented
+    return _rebuild_view, (root, offset, array.shape, array.strides, array.dtype)
+
+
+class _Hooks:
+    """What both picklers share: view handling, refusals, top-level references."""
+
+    _main_refs: dict[int, str]
+    _type_decisions: dict[type, Any]
+
+    def _setup(self, main_refs: dict[int, str]) -> None:
+        self._main_refs = main_refs
+        self._type_decisions = {}
+        self.immutable_ids: set[int] = set()
+
+    def reducer_override(self, obj: Any) -> Any:
+        obj_type = type(obj)
+        decision = self._type_decisions.get(obj_type)
+        if decision is None:
+            decision = _refusal(obj_type) or ""
+            if not decision and obj_type.__module__ == "numpy" and obj_type.__name__ == "ndarray":
+                decision = "ndarray"
+            elif not decision and _is_pandas_index(obj_type):
+                decision = "index"
+            self._type_decisions[obj_type] = decision
+        if decision == "":
+            return NotImplemented
+        if decision == "ndarray":
+            return NotImplemented if obj.base is None else _reduce_view(obj)
+        if decision == "index":
+            # An Index is immutable and shared between frames; its arrays
+            # must not make those frames one group.
+            data = getattr(obj, "_data", None)
+            self.immutable_ids.update(id(x) for x in (data, getattr(data, "_ndarray", None)) if x is not None)
+            return NotImplemented
+        raise Unserializable(f"{obj_type.__module__}.{obj_type.__qualname__}: {decision}")
+
+    def persistent_id(self, obj: Any) -> str | None:
+        # A notebook function or class bound at top level is restored first,
+        # on its own; everyone else refers to it by name.
+        name = self._main_refs.get(id(obj))
+        return None if name is None else name
+
+
+class CPickler(_Hooks, pickle.Pickler):
+    def __init__(self, file: Any, main_refs: dict[int, str], buffer_callback: Any) -> None:
+        pickle.Pickler.__init__(self, file, protocol=PROTOCOL, buffer_callback=buffer_callback)
+        self._setup(main_refs)
+
+
+class DillPickler(_Hooks, dill.Pickler):
+    def __init__(self, file: Any, main_refs: dict[int, str], buffer_callback: Any) -> None:
+        dill.Pickler.__init__(self, file, protocol=PROTOCOL, buffer_callback=buffer_callback, recurse=False)
+        self._main = sys.modules["__main__"]
+        self._setup(main_refs)
+
+
+@dataclass
+class Pickled:
+    """One group (or variable) as bytes: the pickle plus its out-of-band buffers."""
+
+    payload: bytes
+    buffers: list[memoryview]
+    serializer: str  # "pickle" | "dill"
+    reached: dict[int, Any] = field(default_factory=dict)
+
+    @property
+    def size(self) -> int:
+        return len(self.payload) + sum(b.nbytes for b in self.buffers)
+
+
+def _shareable(obj: Any) -> bool:
+    """Whether two variables reaching this object must be stored together.
+
+    Immutable values, functions, classes and library singletons (numpy and
+    pandas dtypes, an empty class-level list) are shared all the time without
+    it mattering; counting them would glue the whole namespace into one group.
+    """
+    obj_type = type(obj)
+    if obj_type in (list, dict, set, bytearray):
+        return len(obj) > 0
+    if obj_type.__module__ == "numpy":
+        return obj_type.__name__ == "ndarray"
+    if not hasattr(obj, "__dict__") or hasattr(obj, "__qualname__") or isinstance(obj, types.ModuleType):
+        return False  # no mutable state of its own, or a function / class pickled by name
+    module = obj_type.__module__ or ""
+    if module.startswith("pandas") and obj_type.__name__.endswith(("Index", "Dtype")):
+        return False  # immutable, and shared by every frame derived from another
+    return not module.startswith("enum")
+
+
+def _reached(pickler: pickle.Pickler, values: Any) -> dict[int, Any]:
+    """The objects a pickle reached that may be shared with other variables, by id.
+
+    They are returned (not only their ids) so the caller keeps them alive:
+    reducers build temporary objects (state dicts, argument lists) whose ids
+    would otherwise be reused by unrelated objects later and glue unrelated
+    variables together.
+    """
+    skip = pickler.immutable_ids  # type: ignore[attr-defined]
+    return {
+        key: obj
+        for key, (_, obj) in pickler.memo.copy().items()
+        if obj is not values and key not in skip and _shareable(obj)
+    }
+
+
+def dump(values: dict[str, Any], main_refs: dict[int, str], *, definitions: bool = False) -> Pickled:
+    """Pickle ``values`` (name → object) together; raise Unserializable if impossible.
+
+    ``main_refs`` (object id → top-level name) are written as references.
+    ``definitions``: the values are notebook functions/classes themselves, so
+    dill pickles them by value (callers leave them out of ``main_refs``).
+    """
+    errors: list[str] = []
+    attempts = (("dill", DillPickler),) if definitions else (("pickle", CPickler), ("dill", DillPickler))
+    for serializer, pickler_class in attempts:
+        buffers: list[memoryview] = []
+
+        def keep_buffer(buffer: pickle.PickleBuffer, buffers: list[memoryview] = buffers) -> bool:
+            raw = buffer.raw()
+            if raw.nbytes < OUT_OF_BAND_MIN:
+                return True  # in-band
+            buffers.append(raw)
+            return False
+
+        out = io.BytesIO()
+        pickler = pickler_class(out, main_refs, keep_buffer)
+        try:
+            pickler.dump(values)
+        except Unserializable as error:
+            raise Unserializable(str(error)) from None
+        except RecursionError:
+            errors.append(f"{serializer}: too deeply nested")
+            continue
+        except Exception as error:  # picklers raise anything a __reduce__ raises
+            errors.append(f"{serializer}: {type(error).__name__}: {error}")
+            continue
+        return Pickled(out.getvalue(), buffers, serializer, _reached(pickler, values))
+    raise Unserializable("; ".join(errors))
+
+
+def load(payload: Any, buffers: list[Any], serializer: str, namespace: dict[str, Any]) -> dict[str, Any]:
+    """Unpickle a group; references to top-level notebook definitions resolve in ``namespace``."""
+
+    def persistent_load(name: str) -> Any:
+        try:
+            return namespace[name]
+        except KeyError:
+            raise pickle.UnpicklingError(f"it refers to {name!r}, which was not restored") from None
+
+    if serializer == "dill":
+        unpickler: pickle.Unpickler = dill.Unpickler(io.BytesIO(payload), buffers=buffers)
+        unpickler._main = sys.modules["__main__"]  # type: ignore[attr-defined]
+    elif serializer == "pickle":
+        unpickler = pickle.Unpickler(io.BytesIO(payload), buffers=buffers)
+    else:
+        raise pickle.UnpicklingError(f"unknown serializer {serializer!r}")
+    unpickler.persistent_load = persistent_load  # type: ignore[method-assign]
+    values = unpickler.load()
+    if not isinstance(values, dict):
+        raise pickle.UnpicklingError("group blob does not hold a namespace")
+    return values

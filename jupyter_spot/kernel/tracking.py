@@ -1,0 +1,103 @@
+"""Which variables a cell may have changed, found without looking at their data.
+
+A name can change in two ways: it is rebound (its object's id changes — cheap
+to see for every name) or its object is mutated in place (``a[0] = 1``,
+``df.loc[…] = …``, ``est.fit(X)``). In-place mutation needs a reference, so
+it can only reach objects named in the cell's code, or in the code of the
+notebook functions and classes the cell uses (followed transitively). Those
+names are re-checked; every other group is reused as it was. Code that reaches
+the namespace dynamically (``globals()``, ``exec``) makes us check everything.
+"""
+
+from __future__ import annotations
+
+import ast
+import re
+import types
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+#: Names IPython itself keeps in the namespace (output history and friends).
+_IPYTHON_NAME = re.compile(r"^(_+|_i+|_i?\d+|_[dio]h|In|Out|exit|quit|get_ipython|__.*__)$")
+
+#: Calls that read or write the namespace by string: anything may have changed.
+_DYNAMIC = frozenset({"globals", "vars", "exec", "eval", "locals"})
+
+
+def user_names(namespace: Mapping[str, Any], hidden: Mapping[str, Any]) -> list[str]:
+    """The names the user made, not IPython's history or injected helpers."""
+    names = []
+    for name, value in namespace.items():
+        if _IPYTHON_NAME.match(name):
+            continue
+        if name in hidden and hidden[name] is value:
+            continue
+        names.append(name)
+    return names
+
+
+def cell_names(source: str) -> set[str] | None:
+    """Every identifier the (IPython-transformed) cell mentions; None if it is dynamic."""
+    try:
+        tree = ast.parse(source)
+    except SyntaxError:
+        return set()  # the cell did not run
+    names: set[str] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Name):
+            names.add(node.id)
+        elif isinstance(node, ast.Global | ast.Nonlocal):
+            names.update(node.names)
+        elif isinstance(node, ast.alias):
+            names.add((node.asname or node.name).split(".")[0])
+        elif isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef | ast.ClassDef):
+            names.add(node.name)
+    return None if names & _DYNAMIC else names
+
+
+def _code_names(code: types.CodeType, into: set[str]) -> None:
+    into.update(code.co_names)
+    for const in code.co_consts:
+        if isinstance(const, types.CodeType):
+            _code_names(const, into)
+
+
+def _notebook_code(value: Any) -> list[types.CodeType]:
+    """The code objects of a notebook-defined function, class or instance."""
+    target = value
+    if isinstance(value, types.MethodType):
+        target = value.__func__
+    if isinstance(target, types.FunctionType):
+        return [target.__code__] if target.__module__ == "__main__" else []
+    cls = target if isinstance(target, type) else type(target)
+    codes = []
+    for klass in getattr(cls, "__mro__", ()):
+        if getattr(klass, "__module__", None) != "__main__":
+            continue
+        for attr in vars(klass).values():
+            func = getattr(attr, "__func__", attr)  # staticmethod / classmethod
+            if isinstance(func, property):
+                codes.extend(f.__code__ for f in (func.fget, func.fset, func.fdel) if f is not None)
+            elif isinstance(func, types.FunctionType):
+                codes.append(func.__code__)
+    return codes
+
+
+def reachable_names(start: Iterable[str], namespace: Mapping[str, Any]) -> set[str] | None:
+    """``start`` plus the globals notebook code reachable from it uses; None if dynamic."""
+    seen: set[str] = set()
+    todo = [name for name in start]
+    while todo:
+        name = todo.pop()
+        if name in seen:
+            continue
+        seen.add(name)
+        if name not in namespace:
+            continue
+        used: set[str] = set()
+        for code in _notebook_code(namespace[name]):
+            _code_names(code, used)
+        if used & _DYNAMIC:
+            return None
+        todo.extend(used - seen)
+    return seen

@@ -1,0 +1,139 @@
+"""The one thread that writes blobs and commits manifests, in snapshot order.
+
+A snapshot's manifest is committed only after every blob it names is durable,
+so a kernel killed mid-write leaves the previous snapshot as the latest one —
+never a manifest pointing at missing bytes. Snapshots are committed in the
+order they were taken, each naming the one before as its parent.
+
+The main thread never blocks on a lock this thread holds for long and never
+waits under one: :meth:`wait` polls, so ``flush()`` can run from a signal
+handler that interrupted the main thread anywhere.
+"""
+
+from __future__ import annotations
+
+import collections
+import hashlib
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..store import Store, StoreError
+from .results import SnapshotResult
+
+
+@dataclass
+class Job:
+    """One snapshot on its way to the store."""
+
+    result: SnapshotResult
+    blobs: list[tuple[str, Any]]  # (content key, bytes-like) not yet known durable
+    build_manifest: Callable[[dict[str, str]], dict[str, Any]]  # content key → sha256 resolved
+    started: float = field(default_factory=time.perf_counter)
+    done: threading.Event = field(default_factory=threading.Event)
+    remaining: int = 0
+
+    @property
+    def nbytes(self) -> int:
+        return sum(memoryview(data).nbytes for _, data in self.blobs)
+
+
+class Writer:
+    """Writes queued snapshots in a daemon thread."""
+
+    def __init__(
+        self, store: Store, durable: dict[str, str], on_commit: Callable[[dict[str, Any]], None], parent: str | None
+    ) -> None:
+        self.store = store
+        self.durable = durable  # content key → sha256 of blobs known to be in the store
+        self.on_commit = on_commit
+        self.last_committed = parent
+        self._queue: collections.deque[Job] = collections.deque()
+        self._wake = threading.Event()
+        self._counts = threading.Lock()
+        self._outstanding = 0
+        self.pending_blobs = 0
+        self.pending_bytes = 0
+        self.last_error: str | None = None
+        self._thread: threading.Thread | None = None
+
+    def submit(self, job: Job) -> None:
+        job.remaining = len(job.blobs)
+        job.result.bytes_pending = job.nbytes
+        with self._counts:
+            self._outstanding += 1
+            self.pending_blobs += job.remaining
+            self.pending_bytes += job.result.bytes_pending
+        self._queue.append(job)
+        if self._thread is None or not self._thread.is_alive():
+            self._thread = threading.Thread(target=self._run, name="jupyter-spot-writer", daemon=True)
+            self._thread.start()
+        self._wake.set()
+
+    @property
+    def idle(self) -> bool:
+        return self._outstanding == 0
+
+    def wait(self, job: Job | None = None, deadline: float | None = None) -> bool:
+        """Until ``job`` (or every queued job) is finished; False on timeout."""
+        delay = 0.0005
+        while not (job.done.is_set() if job is not None else self.idle):
+            if deadline is not None and time.monotonic() >= deadline:
+                return False
+            time.sleep(delay)
+            delay = min(delay * 2, 0.02)
+        return True
+
+    def _run(self) -> None:
+        while True:
+            self._wake.wait()
+            self._wake.clear()
+            while self._queue:
+                job = self._queue.popleft()
+                try:
+                    self._write(job)
+                finally:
+                    self._settle(job, job.remaining, job.result.bytes_pending)
+                    job.blobs = []  # let go of copied buffers
+                    with self._counts:
+                        self._outstanding -= 1
+                    job.done.set()
+
+    def _settle(self, job: Job, blobs: int, nbytes: int) -> None:
+        with self._counts:
+            job.remaining -= blobs
+            job.result.bytes_pending -= nbytes
+            self.pending_blobs -= blobs
+            self.pending_bytes -= nbytes
+
+    def _write(self, job: Job) -> None:
+        result = job.result
+        try:
+            for key, data in job.blobs:
+                view = memoryview(data)
+                if key not in self.durable:
+                    digest = hashlib.sha256(view).hexdigest()
+                    result.bytes_written += self.store.put_blob(digest, view)
+                    self.durable[key] = digest
+                self._settle(job, 1, view.nbytes)
+            manifest = job.build_manifest(self.durable)
+            manifest["parent"] = self.last_committed
+            self.store.commit_manifest(manifest)
+        except StoreError as error:
+            result.error = str(error)
+            self.last_error = result.error
+        except Exception as error:  # never let the writer thread die silently
+            result.error = f"{type(error).__name__}: {error}"
+            self.last_error = result.error
+        else:
+            self.last_committed = manifest["id"]
+            result.durable = True
+            self.last_error = None
+            try:
+                self.on_commit(manifest)
+            except Exception as error:
+                self.last_error = f"after committing {manifest['id']}: {type(error).__name__}: {error}"
+        finally:
+            result.seconds = time.perf_counter() - job.started
