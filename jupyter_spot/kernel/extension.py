@@ -20,6 +20,7 @@ def load(shell: Any) -> SnapshotEngine:
     global ENGINE
     if ENGINE is not None and ENGINE.shell is shell:
         return ENGINE
+    from ..notice.kernel_watch import start_kernel_watch
     from ..store import StoreError
     from .magics import SpotMagics
 
@@ -31,6 +32,7 @@ def load(shell: Any) -> SnapshotEngine:
     shell.events.register("pre_run_cell", engine.pre_run_cell)
     shell.events.register("post_run_cell", engine.post_run_cell)
     shell.register_magics(SpotMagics(shell, engine))
+    start_kernel_watch(engine.flush, watch=engine.settings.watch_notices, poll_interval=engine.settings.notice_poll_interval)
     atexit.register(_flush_at_exit)
     ENGINE = engine
     return engine

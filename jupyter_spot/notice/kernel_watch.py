@@ -101,12 +101,13 @@ class KernelNoticeHandler:
     def __init__(
         self,
         flush: Flush,
-        snapshot: Snapshot,
+        snapshot: Snapshot | None = None,
         notice_file: Path | None = None,
         stream: Any = None,
     ) -> None:
         self.flush = flush
-        self.snapshot = snapshot
+        # A rebalance is one ordinary snapshot, durable but with no deadline.
+        self.snapshot = snapshot or (lambda reason: flush(reason, None))
         self.notice_file = notice_file
         self.stream = stream
         self.handled: list[tuple[Notice, Any]] = []  # (notice, flush/snapshot result)
@@ -206,7 +207,7 @@ class KernelNoticeHandler:
 
 def start_kernel_watch(
     flush: Flush,
-    snapshot: Snapshot,
+    snapshot: Snapshot | None = None,
     watch: bool = True,
     poll_interval: float | None = None,
 ) -> KernelNoticeHandler | None:
