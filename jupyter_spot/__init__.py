@@ -18,6 +18,18 @@ if TYPE_CHECKING:
 Hook = TypeVar("Hook", bound=Callable[..., Any])
 
 
+def _jupyter_server_extension_points() -> list[dict[str, object]]:
+    """The server extension (imported only when jupyter_server loads it)."""
+    from .server.app import SpotApp
+
+    return [{"module": "jupyter_spot", "app": SpotApp}]
+
+
+def _jupyter_labextension_paths() -> list[dict[str, str]]:
+    """Where the built JupyterLab extension lives (for ``jupyter labextension develop``)."""
+    return [{"src": "labextension", "dest": "jupyter-spot"}]
+
+
 def load_ipython_extension(ip: Any) -> None:
     """``%load_ext jupyter_spot``: snapshot after every cell from now on."""
     from .kernel import extension
