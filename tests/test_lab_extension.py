@@ -1,0 +1,172 @@
+"""The JupyterLab extension in a real Lab, driven through Debian's Chromium.
+
+Each test starts its own ``jupyter lab`` (jupyter-spot's server extension on a
+temporary store, the AWS notice source pointed at the local IMDS simulator),
+opens a notebook and clicks through what a user would see. Screenshots of each
+state land in tests/screenshots/ (docs/screenshots/ holds a committed set).
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from playwright.sync_api import Browser, Locator, Page, expect, sync_playwright
+
+from jupyter_spot.notice.simulator import Simulator
+
+from lab_harness import CHROMIUM, CHROMIUM_ARGS, SCREENSHOTS, Lab, notebook_outputs, write_notebook
+
+NOTEBOOK = "work/analysis.ipynb"
+CELLS = (
+    'x = 6 * 7\nsecret = f"restored-{x}"\nprint("hello-from-cell", x)',
+    'y = [x] * 3\nprint("second-cell", len(y))',
+)
+SLOW = 60_000  # ms: Lab's first load and a kernel start on a busy 2-core machine
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[Browser]:
+    with sync_playwright() as playwright:
+        chromium = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
+        yield chromium
+        chromium.close()
+
+
+@pytest.fixture
+def page(browser: Browser) -> Iterator[Page]:
+    context = browser.new_context(viewport={"width": 1400, "height": 860})
+    page = context.new_page()
+    yield page
+    context.close()
+
+
+@pytest.fixture
+def imds() -> Iterator[Simulator]:
+    with Simulator("aws") as simulator:
+        yield simulator
+
+
+@pytest.fixture
+def lab_factory(spot_env: Path, tmp_path: Path, imds: Simulator) -> Iterator[object]:
+    """Starts servers on one root dir and store; stops whatever is still running at the end."""
+    root = tmp_path / "root"
+    write_notebook(root / NOTEBOOK, *CELLS)
+    started: list[Lab] = []
+
+    def start() -> Lab:
+        lab = Lab(tmp_path, root, spot_env, env=imds.env).start()
+        started.append(lab)
+        return lab
+
+    yield start
+    for lab in started:
+        lab.stop()
+
+
+def shot(page: Page, name: str) -> None:
+    SCREENSHOTS.mkdir(exist_ok=True)
+    page.screenshot(path=str(SCREENSHOTS / f"{name}.png"))
+
+
+def open_notebook(page: Page, lab: Lab) -> None:
+    """Open the notebook and wait until its kernel is idle."""
+    page.goto(lab.lab_url(NOTEBOOK), timeout=SLOW)
+    expect(page.locator(".jp-NotebookPanel .jp-Cell").first).to_be_visible(timeout=SLOW)
+    expect(page.locator(".jp-Notebook-ExecutionIndicator[data-status='idle']")).to_have_count(1, timeout=SLOW)
+
+
+def cell(page: Page, index: int) -> Locator:
+    return page.locator(".jp-NotebookPanel .jp-Notebook .jp-Cell").nth(index)
+
+
+def run_cell(page: Page, index: int, expected_output: str) -> None:
+    cell(page, index).locator(".cm-content").click()
+    page.keyboard.press("Shift+Enter")
+    expect(cell(page, index).locator(".jp-OutputArea-output")).to_contain_text(expected_output, timeout=SLOW)
+
+
+def test_notice_shows_countdown_and_saves_the_dirty_notebook(page: Page, lab_factory, imds: Simulator) -> None:
+    lab = lab_factory()
+    notebook = lab.root / NOTEBOOK
+    open_notebook(page, lab)
+    run_cell(page, 0, "hello-from-cell 42")
+    assert "hello-from-cell" not in notebook_outputs(notebook), "autosave is off: only the notice may save"
+
+    imds.fire(lead_time=120)
+    banner = page.locator("#jp-spot-notice")
+    expect(banner).to_be_in_viewport(ratio=1.0, timeout=30_000)
+    message = banner.locator(".jp-spot-notice-message")
+    expect(message).to_contain_text(re.compile(r"This machine will be reclaimed in 1:[0-5]\d — "))
+    first = message.inner_text()
+    expect(message).not_to_have_text(first, timeout=5_000)  # the countdown is live
+
+    expect(banner.locator(".jp-spot-notice-documents")).to_have_text("All open notebooks and files are saved.")
+    assert "hello-from-cell 42" in notebook_outputs(notebook)
+    expect(page.locator(".jp-mod-dirty")).to_have_count(0)
+    flush = banner.locator(".jp-spot-notice-kernel")
+    expect(flush).to_have_attribute("data-status", "done", timeout=30_000)
+    expect(flush).to_contain_text(f"{NOTEBOOK}: kernel state saved in")
+    shot(page, "notice")
+
+
+def test_fresh_server_offers_restore_and_restores_variables(page: Page, lab_factory) -> None:
+    lab = lab_factory()
+    open_notebook(page, lab)
+    run_cell(page, 0, "hello-from-cell 42")
+    status = page.locator(".jp-spot-status")
+    expect(status).to_have_attribute("data-snapshot-id", re.compile(".+"), timeout=30_000)
+    lab.kill()  # the machine is reclaimed: server and kernel die without a word
+
+    fresh = lab_factory()
+    open_notebook(page, fresh)
+    restore = page.locator(".jp-spot-restore")
+    expect(restore).to_be_visible(timeout=30_000)
+    expect(restore.locator(".jp-spot-restore-message")).to_contain_text("This notebook's kernel was interrupted")
+    expect(restore.locator(".jp-spot-restore-message")).to_contain_text(re.compile(r"\d+ variables?"))
+    restore.get_by_role("button", name="Details").click()
+    expect(restore.locator(".jp-spot-restore-details")).to_contain_text(NOTEBOOK)
+    shot(page, "restore-banner")
+
+    restore.get_by_role("button", name="Restore").click()
+    expect(restore).to_have_attribute("data-state", "restored", timeout=SLOW)
+    expect(restore.locator(".jp-spot-report-restored")).to_contain_text("secret")
+    shot(page, "restored")
+
+    cell(page, 1).locator(".cm-content").click()
+    page.keyboard.press("Escape")
+    page.keyboard.press("b")  # a new cell below, in command mode
+    page.keyboard.press("Enter")
+    page.keyboard.type("print(secret, x)")
+    page.keyboard.press("Shift+Enter")
+    expect(cell(page, 2).locator(".jp-OutputArea-output")).to_have_text("restored-42 42", timeout=SLOW)
+    shot(page, "restored-cell")
+
+
+def test_status_bar_age_changes_after_running_a_cell(page: Page, lab_factory) -> None:
+    lab = lab_factory()
+    open_notebook(page, lab)
+    status = page.locator(".jp-spot-status")
+    expect(status).to_have_text("no snapshot yet · local", timeout=30_000)
+
+    run_cell(page, 0, "hello-from-cell 42")
+    expect(status).to_have_attribute("data-snapshot-id", re.compile(".+"), timeout=30_000)
+    first = status.get_attribute("data-snapshot-id")
+    expect(status).to_have_text(re.compile(r"^snapshot ([3-9]|\d\d) s ago · .+ · local$"), timeout=15_000)
+    shot(page, "status-bar")
+
+    started = time.monotonic()
+    run_cell(page, 1, "second-cell 3")
+    expect(status).not_to_have_attribute("data-snapshot-id", first or "", timeout=30_000)
+    expect(status).to_have_text(re.compile(r"^snapshot [0-5] s ago · .+ · local$"))
+    assert time.monotonic() - started < 30
+
+    status.click()
+    panel = page.locator("#jp-spot-snapshots")
+    expect(panel).to_be_visible()
+    expect(panel.locator(".jp-spot-snapshot")).to_have_count(2, timeout=10_000)
+    expect(panel.locator(".jp-spot-snapshot").first).to_have_attribute("data-snapshot-id", status.get_attribute("data-snapshot-id") or "")
+    shot(page, "snapshots-panel")
