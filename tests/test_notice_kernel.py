@@ -118,7 +118,9 @@ def test_notice_mid_cell_flush_survives_sigkill_and_restores(aws: Simulator, spo
     try:
         kernel.run("%load_ext jupyter_spot")
         kernel.run("progress = 0")
-        assert wait_for(lambda: any(m.get("during_cell") is None and m["kind"] == "auto" for m in manifests(spot_env)), 20)
+        assert wait_for(
+            lambda: any(m.get("during_cell") is None and m["kind"] == "auto" for m in manifests(spot_env)), 20
+        )
         before = len(manifests(spot_env))
 
         cell_id = kernel.kc.execute(LOOP_CELL)

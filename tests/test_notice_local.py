@@ -12,7 +12,6 @@ import os
 import signal
 import subprocess
 import sys
-import textwrap
 import time
 from pathlib import Path
 
@@ -60,7 +59,10 @@ def test_sigterm_flushes_first_then_the_default_action_ends_the_process(tmp_path
         assert child.wait(10) == -signal.SIGTERM  # the previous (default) action ran…
     finally:
         child.kill()
-    assert out.read_text() in ("interruption terminate signal 25", "interruption terminate signal 24")  # …after the flush
+    assert out.read_text() in (
+        "interruption terminate signal 25",
+        "interruption terminate signal 24",
+    )  # …after the flush
 
 
 def test_sigterm_chains_a_previous_python_handler_after_the_callbacks() -> None:
@@ -96,7 +98,12 @@ def test_sigterm_chains_a_previous_python_handler_after_the_callbacks() -> None:
     ],
 )
 def test_detect_cloud_from_dmi(files: dict, cloud: str | None, tmp_path: Path, monkeypatch) -> None:
-    for name in ("JUPYTER_SPOT_CLOUD", "AWS_EC2_METADATA_SERVICE_ENDPOINT", "GCE_METADATA_HOST", "JUPYTER_SPOT_AZURE_ENDPOINT"):
+    for name in (
+        "JUPYTER_SPOT_CLOUD",
+        "AWS_EC2_METADATA_SERVICE_ENDPOINT",
+        "GCE_METADATA_HOST",
+        "JUPYTER_SPOT_AZURE_ENDPOINT",
+    ):
         monkeypatch.delenv(name, raising=False)
     for name, text in files.items():
         (tmp_path / name).write_text(text + "\n")
@@ -120,8 +127,20 @@ def test_detect_cloud_settings_win(monkeypatch, tmp_path: Path) -> None:
 
 def test_simulate_command_prints_the_export_and_fires(tmp_path: Path) -> None:
     proc = subprocess.Popen(
-        [PY, "-c", "from jupyter_spot.cli import main; main()", "simulate", "aws", "--port", "0",
-         "--notice-after", "0.5", "--imdsv2-only", "--action", "stop"],
+        [
+            PY,
+            "-c",
+            "from jupyter_spot.cli import main; main()",
+            "simulate",
+            "aws",
+            "--port",
+            "0",
+            "--notice-after",
+            "0.5",
+            "--imdsv2-only",
+            "--action",
+            "stop",
+        ],
         stdout=subprocess.PIPE,
         text=True,
     )
@@ -147,7 +166,9 @@ def test_simulate_command_prints_the_export_and_fires(tmp_path: Path) -> None:
 def test_simulate_command_rejects_an_unknown_cloud() -> None:
     result = subprocess.run(
         [PY, "-c", "from jupyter_spot.cli import main; main()", "simulate", "oracle"],
-        capture_output=True, text=True, timeout=60,
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     assert result.returncode == 2
     assert "aws|gcp|azure" in result.stderr

@@ -16,7 +16,7 @@ import time
 from datetime import datetime, timezone
 
 from .fetch import EndpointTimeout, Response, request
-from .model import Notice
+from .model import Action, Notice
 from .source import NoticeSource
 
 log = logging.getLogger("jupyter_spot.notice")
@@ -151,11 +151,12 @@ class AWSSource(NoticeSource):
         """Interruption first (most urgent), then maintenance, then the rebalance hint."""
         action = self._get_json(INSTANCE_ACTION_PATH)
         if isinstance(action, dict) and action.get("action"):
-            kind = str(action["action"]).lower()
+            said = str(action["action"]).lower()
+            kind: Action = "stop" if said == "stop" else "hibernate" if said == "hibernate" else "terminate"
             deadline = parse_time(str(action.get("time", "")))
             return Notice(
                 kind="interruption",
-                action=kind if kind in ("terminate", "stop", "hibernate") else "terminate",
+                action=kind,
                 deadline=deadline,
                 source=self.name,
                 event_id="spot-itn-" + _digest(action),

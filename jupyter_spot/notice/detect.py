@@ -45,7 +45,13 @@ def cloud_from_dmi(root: Path = DMI_DIR) -> str | None:
 def cloud_from_probe(timeout: float = 0.3) -> str | None:
     """One GET to the metadata address; the answer's shape tells the clouds apart."""
     try:
-        resp = request(LINK_LOCAL, "GET", "/metadata/instance?api-version=2021-02-01", headers={"Metadata": "true"}, timeout=timeout)
+        resp = request(
+            LINK_LOCAL,
+            "GET",
+            "/metadata/instance?api-version=2021-02-01",
+            headers={"Metadata": "true"},
+            timeout=timeout,
+        )
     except OSError:
         return None
     if resp.headers.get("metadata-flavor") == "Google":

@@ -7,7 +7,6 @@ must never see these requests, and a slow answer is as bad as none.
 from __future__ import annotations
 
 import http.client
-import socket
 import urllib.parse
 from dataclasses import dataclass
 
@@ -56,7 +55,7 @@ def request(
         conn.request(method, prefix + path, body=body, headers=headers or {})
         resp = conn.getresponse()
         return Response(resp.status, {k.lower(): v for k, v in resp.getheaders()}, resp.read())
-    except (socket.timeout, TimeoutError) as e:
+    except TimeoutError as e:
         raise EndpointTimeout(f"{method} {endpoint}{path}: no answer in {timeout:g} s") from e
     except (OSError, http.client.HTTPException) as e:
         raise EndpointUnreachable(f"{method} {endpoint}{path}: {e}") from e

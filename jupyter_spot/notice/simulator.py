@@ -250,7 +250,7 @@ class _Handler(BaseHTTPRequestHandler):
             try:
                 options = json.loads(self._body() or b"{}")
             except ValueError:
-                return self._json(400, {"error": "body must be JSON, e.g. {\"action\": \"stop\"}"})
+                return self._json(400, {"error": 'body must be JSON, e.g. {"action": "stop"}'})
             return self._json(200, sim.fire(options.get("action"), options.get("lead_time")))
         if method == "POST" and what == "rebalance":
             sim.rebalance()
@@ -282,11 +282,11 @@ class _Handler(BaseHTTPRequestHandler):
             return self._send(200, token, **{aws.TOKEN_TTL_HEADER: str(granted)})
         if method != "GET":
             return self._send(405, "")
-        token = self.headers.get(aws.TOKEN_HEADER)
+        presented = self.headers.get(aws.TOKEN_HEADER)
         with sim._cond:
-            valid = token is not None and sim.tokens.get(token, 0.0) > time.monotonic()
+            valid = presented is not None and sim.tokens.get(presented, 0.0) > time.monotonic()
             notice, rebalance, events = sim.notice, sim.rebalance_notice, list(sim.maintenance_events)
-        if (token is not None and not valid) or (token is None and sim.imdsv2_only):
+        if (presented is not None and not valid) or (presented is None and sim.imdsv2_only):
             return self._send(401, "", "text/html")
         if path == aws.INSTANCE_ACTION_PATH and notice:
             return self._json(200, notice)
@@ -352,7 +352,7 @@ class _Handler(BaseHTTPRequestHandler):
         try:
             ids = [r["EventId"] for r in json.loads(self._body())["StartRequests"]]
         except (ValueError, KeyError, TypeError):
-            return self._json(400, {"error": "body must be {\"StartRequests\": [{\"EventId\": ...}]}"})
+            return self._json(400, {"error": 'body must be {"StartRequests": [{"EventId": ...}]}'})
         with sim._cond:
             for event in ([sim.notice] if sim.notice else []) + sim.maintenance_events:
                 if event["EventId"] in ids:
@@ -424,7 +424,7 @@ class SimulateApp(JupyterApp):
         except OSError as e:
             self.log.critical("Cannot listen on 127.0.0.1:%s (%s); pick another with --port", self.port, e)
             self.exit(1)
-        (name, value), = sim.env.items()
+        ((name, value),) = sim.env.items()
         print(f"Simulating {sim.provider} metadata at {sim.url}. In the shell that starts Jupyter:\n")
         print(f"    export {name}={value}\n")
         if sim.notice_after is not None:
@@ -439,7 +439,11 @@ class SimulateApp(JupyterApp):
                 if (state["notice"], state["rebalance"], state["acks"]) != shown:
                     shown = (state["notice"], state["rebalance"], state["acks"])
                     if any(shown):
-                        print("now serving:", json.dumps({k: state[k] for k in ("notice", "rebalance", "acks")}), flush=True)
+                        print(
+                            "now serving:",
+                            json.dumps({k: state[k] for k in ("notice", "rebalance", "acks")}),
+                            flush=True,
+                        )
         except KeyboardInterrupt:
             pass
         finally:
