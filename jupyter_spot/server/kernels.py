@@ -59,28 +59,33 @@ def restore_expression(snapshot: str, session: str) -> str:
     )
 
 
-async def evaluate_in_kernel(kernel: Any, expression: str, timeout: float) -> Any:
-    """Evaluate one expression in a running kernel and return its value (a Python literal)."""
-    client = kernel.client()
-    client.start_channels()
-    try:
-        await client.wait_for_ready(timeout=timeout)
-        reply = await client.execute_interactive(
-            "",
-            silent=True,
-            store_history=False,
-            user_expressions={"value": expression},
-            timeout=timeout,
-            output_hook=lambda msg: None,
-        )
-    finally:
-        client.stop_channels()
+async def evaluate(client: Any, expression: str, timeout: float | None) -> Any:
+    """Evaluate one expression through a started async kernel client; its value as a Python literal."""
+    reply = await client.execute_interactive(
+        "",
+        silent=True,
+        store_history=False,
+        user_expressions={"value": expression},
+        timeout=timeout,
+        output_hook=lambda msg: None,
+    )
     content = reply["content"]
     result = content.get("user_expressions", {}).get("value", {})
     if content.get("status") != "ok" or result.get("status") != "ok":
         detail = result if result.get("status") == "error" else content
         raise KernelRestoreError(f"{detail.get('ename', 'Error')}: {detail.get('evalue', 'no details')}")
     return ast.literal_eval(result["data"]["text/plain"])
+
+
+async def evaluate_in_kernel(kernel: Any, expression: str, timeout: float) -> Any:
+    """:func:`evaluate` in a kernel of the server's kernel manager, over a client of its own."""
+    client = kernel.client()
+    client.start_channels()
+    try:
+        await client.wait_for_ready(timeout=timeout)
+        return await evaluate(client, expression, timeout)
+    finally:
+        client.stop_channels()
 
 
 class SpotKernels:
