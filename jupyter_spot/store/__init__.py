@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 from .base import (
@@ -18,12 +19,26 @@ from .manifest import ManifestSigner
 from .retention import GCReport, collect_garbage
 
 
-def open_store(url: str, signer: Any = None) -> Store:
-    """The store a URL names: ``s3://bucket/prefix`` or a directory path."""
+CACHE_ENV = "JUPYTER_SPOT_CACHE"
+
+
+def open_store(url: str, signer: Any = None, cache: str | None = None) -> Store:
+    """The store a URL names: ``s3://bucket/prefix`` or a directory path.
+
+    An S3 store with a cache directory (``cache`` or ``$JUPYTER_SPOT_CACHE``: a
+    local disk or EFS path) is tiered: writes land there first and reach S3 in
+    the background, so a notice's short budget is spent on local writes.
+    """
     if url.startswith("s3://"):
         from .s3 import S3Store  # boto3 is only needed by those who use S3
 
-        return S3Store(url, signer=signer)
+        durable = S3Store(url, signer=signer)
+        cache = cache or os.environ.get(CACHE_ENV)
+        if not cache:
+            return durable
+        from .tiered import TieredStore
+
+        return TieredStore(FileStore(cache, signer=durable.signer), durable)
     if url.startswith("file://"):
         url = url[len("file://") :]
     return FileStore(url, signer=signer)

@@ -1,0 +1,539 @@
+"""Snapshots in an S3 bucket (or any S3-compatible store) through boto3.
+
+Layout under ``s3://bucket/prefix`` mirrors the FileStore::
+
+    blobs/ab/abcdef…             content-addressed bytes (multipart above 8 MB)
+    sessions/<session>/<id>.json one signed manifest per snapshot
+    records/<name>.json          the server's records
+    locks/write-<token>          a writer's lease, held while it stores a snapshot
+    locks/gc-<token>             a garbage collector's lock
+    locks/gc-generation          rewritten by every collection that deleted blobs
+
+Why these choices:
+
+* Blobs are verified against their SHA-256 on every read; single-request
+  uploads also send that SHA-256 as ``x-amz-checksum-sha256`` so S3 itself
+  refuses damaged bytes, and multipart parts carry per-part SHA-256 checksums.
+* The manifest commit is ``PutObject`` with ``If-None-Match: *``: S3 answers 412
+  to the second writer of the same key, so no snapshot ever overwrites another.
+* A blob this process knows is stored costs no request at all, which is what
+  makes an unchanged snapshot nearly free.  Garbage collection can only break
+  that if it deletes a blob a writer believes in, so writers and collectors
+  coordinate through lease objects (the protocol restic uses for its locks;
+  S3 lists are strongly consistent): a writer puts its lease *then* lists the
+  locks, a collector puts its lock *then* lists the leases, so at least one of
+  them sees the other.  A collector that sees a live lease deletes no blobs; a
+  writer that sees a live collector waits for it, and drops its cache of known
+  blobs whenever the collection generation changed.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import io
+import json
+import secrets
+import threading
+import time
+import urllib.parse
+from collections.abc import Iterator
+from datetime import datetime, timezone
+from typing import Any
+
+from .base import (
+    Buffer,
+    CorruptBlobError,
+    ManifestError,
+    MissingBlobError,
+    SnapshotExistsError,
+    Store,
+    StoreError,
+    check_digest,
+    check_record_name,
+    check_snapshot_id,
+    decode_session,
+    digest_of,
+    encode_session,
+)
+
+#: Blobs at least this big go through s3transfer's multipart upload/download.
+MULTIPART_THRESHOLD = 8 << 20
+#: A writer's lease or a collector's lock older than this belongs to a process
+#: that died; it is ignored (and a live writer refreshes its lease well before).
+LEASE_SECONDS = 10 * 60
+
+
+class _BufferReader(io.RawIOBase):
+    """A seekable file over a buffer, so s3transfer reads parts without a full copy."""
+
+    def __init__(self, data: Buffer) -> None:
+        self._view = memoryview(data).cast("B")
+        self._pos = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self._pos
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._pos, io.SEEK_END: len(self._view)}[whence]
+        self._pos = max(0, base + offset)
+        return self._pos
+
+    def readinto(self, target: Any) -> int:
+        chunk = self._view[self._pos : self._pos + len(target)]
+        target[: len(chunk)] = chunk
+        self._pos += len(chunk)
+        return len(chunk)
+
+
+class _BufferWriter(io.RawIOBase):
+    """A seekable file over a preallocated bytearray, for parallel ranged downloads."""
+
+    def __init__(self, target: bytearray) -> None:
+        self._view = memoryview(target)
+        self._pos = 0
+
+    def writable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self._pos
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._pos, io.SEEK_END: len(self._view)}[whence]
+        self._pos = base + offset
+        return self._pos
+
+    def write(self, data: Any) -> int:
+        chunk = memoryview(data).cast("B")
+        end = self._pos + len(chunk)
+        if end > len(self._view):
+            raise StoreError("S3 returned more bytes than the object's size")
+        self._view[self._pos : end] = chunk
+        self._pos = end
+        return len(chunk)
+
+
+def parse_s3_url(url: str) -> tuple[str, str, dict[str, str]]:
+    """``s3://bucket/prefix?endpoint_url=…&region=…`` → (bucket, "prefix/", options)."""
+    parts = urllib.parse.urlsplit(url)
+    if parts.scheme != "s3" or not parts.netloc:
+        raise StoreError(f"not an S3 store URL: {url!r} (expected s3://bucket/prefix)")
+    options = dict(urllib.parse.parse_qsl(parts.query))
+    unknown = set(options) - {"endpoint_url", "region"}
+    if unknown:
+        raise StoreError(f"unknown option(s) {sorted(unknown)} in {url!r}; known: endpoint_url, region")
+    prefix = parts.path.strip("/")
+    return parts.netloc, f"{prefix}/" if prefix else "", options
+
+
+class S3Store(Store):
+    """A store in an S3 bucket under a prefix."""
+
+    kind = "s3"
+
+    def __init__(
+        self,
+        url: str,
+        signer: Any = None,
+        *,
+        endpoint_url: str | None = None,
+        region: str | None = None,
+        max_concurrency: int = 8,
+        multipart_chunksize: int = 16 << 20,
+        max_attempts: int = 8,
+    ) -> None:
+        import boto3
+        from boto3.s3.transfer import TransferConfig
+        from botocore.config import Config
+        from s3transfer.manager import TransferManager
+
+        self.bucket, self.prefix, options = parse_s3_url(url)
+        super().__init__(f"s3://{self.bucket}/{self.prefix}", signer)
+        endpoint_url = endpoint_url or options.get("endpoint_url")
+        config = Config(
+            region_name=region or options.get("region"),
+            # "standard" retries throttling (503 SlowDown), 5xx and dropped
+            # connections with exponential backoff and jitter.
+            retries={"mode": "standard", "max_attempts": max_attempts},
+            max_pool_connections=max_concurrency + 4,
+            connect_timeout=10,
+            read_timeout=60,
+        )
+        self.client = boto3.session.Session().client("s3", endpoint_url=endpoint_url, config=config)
+        self.transfer_config = TransferConfig(
+            multipart_threshold=MULTIPART_THRESHOLD,
+            multipart_chunksize=multipart_chunksize,
+            max_concurrency=max_concurrency,
+        )
+        self._transfer = TransferManager(self.client, self.transfer_config)
+        self._known: set[str] = set()
+        self._lock = threading.Lock()
+        self._lease_key = f"{self.prefix}locks/write-{secrets.token_hex(8)}"
+        self._lease_taken = 0.0  # time.monotonic() of the lease PUT; 0 when not held
+        self._gc_generation: str | None = None
+        self._lease_lapsed = False
+
+    # -- plumbing ------------------------------------------------------------
+    def _key(self, *parts: str) -> str:
+        return self.prefix + "/".join(parts)
+
+    def _blob_key(self, digest: str) -> str:
+        check_digest(digest)
+        return self._key("blobs", digest[:2], digest)
+
+    def _manifest_key(self, session: str, snapshot_id: str) -> str:
+        return self._key("sessions", encode_session(session), f"{check_snapshot_id(snapshot_id)}.json")
+
+    def _record_key(self, name: str) -> str:
+        return self._key("records", f"{check_record_name(name)}.json")
+
+    def _error(self, error: Exception, what: str) -> StoreError:
+        """Translate boto errors into a StoreError that says what to do."""
+        from botocore.exceptions import (
+            ClientError,
+            EndpointConnectionError,
+            NoCredentialsError,
+            PartialCredentialsError,
+        )
+
+        where = f"s3://{self.bucket}/{self.prefix}"
+        if isinstance(error, (NoCredentialsError, PartialCredentialsError)):
+            return StoreError(
+                f"no AWS credentials for {where} while {what}: set AWS_PROFILE or "
+                "AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, or attach an instance profile to this machine"
+            )
+        if isinstance(error, EndpointConnectionError):
+            return StoreError(f"cannot reach S3 for {where} while {what}: {error}")
+        if isinstance(error, ClientError):
+            code = error.response.get("Error", {}).get("Code", "")
+            status = error.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+            if code == "NoSuchBucket":
+                return StoreError(
+                    f"bucket {self.bucket} does not exist (while {what}): create it or fix $JUPYTER_SPOT_STORE"
+                )
+            if code in ("AccessDenied", "403", "Forbidden", "AllAccessDisabled") or status == 403:
+                return StoreError(
+                    f"access denied to {where} while {what}: the credentials need s3:GetObject, "
+                    f"s3:PutObject, s3:DeleteObject and s3:ListBucket on bucket {self.bucket}"
+                )
+            return StoreError(f"S3 error {code or status} on {where} while {what}: {error}")
+        return StoreError(f"S3 failure on {where} while {what}: {error}")
+
+    @contextlib.contextmanager
+    def _calling(self, what: str) -> Iterator[None]:
+        from botocore.exceptions import BotoCoreError, ClientError
+        from s3transfer.exceptions import RetriesExceededError, S3UploadFailedError
+
+        try:
+            yield
+        except (BotoCoreError, ClientError, RetriesExceededError, S3UploadFailedError) as error:
+            raise self._error(error, what) from error
+
+    @staticmethod
+    def _code(error: Exception) -> str:
+        response = getattr(error, "response", None) or {}
+        return str(response.get("Error", {}).get("Code", ""))
+
+    def _head(self, key: str) -> dict[str, Any] | None:
+        """The object's metadata, or None when it does not exist."""
+        from botocore.exceptions import ClientError
+
+        try:
+            return self.client.head_object(Bucket=self.bucket, Key=key)
+        except ClientError as error:
+            if self._code(error) in ("404", "NoSuchKey", "NotFound"):
+                return None
+            raise self._error(error, f"looking up {key}") from error
+        except Exception as error:
+            raise self._error(error, f"looking up {key}") from error
+
+    def _list(self, prefix: str, delimiter: str = "") -> Iterator[dict[str, Any]]:
+        """Pages of ListObjectsV2 under ``prefix``."""
+        paginator = self.client.get_paginator("list_objects_v2")
+        kwargs: dict[str, Any] = {"Bucket": self.bucket, "Prefix": prefix}
+        if delimiter:
+            kwargs["Delimiter"] = delimiter
+        with self._calling(f"listing {prefix}"):
+            yield from paginator.paginate(**kwargs)
+
+    def _list_keys(self, prefix: str) -> Iterator[dict[str, Any]]:
+        for page in self._list(prefix):
+            yield from page.get("Contents", [])
+
+    # -- leases: writers and collectors never overlap ----------------------------
+    def _live_locks(self, kind: str) -> list[dict[str, Any]]:
+        now = datetime.now(timezone.utc)
+        return [
+            item
+            for item in self._list_keys(self._key("locks", f"{kind}-"))
+            if item["Key"] != self._key("locks", "gc-generation")
+            and (now - item["LastModified"]).total_seconds() < LEASE_SECONDS
+        ]
+
+    def _gc_generation_now(self) -> str | None:
+        head = self._head(self._key("locks", "gc-generation"))
+        return head["ETag"] + head["LastModified"].isoformat() if head else None
+
+    def _hold_lease(self) -> None:
+        """Take (or refresh) this writer's lease before it relies on any blob."""
+        with self._lock:
+            now = time.monotonic()
+            if self._lease_taken and now - self._lease_taken < LEASE_SECONDS / 3:
+                return
+            if self._lease_taken and now - self._lease_taken >= LEASE_SECONDS:
+                self._lease_lapsed = True  # a collector may have run: re-check blobs at commit
+            with self._calling("taking a write lease"):
+                self.client.put_object(Bucket=self.bucket, Key=self._lease_key, Body=b"")
+            self._lease_taken = now
+            deadline = now + LEASE_SECONDS
+            while self._live_locks("gc"):
+                if time.monotonic() > deadline:
+                    raise StoreError(f"a garbage collection in {self.url} has held its lock for too long")
+                time.sleep(0.2)  # a collection runs for seconds; wait it out
+            generation = self._gc_generation_now()
+            if generation != self._gc_generation:
+                self._known.clear()  # a collection deleted blobs: believe only S3 now
+                self._gc_generation = generation
+
+    def _release_lease(self) -> None:
+        with self._lock:
+            if not self._lease_taken:
+                return
+            self._lease_taken = 0.0
+            with self._calling("releasing the write lease"):
+                self.client.delete_object(Bucket=self.bucket, Key=self._lease_key)
+
+    @contextlib.contextmanager
+    def blob_gc_guard(self) -> Iterator[bool]:
+        """Hold the collector's lock; yields False when a writer is active (delete nothing)."""
+        key = self._key("locks", f"gc-{secrets.token_hex(8)}")
+        with self._calling("taking the garbage collection lock"):
+            self.client.put_object(Bucket=self.bucket, Key=key, Body=b"")
+        allowed = not self._live_locks("write")
+        try:
+            yield allowed
+        finally:
+            with self._calling("releasing the garbage collection lock"):
+                if allowed:
+                    self.client.put_object(
+                        Bucket=self.bucket, Key=self._key("locks", "gc-generation"), Body=secrets.token_hex(8).encode()
+                    )
+                self.client.delete_object(Bucket=self.bucket, Key=key)
+
+    # -- blobs ---------------------------------------------------------------
+    def has_blob(self, digest: str) -> bool:
+        if digest in self._known:
+            return True
+        if self._head(self._blob_key(digest)) is None:
+            return False
+        self._known.add(digest)
+        return True
+
+    def put_blob(self, digest: str, data: Buffer) -> int:
+        key = self._blob_key(digest)
+        self._hold_lease()
+        if digest in self._known:
+            return 0
+        size = memoryview(data).nbytes
+        head = self._head(key)
+        if head is not None and head["ContentLength"] == size:
+            self._known.add(digest)
+            return 0
+        with self._calling(f"uploading blob {digest[:12]} ({size} bytes)"):
+            if size < MULTIPART_THRESHOLD:
+                # Our address *is* the SHA-256, so S3 verifies the bytes for free.
+                self.client.put_object(
+                    Bucket=self.bucket,
+                    Key=key,
+                    Body=bytes(data),
+                    ChecksumAlgorithm="SHA256",
+                    ChecksumSHA256=base64.b64encode(bytes.fromhex(digest)).decode(),
+                )
+            else:
+                future = self._transfer.upload(
+                    _BufferReader(data), self.bucket, key, extra_args={"ChecksumAlgorithm": "SHA256"}
+                )
+                future.result()
+        self._known.add(digest)
+        return size
+
+    def get_blob(self, digest: str) -> Buffer:
+        key = self._blob_key(digest)
+        head = self._head(key)
+        if head is None:
+            raise MissingBlobError(f"blob {digest[:12]} is missing from {self.url}")
+        size = head["ContentLength"]
+        data = bytearray(size)
+        with self._calling(f"downloading blob {digest[:12]}"):
+            if size >= MULTIPART_THRESHOLD:
+                self._transfer.download(self.bucket, key, _BufferWriter(data)).result()
+            else:
+                body = self.client.get_object(Bucket=self.bucket, Key=key)["Body"]
+                view, got = memoryview(data), 0
+                while got < size:
+                    chunk = body.read(min(size - got, 1 << 20))
+                    if not chunk:
+                        break
+                    view[got : got + len(chunk)] = chunk
+                    got += len(chunk)
+                if got != size:
+                    raise CorruptBlobError(f"blob {digest[:12]} in {self.url} was cut short ({got} of {size} bytes)")
+        if digest_of(data) != digest:
+            raise CorruptBlobError(f"blob {digest[:12]} in {self.url} is corrupt (its checksum does not match)")
+        return data
+
+    def iter_blobs(self) -> Iterator[str]:
+        for item in self._list_keys(self._key("blobs", "")):
+            yield item["Key"].rsplit("/", 1)[-1]
+
+    def blob_age(self, digest: str) -> float:
+        """Seconds since upload (S3's LastModified); the leases, not the age, keep GC safe."""
+        head = self._head(self._blob_key(digest))
+        if head is None:
+            return float("inf")
+        return (datetime.now(timezone.utc) - head["LastModified"]).total_seconds()
+
+    def delete_blob(self, digest: str) -> None:
+        key = self._blob_key(digest)
+        self._known.discard(digest)
+        with self._calling(f"deleting blob {digest[:12]}"):
+            self.client.delete_object(Bucket=self.bucket, Key=key)
+
+    # -- manifests -----------------------------------------------------------
+    def commit_manifest(self, manifest: dict[str, Any]) -> None:
+        """Commit, then drop the write lease: this snapshot's blobs are referenced now."""
+        try:
+            if self._lease_lapsed:
+                missing = [d for d in manifest.get("blobs", []) if self._head(self._blob_key(d)) is None]
+                if missing:
+                    raise MissingBlobError(
+                        f"snapshot {manifest['id']} was not committed: {len(missing)} of its blobs were "
+                        f"collected while it was being written (first: {missing[0][:12]})"
+                    )
+            super().commit_manifest(manifest)
+        finally:
+            self._lease_lapsed = False
+            self._release_lease()
+
+    def _write_manifest(self, session: str, snapshot_id: str, data: bytes) -> None:
+        from botocore.exceptions import ClientError
+
+        key = self._manifest_key(session, snapshot_id)
+        for attempt in range(5):
+            try:
+                self.client.put_object(Bucket=self.bucket, Key=key, Body=data, IfNoneMatch="*")
+                return
+            except ClientError as error:
+                code = self._code(error)
+                if code == "PreconditionFailed":
+                    raise SnapshotExistsError(
+                        f"snapshot {snapshot_id} of session {session!r} already exists in {self.url}"
+                    ) from None
+                if code == "ConditionalRequestConflict" and attempt < 4:
+                    time.sleep(0.1 * 2**attempt)  # a racing conditional write is in flight
+                    continue
+                raise self._error(error, f"committing snapshot {snapshot_id}") from error
+            except Exception as error:
+                raise self._error(error, f"committing snapshot {snapshot_id}") from error
+
+    def _read_manifest(self, session: str, snapshot_id: str) -> bytes:
+        from botocore.exceptions import ClientError
+
+        key = self._manifest_key(session, snapshot_id)
+        try:
+            return self.client.get_object(Bucket=self.bucket, Key=key)["Body"].read()
+        except ClientError as error:
+            if self._code(error) in ("NoSuchKey", "404"):
+                raise ManifestError(f"snapshot {snapshot_id} of session {session!r} does not exist") from None
+            raise self._error(error, f"reading snapshot {snapshot_id}") from error
+        except Exception as error:
+            raise self._error(error, f"reading snapshot {snapshot_id}") from error
+
+    def list_sessions(self) -> list[str]:
+        base = self._key("sessions", "")
+        names = []
+        for page in self._list(base, delimiter="/"):
+            for common in page.get("CommonPrefixes", []):
+                names.append(decode_session(common["Prefix"][len(base) :].rstrip("/")))
+        return sorted(names)
+
+    def list_snapshots(self, session: str) -> list[str]:
+        base = self._key("sessions", encode_session(session), "")
+        return sorted(
+            name[: -len(".json")]
+            for name in (item["Key"][len(base) :] for item in self._list_keys(base))
+            if name.endswith(".json") and "/" not in name
+        )
+
+    def delete_snapshot(self, session: str, snapshot_id: str) -> None:
+        key = self._manifest_key(session, snapshot_id)
+        if self._head(key) is None:
+            raise ManifestError(f"snapshot {snapshot_id} of session {session!r} does not exist")
+        with self._calling(f"deleting snapshot {snapshot_id}"):
+            self.client.delete_object(Bucket=self.bucket, Key=key)
+
+    # -- records -------------------------------------------------------------
+    def put_record(self, name: str, data: dict[str, Any]) -> None:
+        body = json.dumps(data, indent=1, sort_keys=True).encode()
+        with self._calling(f"writing record {name}"):
+            self.client.put_object(Bucket=self.bucket, Key=self._record_key(name), Body=body)
+
+    def get_record(self, name: str) -> dict[str, Any] | None:
+        from botocore.exceptions import ClientError
+
+        try:
+            body = self.client.get_object(Bucket=self.bucket, Key=self._record_key(name))["Body"].read()
+        except ClientError as error:
+            if self._code(error) in ("NoSuchKey", "404"):
+                return None
+            raise self._error(error, f"reading record {name}") from error
+        except Exception as error:
+            raise self._error(error, f"reading record {name}") from error
+        try:
+            return json.loads(body)
+        except ValueError as error:
+            raise StoreError(f"record {name} in {self.url} is not valid JSON ({error})") from None
+
+    def list_records(self) -> list[str]:
+        base = self._key("records", "")
+        return sorted(
+            name[: -len(".json")]
+            for name in (item["Key"][len(base) :] for item in self._list_keys(base))
+            if name.endswith(".json") and "/" not in name
+        )
+
+    # -- health --------------------------------------------------------------
+    def check_writable(self) -> None:
+        probe = self._key("locks", f"probe-{secrets.token_hex(4)}")
+        if self._head_bucket_missing():
+            raise StoreError(f"bucket {self.bucket} does not exist: create it or fix $JUPYTER_SPOT_STORE")
+        with self._calling("checking that it is writable"):
+            self.client.put_object(Bucket=self.bucket, Key=probe, Body=b"ok")
+            self.client.delete_object(Bucket=self.bucket, Key=probe)
+
+    def _head_bucket_missing(self) -> bool:
+        from botocore.exceptions import ClientError
+
+        try:
+            self.client.head_bucket(Bucket=self.bucket)
+        except ClientError as error:
+            if self._code(error) in ("404", "NoSuchBucket"):
+                return True
+            raise self._error(error, "checking the bucket") from error
+        except Exception as error:
+            raise self._error(error, "checking the bucket") from error
+        return False
+
+    def close(self) -> None:
+        """Stop s3transfer's worker threads."""
+        self._transfer.shutdown()

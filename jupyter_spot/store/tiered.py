@@ -1,0 +1,257 @@
+"""A fast tier (local disk or EFS) in front of a durable one (S3).
+
+A notice gives 30–120 seconds; a snapshot must land somewhere inside that
+budget, and S3 from a busy spot VM may not be fast enough. So every write goes
+to the fast tier and is durable there when the call returns; a background
+thread then replicates committed snapshots to S3 — each snapshot's blobs first,
+its manifest last, so S3 never holds a manifest that names a blob it lacks.
+Newest snapshots go first: after an interruption the latest state is the one a
+restore wants. On a notice, :meth:`TieredStore.flush_replication` waits (up to a
+deadline) until S3 has everything. Reads take the nearest tier that has the
+data and fall back to S3 when the fast tier lacks it or holds damaged bytes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import logging
+import threading
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+from .base import (
+    Buffer,
+    CorruptBlobError,
+    ManifestError,
+    MissingBlobError,
+    SnapshotExistsError,
+    Store,
+    StoreError,
+)
+
+log = logging.getLogger(__name__)
+
+
+class TieredStore(Store):
+    """Writes to ``fast``, replicates to ``durable`` in the background, reads nearest first."""
+
+    kind = "tiered"
+
+    def __init__(self, fast: Store, durable: Store, signer: Any = None, upload_workers: int = 8) -> None:
+        super().__init__(f"{durable.url} (via {fast.url})", signer or fast.signer)
+        self.fast = fast
+        self.durable = durable
+        #: (session, snapshot id) → commit order; the highest goes to S3 first.
+        self._pending: dict[tuple[str, str], int] = {}
+        self._order = itertools.count(1)
+        self._busy: tuple[str, str] | None = None
+        self._cond = threading.Condition()
+        self._closed = False
+        #: Why the last replication attempt failed, if it did; cleared on success.
+        self.last_error: str | None = None
+        self._pool = ThreadPoolExecutor(upload_workers, thread_name_prefix="spot-replicate-blob")
+        self._worker = threading.Thread(target=self._run, name="spot-replicate", daemon=True)
+        self._worker.start()
+
+    # -- replication ---------------------------------------------------------
+    def _find_unreplicated(self) -> None:
+        """Queue snapshots the fast tier has and S3 lacks (left by a previous process)."""
+        found: list[tuple[str, str]] = []
+        for session in self.fast.list_sessions():
+            durable_ids = set(self.durable.list_snapshots(session))
+            found += [(session, sid) for sid in self.fast.list_snapshots(session) if sid not in durable_ids]
+        with self._cond:
+            # Older than anything committed by this process, newest id last.
+            for rank, key in enumerate(sorted(found, key=lambda k: k[1])):
+                self._pending.setdefault(key, rank - len(found))
+            self._cond.notify_all()
+
+    def _replicate(self, session: str, snapshot_id: str) -> None:
+        """Send one snapshot's missing blobs, then its manifest."""
+        try:
+            manifest = self.fast.load_manifest(session, snapshot_id)
+        except ManifestError:
+            if snapshot_id not in self.fast.list_snapshots(session):
+                return  # deleted before it was replicated: nothing to send
+            raise
+
+        def send(digest: str) -> None:
+            if not self.durable.has_blob(digest):
+                self.durable.put_blob(digest, self.fast.get_blob(digest))
+
+        # list() re-raises the first failed upload; the manifest is then not sent.
+        list(self._pool.map(send, manifest.get("blobs", [])))
+        try:
+            self.durable.commit_manifest(manifest)
+        except SnapshotExistsError:
+            if self.durable.load_manifest(session, snapshot_id) != manifest:
+                log.warning(
+                    "snapshot %s of session %r exists in %s with other contents; kept only in %s",
+                    snapshot_id,
+                    session,
+                    self.durable.url,
+                    self.fast.url,
+                )
+
+    def _run(self) -> None:
+        try:
+            self._find_unreplicated()
+        except StoreError as error:
+            self.last_error = f"looking for unreplicated snapshots: {error}"
+            log.warning("jupyter-spot replication: %s", self.last_error)
+        backoff = 0.5
+        while True:
+            with self._cond:
+                while not self._pending and not self._closed:
+                    self._cond.wait()
+                if self._closed:
+                    return
+                key = max(self._pending, key=self._pending.__getitem__)
+                order = self._pending[key]
+                self._busy = key
+            try:
+                self._replicate(*key)
+            except StoreError as error:
+                self.last_error = f"replicating snapshot {key[1]} of session {key[0]!r}: {error}"
+                log.warning("jupyter-spot replication: %s (retrying)", self.last_error)
+                with self._cond:
+                    self._busy = None
+                    self._cond.wait(backoff)
+                backoff = min(backoff * 2, 30.0)
+                continue
+            backoff = 0.5
+            self.last_error = None
+            with self._cond:
+                deleted_meanwhile = key not in self._pending
+                if self._pending.get(key) == order:
+                    del self._pending[key]
+                self._busy = None
+                self._cond.notify_all()
+            if deleted_meanwhile:  # delete_snapshot ran while we were sending it
+                with contextlib.suppress(ManifestError):
+                    self.durable.delete_snapshot(*key)
+
+    def pending_snapshots(self) -> list[str]:
+        """``session/id`` of every committed snapshot S3 does not have yet, newest first."""
+        with self._cond:
+            keys = sorted(self._pending, key=self._pending.__getitem__, reverse=True)
+        return [f"{session}/{sid}" for session, sid in keys]
+
+    def flush_replication(self, deadline: float | None = None) -> list[str]:
+        """Wait until S3 has every committed snapshot, or until ``deadline``
+        (a ``time.time()`` value; None waits as long as it takes).
+
+        Returns what is still missing from S3 (empty: everything is durable);
+        the notice handler calls this with the interruption time as deadline.
+        """
+        with self._cond:
+            self._cond.notify_all()  # cut a retry backoff short
+            while self._pending and not self._closed:
+                left = None if deadline is None else deadline - time.time()
+                if left is not None and left <= 0:
+                    break
+                self._cond.wait(left if left is None else min(left, 1.0))
+        return self.pending_snapshots()
+
+    def close(self, deadline: float | None = None) -> list[str]:
+        """Flush until ``deadline``, then stop the replication thread."""
+        missing = self.flush_replication(deadline)
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+        self._worker.join()
+        self._pool.shutdown()
+        return missing
+
+    # -- blobs ---------------------------------------------------------------
+    def _durable(self, default: Any, method: str, *args: Any) -> Any:
+        """Ask the durable tier, but let an S3 outage leave reads to the fast tier."""
+        try:
+            return getattr(self.durable, method)(*args)
+        except StoreError as error:
+            log.warning("jupyter-spot: %s unavailable, using %s only: %s", self.durable.url, self.fast.url, error)
+            return default
+
+    def has_blob(self, digest: str) -> bool:
+        return self.fast.has_blob(digest) or self._durable(False, "has_blob", digest)
+
+    def put_blob(self, digest: str, data: Buffer) -> int:
+        return self.fast.put_blob(digest, data)
+
+    def get_blob(self, digest: str) -> Buffer:
+        try:
+            return self.fast.get_blob(digest)
+        except (MissingBlobError, CorruptBlobError) as error:
+            log.debug("blob %s from %s instead: %s", digest[:12], self.durable.url, error)
+        return self.durable.get_blob(digest)
+
+    def iter_blobs(self) -> Iterator[str]:
+        seen = set(self.fast.iter_blobs())
+        yield from seen
+        yield from (digest for digest in self.durable.iter_blobs() if digest not in seen)
+
+    def blob_age(self, digest: str) -> float:
+        return min(self.fast.blob_age(digest), self.durable.blob_age(digest))
+
+    def delete_blob(self, digest: str) -> None:
+        self.fast.delete_blob(digest)
+        self.durable.delete_blob(digest)
+
+    @contextlib.contextmanager
+    def blob_gc_guard(self) -> Iterator[bool]:
+        """The durable tier's collector lock, if it has one (see retention)."""
+        guard = getattr(self.durable, "blob_gc_guard", None)
+        with guard() if guard else contextlib.nullcontext(True) as allowed:
+            yield allowed
+
+    # -- manifests -----------------------------------------------------------
+    def _write_manifest(self, session: str, snapshot_id: str, data: bytes) -> None:
+        self.fast._write_manifest(session, snapshot_id, data)
+        with self._cond:
+            self._pending[(session, snapshot_id)] = next(self._order)
+            self._cond.notify_all()
+
+    def _read_manifest(self, session: str, snapshot_id: str) -> bytes:
+        try:
+            return self.fast._read_manifest(session, snapshot_id)
+        except ManifestError:
+            return self.durable._read_manifest(session, snapshot_id)
+
+    def list_sessions(self) -> list[str]:
+        return sorted(set(self.fast.list_sessions()) | set(self._durable([], "list_sessions")))
+
+    def list_snapshots(self, session: str) -> list[str]:
+        return sorted(set(self.fast.list_snapshots(session)) | set(self._durable([], "list_snapshots", session)))
+
+    def delete_snapshot(self, session: str, snapshot_id: str) -> None:
+        with self._cond:
+            self._pending.pop((session, snapshot_id), None)
+        deleted = False
+        for tier in (self.fast, self.durable):
+            try:
+                tier.delete_snapshot(session, snapshot_id)
+                deleted = True
+            except ManifestError:
+                pass
+        if not deleted:
+            raise ManifestError(f"snapshot {snapshot_id} of session {session!r} does not exist")
+
+    # -- records: small, so written through to both tiers --------------------
+    def put_record(self, name: str, data: dict[str, Any]) -> None:
+        self.fast.put_record(name, data)
+        self.durable.put_record(name, data)
+
+    def get_record(self, name: str) -> dict[str, Any] | None:
+        record = self.fast.get_record(name)
+        return record if record is not None else self._durable(None, "get_record", name)
+
+    def list_records(self) -> list[str]:
+        return sorted(set(self.fast.list_records()) | set(self._durable([], "list_records")))
+
+    # -- health --------------------------------------------------------------
+    def check_writable(self) -> None:
+        self.fast.check_writable()
+        self.durable.check_writable()
