@@ -18,12 +18,13 @@ from pathlib import Path
 from typing import Any
 
 import nbformat
+from jupyter_client.blocking import BlockingKernelClient
 from jupyter_client.manager import KernelManager
 
 #: The kernel's answer to ``%spot status`` when no write is in flight.
 PENDING_RE = re.compile(r"pending:\s*(\d+)")
-#: The snapshot the restore report says it loaded: its cell (execution count).
-RESTORED_COUNT_RE = re.compile(r"execution count (\d+)")
+#: The cell (execution count) whose state the restore report says it loaded.
+RESTORED_COUNT_RE = re.compile(r"state after cell (\d+)")
 
 
 @dataclass
@@ -67,16 +68,30 @@ class Notebook:
 
 
 class Kernel:
-    """One ipykernel process with a blocking client."""
+    """One ipykernel process with a blocking client.
+
+    The process is spawned at once but waited for only on first use, so a test
+    can boot the next kernel while the current one works (kernel start-up is
+    most of the cost of a kill/restore cycle).
+    """
 
     def __init__(self, cwd: Path, session: str, extra_env: dict[str, str] | None = None) -> None:
         cwd.mkdir(parents=True, exist_ok=True)
         env = {**os.environ, "JUPYTER_SPOT_SESSION": session, **(extra_env or {})}
         self.km = KernelManager(kernel_name="python3")
         self.km.start_kernel(cwd=str(cwd), env=env)
-        self.kc = self.km.client()
-        self.kc.start_channels()
-        self.kc.wait_for_ready(timeout=60)
+        self._kc: BlockingKernelClient | None = None
+        self._closed = False
+
+    @property
+    def kc(self) -> BlockingKernelClient:
+        """The client, once the kernel answers."""
+        if self._kc is None:
+            kc = self.km.client()
+            kc.start_channels()
+            kc.wait_for_ready(timeout=60)
+            self._kc = kc
+        return self._kc
 
     def run(self, code: str, *, store_history: bool = True, timeout: float = 180) -> CellResult:
         """Execute ``code`` as a cell and collect what it displayed."""
@@ -125,19 +140,25 @@ class Kernel:
         assert provisioner is not None and provisioner.pgid
         os.killpg(provisioner.pgid, signal.SIGKILL)
         provisioner.process.wait(timeout=30)
-        self.kc.stop_channels()
-        self.km.cleanup_resources()
+        self.close()
 
-    def shutdown(self) -> None:
-        self.kc.stop_channels()
-        self.km.shutdown_kernel(now=True)
+    def close(self) -> None:
+        """Shut the kernel down if it still runs, and let go of its ports and files."""
+        if self._closed:
+            return
+        self._closed = True
+        if self._kc is not None:
+            self._kc.stop_channels()
+        if self.km.has_kernel and self.km.is_alive():
+            self.km.shutdown_kernel(now=True)
+        else:
+            self.km.cleanup_resources()
 
     def __enter__(self) -> Kernel:
         return self
 
     def __exit__(self, *exc: object) -> None:
-        if self.km.is_alive():
-            self.shutdown()
+        self.close()
 
 
 def restored_execution_count(report: str) -> int:
