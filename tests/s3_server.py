@@ -66,9 +66,10 @@ class FaultProxy:
     """A TCP proxy to ``upstream`` that can refuse service or cut connections mid-request.
 
     * ``down = True``: every connection is reset at once (S3 unreachable).
-    * ``cut_after(n_bytes, times)``: the next ``times`` connections that send
-      more than ``n_bytes`` upstream are reset right there — in the middle of a
-      request body, like a dropped connection during an upload.
+    * ``cut_after(n_bytes, times, every)``: of the connections that send more
+      than ``n_bytes`` upstream, every ``every``-th is reset right there — in the
+      middle of a request body, like a dropped connection during an upload —
+      ``times`` times in all (every=2: a retried request gets through).
     """
 
     def __init__(self, upstream_port: int) -> None:
@@ -76,7 +77,9 @@ class FaultProxy:
         self.down = False
         self.cuts_left = 0
         self.cut_bytes = 0
+        self.cut_every = 1
         self.cuts_done = 0
+        self._crossings = 0
         self._lock = threading.Lock()
         proxy = self
 
@@ -93,13 +96,14 @@ class FaultProxy:
         self.url = f"http://127.0.0.1:{self.port}"
         threading.Thread(target=self._server.serve_forever, daemon=True).start()
 
-    def cut_after(self, n_bytes: int, times: int) -> None:
+    def cut_after(self, n_bytes: int, times: int, every: int = 1) -> None:
         with self._lock:
-            self.cut_bytes, self.cuts_left = n_bytes, times
+            self.cut_bytes, self.cuts_left, self.cut_every, self._crossings = n_bytes, times, every, 0
 
     def _take_cut(self) -> bool:
         with self._lock:
-            if self.cuts_left <= 0:
+            self._crossings += 1
+            if self.cuts_left <= 0 or (self._crossings - 1) % self.cut_every:
                 return False
             self.cuts_left -= 1
             self.cuts_done += 1
@@ -125,14 +129,16 @@ class FaultProxy:
 
         back = threading.Thread(target=pump_back, daemon=True)
         back.start()
-        sent = 0
+        sent, crossed = 0, False
         try:
             while data := client.recv(1 << 16):
                 sent += len(data)
-                if self.cuts_left > 0 and sent > self.cut_bytes and self._take_cut():
-                    _abort(upstream)
-                    _abort(client)
-                    return
+                if self.cuts_left > 0 and not crossed and sent > self.cut_bytes:
+                    crossed = True
+                    if self._take_cut():
+                        _abort(upstream)
+                        _abort(client)
+                        return
                 upstream.sendall(data)
             upstream.shutdown(socket.SHUT_WR)
         except OSError:

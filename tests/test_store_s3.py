@@ -316,11 +316,11 @@ def test_racing_writers_never_lose_a_snapshot(s3_url: str) -> None:
 # -- faults ------------------------------------------------------------------
 def test_dropped_connections_and_slowdown_are_retried(s3_url: str, proxy: FaultProxy) -> None:
     store = S3Store(s3_url, endpoint_url=proxy.url)
-    slowdowns = Fault(store.client, 503, "SlowDown", times=6, every=2)
-    proxy.cut_after(n_bytes=200 * 1024, times=4)  # mid-body of a part or a blob
+    slowdowns = Fault(store.client, 503, "SlowDown", times=4, every=2)
+    proxy.cut_after(n_bytes=200 * 1024, times=4, every=2)  # mid-body of a part or a blob
     blobs = [blob(i, 3 * MB) for i in range(4)] + [blob(50, 20 * MB)]
     manifest = snapshot(store, "nb.ipynb", "0001", blobs)
-    assert slowdowns.done == 6 and proxy.cuts_done == 4
+    assert slowdowns.done == 4 and proxy.cuts_done == 4
     fresh = S3Store(s3_url)
     assert [fresh.get_blob(d) for d in manifest["blobs"]] == blobs
     assert assert_complete(s3_url) == 1
@@ -433,7 +433,7 @@ def test_gc_running_against_a_busy_writer_loses_nothing(s3_url: str) -> None:
     gc_thread = threading.Thread(target=collect)
     gc_thread.start()
     try:
-        for i in range(30):
+        for i in range(20):
             chosen = [pool[(i * 5 + k) % len(pool)] for k in range(4)] + [f"unique {i}".encode()]
             snapshot(writer, "nb.ipynb", f"{i:04d}", chosen)
     finally:
@@ -443,7 +443,7 @@ def test_gc_running_against_a_busy_writer_loses_nothing(s3_url: str) -> None:
     assert len(reports) > 0 and sum(r.blobs_deleted for r in reports) + final.blobs_deleted > 0
     assert assert_complete(s3_url) == 1
     latest = collector.latest_manifest("nb.ipynb")[0]
-    assert latest is not None and latest["id"] == "0029"
+    assert latest is not None and latest["id"] == "0019"
     assert sorted(collector.iter_blobs()) == sorted(set(latest["blobs"]))
     for digest in latest["blobs"]:
         collector.get_blob(digest)
