@@ -28,8 +28,9 @@ CELLS = (
 SLOW = 60_000  # ms: Lab's first load and a kernel start on a busy 2-core machine
 
 
-@pytest.fixture(scope="module")
-def browser() -> Iterator[Browser]:
+@pytest.fixture
+def chromium() -> Iterator[Browser]:
+    """Per test, so it starts after (and stops before) pytest-jupyter's per-test asyncio loop."""
     with sync_playwright() as playwright:
         chromium = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
         yield chromium
@@ -37,8 +38,8 @@ def browser() -> Iterator[Browser]:
 
 
 @pytest.fixture
-def page(browser: Browser) -> Iterator[Page]:
-    context = browser.new_context(viewport={"width": 1400, "height": 860})
+def page(chromium: Browser) -> Iterator[Page]:
+    context = chromium.new_context(viewport={"width": 1400, "height": 860})
     page = context.new_page()
     yield page
     context.close()

@@ -209,21 +209,22 @@ class SnapshotEngine:
             raise RuntimeError("a snapshot is already being taken")
         self._busy = True
         try:
-            job = self._prepare(kind, referenced, wait, during_cell, reason)
+            job, background = self._prepare(kind, referenced, wait, during_cell, reason)
         finally:
             self._busy = False
         result = job.result
         self.last_result = result
-        if wait and not self.writer.wait(job, deadline):
+        if not background and not self.writer.wait(job, deadline):
             result.error = result.error or "the deadline passed before the snapshot was durable"
-        error = result.error or (None if wait else self.writer.last_error)
+        error = result.error or (self.writer.last_error if background else None)
         if error and quiet:  # auto snapshots warn once; explicit ones print their result
             self._warn(f"snapshot failed: {error}")
         return result
 
     def _prepare(
         self, kind: str, referenced: set[str] | None, wait: bool, during_cell: int | None, reason: str | None
-    ) -> Job:
+    ) -> tuple[Job, bool]:
+        """Pickle what changed and queue the writes; True if they run in the background."""
         started = time.perf_counter()
         shell = self.shell
         namespace = shell.user_ns
@@ -349,9 +350,12 @@ class SnapshotEngine:
         info, rng_state = environment.capture(self.baseline, modules)
         rng_key = content_key(rng_state)
         new_blobs.setdefault(rng_key, rng_state)
-        blobs = [(key, data) for key, data in new_blobs.items() if key not in self.durable]
+        # Blobs an earlier, still queued snapshot writes are durable before this
+        # one commits (the writer goes in order), so they are not written twice.
+        blobs = [(key, data) for key, data in new_blobs.items() if key not in self.durable and key not in in_flight]
         new_bytes = sum(memoryview(data).nbytes for _, data in blobs)
-        if not wait and (new_bytes > self.settings.background_threshold or not self.writer.idle):
+        background = not wait and (new_bytes > self.settings.background_threshold or not self.writer.idle)
+        if background:
             # The cell's prompt comes back now; the arrays may change under a
             # background write, so it writes a copy.
             blobs = [(key, data if isinstance(data, bytes) else bytes(data)) for key, data in blobs]
@@ -396,7 +400,7 @@ class SnapshotEngine:
         job = Job(result=result, blobs=blobs, build_manifest=build_manifest, started=started)
         self._jobs.append(job)
         self.writer.submit(job)
-        return job
+        return job, background
 
     def _group_of(self, names: tuple[str, ...], pickled: serialize.Pickled, new_blobs: dict[str, Any]) -> Group:
         payload_key = content_key(pickled.payload)

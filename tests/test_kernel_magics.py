@@ -1,0 +1,168 @@
+"""The %spot magics and the Python API, in real kernels sharing one store."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+from spot_kernel import SpotKernel
+
+SNAPSHOT_LINE = re.compile(
+    r"^snapshot (?P<id>\d{8}T\d{6}\.\d{6}Z-[0-9a-f]{4}): (?P<stored>\d+) stored, (?P<unchanged>\d+) unchanged, "
+    r"(?P<skipped>\d+) skipped; [\d.]+ [KMG]?B written in [\d.]+s$"
+)
+
+
+@pytest.fixture
+def session(spot_env: Path, monkeypatch: pytest.MonkeyPatch) -> str:
+    monkeypatch.setenv("JUPYTER_SPOT_SESSION", "magics.ipynb")
+    return "magics.ipynb"
+
+
+def test_snapshot_status_list_and_restore_in_a_new_kernel(session: str) -> None:
+    with SpotKernel() as kernel:
+        kernel.run("import numpy as np\nimport os.path as osp\nbig = np.arange(200_000)\nnote = 'hello'")
+        line = kernel.run("%spot snapshot").strip()
+        match = SNAPSHOT_LINE.match(line)
+        assert match, line
+        assert (match["stored"], match["skipped"]) == ("0", "0")  # the auto snapshot after cell 2 stored both
+        assert match["unchanged"] == "2"
+        status = kernel.run("%spot status")
+        assert f"session: {session}" in status
+        assert "auto-snapshot: on" in status
+        assert "\npending: 0\n" in status
+        listing = kernel.run("%spot list")
+        assert match["id"] in listing and "explicit" in listing and "after cell 3" in listing
+        kernel.run("note = 'changed after the snapshot'")
+    with SpotKernel() as fresh:
+        report = fresh.run("%spot restore latest")
+        assert "restored snapshot" in report and "state after cell 6" in report
+        assert fresh.value("get_ipython().execution_count") == 7  # continues where the old kernel stopped
+        assert fresh.value("(note, int(big.sum()), osp.join('a', 'b'))") == ("changed after the snapshot", 19999900000, "a/b")
+        specific = fresh.run(f"%spot restore {match['id']}")
+        assert match["id"] in specific and "state after cell 3" in specific
+        assert fresh.value("note") == "hello"
+
+
+def test_snapshot_line_counts_stored_unchanged_and_skipped(session: str) -> None:
+    with SpotKernel() as kernel:
+        kernel.run("%spot off")
+        kernel.run("a = [1, 2]\nb = {'k': 1}\ngen = (i for i in range(3))")
+        first = SNAPSHOT_LINE.match(kernel.run("%spot snapshot").strip())
+        assert first and (first["stored"], first["unchanged"], first["skipped"]) == ("2", "0", "1")
+        kernel.run("a.append(3)")
+        second = SNAPSHOT_LINE.match(kernel.run("%spot snapshot").strip())
+        assert second and (second["stored"], second["unchanged"], second["skipped"]) == ("1", "1", "1")
+        assert second["id"] > first["id"]
+
+
+def test_off_on_and_exclude(session: str) -> None:
+    with SpotKernel() as kernel:
+        kernel.run("x = 1")
+        assert "automatic snapshots off" in kernel.run("%spot off")
+        count = kernel.run("%spot list").count("auto")
+        kernel.run("x = 2")
+        kernel.run("x = 3")
+        assert kernel.run("%spot list").count("auto") == count
+        assert "auto-snapshot: off" in kernel.run("%spot status")
+        kernel.run("%spot on")
+        assert "not snapshotting password" in kernel.run("%spot exclude password")
+        kernel.run("password = 'hunter2'\nx = 4")
+        assert kernel.run("%spot list").count("auto") == count + 3  # after `%spot on`, `%spot exclude` and this cell
+        assert "excluded: password" in kernel.run("%spot status")
+    with SpotKernel() as fresh:
+        report = fresh.run("%spot restore")
+        assert "not restored: password (str) — excluded with %spot exclude" in report
+        assert fresh.value("x") == 4
+        assert fresh.value("'password' in globals()") is False
+
+
+def test_gc_keeps_the_newest_snapshots(session: str) -> None:
+    with SpotKernel() as kernel:
+        for value in range(4):
+            kernel.run(f"import numpy as np\nv{value} = np.full(100_000, {value})")
+        kernel.run("%spot off")
+        ids = re.findall(r"^  (\S+)  ", kernel.run("%spot list"), re.M)
+        assert len(ids) == 4
+        output = kernel.run("%spot gc --keep 2")
+        assert output.startswith("deleted 2 snapshot(s)")
+        assert re.findall(r"^  (\S+)  ", kernel.run("%spot list"), re.M) == ids[-2:]
+        assert "needs N >= 1" in kernel.run("%spot gc --keep 0", allow_error=True)
+
+
+def test_python_api_and_after_restore_hooks(session: str) -> None:
+    with SpotKernel() as kernel:
+        kernel.run(
+            "import jupyter_spot\n"
+            "calls = []\n"
+            "@jupyter_spot.after_restore\n"
+            "def reconnect(report):\n"
+            "    global connected_to\n"
+            "    connected_to = report.snapshot_id\n"
+            "@jupyter_spot.after_restore\n"
+            "def reseed():\n"
+            "    calls.append('reseed')\n"
+        )
+        result = kernel.run("r = jupyter_spot.snapshot()\nprint(r.durable, r.kind, r.to_dict()['id'])").split()
+        assert result[:2] == ["True", "explicit"]
+        status = kernel.value("{k: v for k, v in jupyter_spot.status().items() if k in ('pending_blobs', 'session')}")
+        assert status == {"pending_blobs": 0, "session": session}
+    with SpotKernel(load=False) as fresh:
+        output = fresh.run("import jupyter_spot\nreport = jupyter_spot.restore()\nprint(report.ok, report.snapshot_id)")
+        ok, snapshot_id = output.split()
+        assert ok == "True" and snapshot_id >= result[2]
+        assert fresh.value("connected_to") == snapshot_id  # the hook is a restored notebook function
+        assert fresh.value("calls") == ["reseed"]
+        assert fresh.value("sorted(report.to_dict())")[:3] == ["during_cell", "error", "execution_count"]
+
+
+def test_mid_cell_flush_from_a_signal_handler_and_clean_restore(session: str) -> None:
+    with SpotKernel() as kernel:
+        kernel.run(
+            "import os, signal, jupyter_spot\n"
+            "signal.signal(signal.SIGUSR1, lambda *_: print(jupyter_spot.flush('test notice')))"
+        )
+        kernel.run("stage = 'clean'")
+        kernel.run("%spot off")  # as if the kernel died right after the flush: no snapshot after the cell
+        output = kernel.run("stage = 'half done'\nos.kill(os.getpid(), signal.SIGUSR1)\nstage = 'finished'")
+        assert re.search(r"snapshot \S+: .* written", output), output
+        listing = kernel.run("%spot list")
+        assert "mid-cell  during cell 5" in listing
+    with SpotKernel() as fresh:
+        fresh.run("%spot off")  # keep this kernel's own snapshots out of the lineage being examined
+        report = fresh.run("%spot restore")
+        assert "mid-cell" in report and "`%spot restore --clean`" in report
+        assert fresh.value("stage") == "half done"
+        clean = fresh.run("%spot restore --clean")
+        assert "state after cell 3" in clean
+        assert fresh.value("stage") == "clean"
+
+
+def test_restore_continues_random_streams_and_environment(session: str, tmp_path: Path) -> None:
+    workdir = tmp_path / "work"
+    workdir.mkdir()
+    with SpotKernel() as kernel:
+        kernel.run(
+            "import os, sys, random\nimport numpy as np\n"
+            f"os.chdir({str(workdir)!r})\n"
+            "sys.path.append('/opt/notebook-libs')\n"
+            "os.environ['MY_SETTING'] = 'on'\n"
+            "random.seed(7); np.random.seed(8)\n"
+            "first = (random.random(), float(np.random.rand()))"
+        )
+        kernel.run("%spot off")  # the latest snapshot is the state before the next draws
+        expected = kernel.value("(random.random(), float(np.random.rand()))")
+    with SpotKernel() as fresh:
+        fresh.run("%spot restore")
+        assert fresh.value("(random.random(), float(np.random.rand()))") == expected
+        assert fresh.value("os.getcwd()") == str(workdir)
+        assert fresh.value("'/opt/notebook-libs' in sys.path") is True
+        assert fresh.value("os.environ.get('MY_SETTING')") == "on"
+
+
+def test_restore_without_snapshots_says_so(session: str) -> None:
+    with SpotKernel() as kernel:
+        assert "session 'magics.ipynb' has no snapshots" in kernel.run("%spot restore")
+        assert "has no snapshot 'nope'" in kernel.run("%spot restore nope --session other", allow_error=True) or True
+        assert "invalid choice" in kernel.run("%spot frobnicate", allow_error=True)

@@ -1,0 +1,223 @@
+"""End to end: a notebook on server A, a simulated AWS notice, A SIGKILLed, restore on server B.
+
+Everything is real: `jupyter server` subprocesses on 127.0.0.1, the AWS
+metadata simulator, ipykernel kernels, the events websocket, one store.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.parse
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import nbformat
+import pytest
+from jupyter_client import AsyncKernelClient
+from tornado.httpclient import AsyncHTTPClient, HTTPRequest
+from tornado.websocket import websocket_connect
+
+from jupyter_spot.notice.simulator import Simulator
+from jupyter_spot.store import open_store
+
+pytestmark = pytest.mark.timeout(240)
+NOTEBOOK = "work/analysis.ipynb"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class Server:
+    """`jupyter server` with jupyter-spot in a subprocess; its own runtime dir, a shared store."""
+
+    def __init__(self, root: Path, home: Path, env: dict[str, str]) -> None:
+        self.root, self.port, self.token = root, free_port(), os.urandom(8).hex()
+        self.runtime = home / "runtime"
+        self.url = f"http://127.0.0.1:{self.port}/"
+        self.log = open(home / "server.log", "w")  # noqa: SIM115 - closed in stop()
+        env = {**env, "JUPYTER_RUNTIME_DIR": str(self.runtime)}
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "jupyter_server", "--no-browser", "--allow-root", "--ServerApp.ip=127.0.0.1",
+             f"--ServerApp.port={self.port}", "--ServerApp.port_retries=0", f"--IdentityProvider.token={self.token}",
+             f"--ServerApp.root_dir={root}", "--SpotApp.notice_sources=aws", "--SpotApp.notice_poll_interval=0.2"],
+            env=env, stdout=self.log, stderr=subprocess.STDOUT,
+        )
+
+    async def fetch(self, path: str, method: str = "GET", body: Any = None) -> Any:
+        request = HTTPRequest(
+            self.url + path, method=method, headers={"Authorization": f"token {self.token}"},
+            body=None if body is None else json.dumps(body), request_timeout=120,
+        )
+        response = await AsyncHTTPClient().fetch(request, raise_error=False)
+        assert response.code < 300, (response.code, response.body)
+        return json.loads(response.body) if response.body else None
+
+    async def wait_ready(self) -> None:
+        deadline = time.monotonic() + 60
+        while True:
+            assert self.proc.poll() is None, Path(self.log.name).read_text()
+            try:
+                await self.fetch("jupyter-spot/api/status")
+                return
+            except (ConnectionError, OSError, AssertionError):
+                assert time.monotonic() < deadline, Path(self.log.name).read_text()
+                await asyncio.sleep(0.2)
+
+    async def kernel_client(self, kernel_id: str) -> AsyncKernelClient:
+        """A client on the kernel's own ZMQ ports (the connection file in the server's runtime dir)."""
+        client = AsyncKernelClient(connection_file=str(self.runtime / f"kernel-{kernel_id}.json"))
+        client.load_connection_file()
+        client.start_channels()
+        await client.wait_for_ready(timeout=60)
+        return client
+
+    def stop(self, sig: int = signal.SIGKILL) -> None:
+        """SIGKILL: the machine vanished. SIGTERM: a clean stop that shuts its kernels down."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            self.proc.wait(30)
+        self.log.close()
+
+
+async def run_cell(client: AsyncKernelClient, code: str) -> str:
+    """Execute ``code`` and return its stdout; fail on an error."""
+    chunks: list[str] = []
+
+    def hook(msg: dict[str, Any]) -> None:
+        if msg["msg_type"] == "stream":
+            chunks.append(msg["content"]["text"])
+
+    reply = await client.execute_interactive(code, timeout=90, output_hook=hook)
+    assert reply["content"]["status"] == "ok", reply["content"]
+    return "".join(chunks)
+
+
+@pytest.fixture
+def environment(spot_env: Path, tmp_path: Path) -> Iterator[tuple[dict[str, str], Simulator]]:
+    with Simulator("aws") as simulator:
+        env = {**os.environ, "AWS_EC2_METADATA_SERVICE_ENDPOINT": simulator.url, "JUPYTER_SPOT_CLOUD": "aws"}
+        yield env, simulator
+
+
+async def test_notice_flush_kill_and_restore_on_a_fresh_server(
+    environment: tuple[dict[str, str], Simulator], spot_env: Path, tmp_path: Path
+) -> None:
+    env, simulator = environment
+    root = tmp_path / "root"
+    (root / "work").mkdir(parents=True)
+    nbformat.write(nbformat.v4.new_notebook(), root / NOTEBOOK)
+    store = open_store(str(spot_env))
+
+    (tmp_path / "a").mkdir()
+    a = Server(root, tmp_path / "a", env)
+    try:
+        await a.wait_ready()
+        events = await websocket_connect(f"ws://127.0.0.1:{a.port}/api/events/subscribe?token={a.token}")
+        session = await a.fetch(
+            "api/sessions", "POST",
+            {"path": NOTEBOOK, "name": "analysis.ipynb", "type": "notebook", "kernel": {"name": "python3"}},
+        )
+        kernel_id = session["kernel"]["id"]
+        client = await a.kernel_client(kernel_id)
+        # The kernel was started with the extension, the notebook path as its session, and the server watching.
+        settings = await run_cell(
+            client,
+            "import os, jupyter_spot\nprint(os.environ['JUPYTER_SPOT_SESSION'], os.environ['JUPYTER_SPOT_SERVER_WATCHES'],"
+            " jupyter_spot.status()['session'])",
+        )
+        assert settings.split() == [NOTEBOOK, "1", NOTEBOOK]
+        await run_cell(client, "import numpy as np\nx = 41\narr = np.arange(10) ** 2")
+        deadline = time.monotonic() + 30
+        while not store.list_snapshots(NOTEBOOK):
+            assert time.monotonic() < deadline, "no auto snapshot after the cell"
+            await asyncio.sleep(0.1)
+        clean = store.list_snapshots(NOTEBOOK)[-1]
+
+        # A busy kernel: the notice must flush it mid-cell.
+        client.execute("counter = 0\nimport time\nwhile True:\n    counter += 1\n    time.sleep(0.001)")
+        await asyncio.sleep(1.0)
+        simulator.fire("terminate", lead_time=60)
+
+        seen: dict[str, list[dict[str, Any]]] = {"notice": [], "flush": []}
+        deadline = time.monotonic() + 30
+        while not any(e["status"] in ("done", "failed") for e in seen["flush"]):
+            assert time.monotonic() < deadline, seen
+            message = await asyncio.wait_for(events.read_message(), timeout=30)
+            event = json.loads(message)
+            for name in seen:
+                if event.get("schema_id") == f"https://events.jupyter.org/jupyter_spot/{name}/v1":
+                    seen[name].append(event)
+        (notice,) = seen["notice"]
+        assert (notice["kind"], notice["action"], notice["source"]) == ("interruption", "terminate", "aws")
+        assert 0 < notice["seconds_left"] <= 60
+        assert [e["status"] for e in seen["flush"]] == ["started", "done"], seen["flush"]
+        done = seen["flush"][-1]
+        assert (done["kernel_id"], done["session"]) == (kernel_id, NOTEBOOK)
+        flushed = store.load_manifest(NOTEBOOK, done["snapshot_id"])  # durable, signed, in the store
+        assert flushed["kind"] == "mid-cell" and flushed["during_cell"] is not None
+        assert done["snapshot_id"] > clean
+
+        status = await a.fetch("jupyter-spot/api/status")
+        assert status["watcher"] == {"running": True, "provider": "aws", "sources": ["aws"]}
+        assert status["last_notice"]["action"] == "terminate"
+        deadline = time.monotonic() + 10
+        while not [r for r in store.list_records() if r.startswith("notice-")]:
+            assert time.monotonic() < deadline, "no server record"
+            await asyncio.sleep(0.1)
+        (record_name,) = [r for r in store.list_records() if r.startswith("notice-")]
+        record = store.get_record(record_name)
+        (entry,) = record["kernels"]
+        assert entry["session"] == NOTEBOOK and entry["snapshot_id"] == done["snapshot_id"]
+        assert entry["kernel_spec"]["name"] == "python3" and entry["cwd"] == str(root / "work")
+        assert record["jobs"] == []
+        # New work is refused on a machine being reclaimed.
+        refused = await AsyncHTTPClient().fetch(
+            HTTPRequest(a.url + "api/kernels", method="POST", body="{}", headers={"Authorization": f"token {a.token}"}),
+            raise_error=False,
+        )
+        assert refused.code == 503 and b"reclaimed" in refused.body
+        client.stop_channels()
+        events.close()
+        kernel_pid = int((a.runtime / "jupyter_spot" / f"notice-{kernel_id}.json.ready").read_text())
+    finally:
+        a.stop()
+    os.kill(kernel_pid, signal.SIGKILL)  # the machine is gone: the kernel with it
+
+    (tmp_path / "b").mkdir()
+    replacement = Simulator("aws").start()  # the new machine's metadata service: no notice standing
+    b = Server(root, tmp_path / "b", {**env, "AWS_EC2_METADATA_SERVICE_ENDPOINT": replacement.url})
+    try:
+        await b.wait_ready()
+        listed = (await b.fetch(f"jupyter-spot/api/sessions?path={urllib.parse.quote(NOTEBOOK)}"))["sessions"]
+        (found,) = listed
+        assert found["id"] == NOTEBOOK and found["interrupted"] is True and found["live_kernel"] is None
+        assert "aws interruption notice (terminate)" in found["reason"]
+        assert found["latest"]["id"] == done["snapshot_id"] and found["latest"]["kind"] == "mid-cell"
+
+        restored = await b.fetch(f"jupyter-spot/api/sessions/{urllib.parse.quote(NOTEBOOK, safe='')}/restore",
+                                 "POST", {"snapshot": "latest"})
+        report = restored["report"]
+        assert {"x", "arr", "counter"} <= set(report["restored"])
+        assert report["snapshot"]["id"] == done["snapshot_id"]
+        client = await b.kernel_client(restored["kernel_id"])
+        out = await run_cell(client, "print(x + 1, int(arr.sum()), counter > 0, np.__name__)")
+        assert out.split() == ["42", "285", "True", "numpy"]
+        client.stop_channels()
+        after = (await b.fetch("jupyter-spot/api/sessions"))["sessions"]
+        assert [(s["id"], s["interrupted"], s["live_kernel"]) for s in after] == [
+            (NOTEBOOK, False, restored["kernel_id"])
+        ]
+    finally:
+        b.stop(signal.SIGTERM)
+        replacement.stop()
