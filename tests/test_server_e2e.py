@@ -78,7 +78,7 @@ class Server:
         """A client on the kernel's own ZMQ ports (the connection file in the server's runtime dir)."""
         client = AsyncKernelClient(connection_file=str(self.runtime / f"kernel-{kernel_id}.json"))
         client.load_connection_file()
-        client.start_channels()
+        client.start_channels(hb=False)  # a heartbeat not yet beating on a busy machine reads as "dead"
         await client.wait_for_ready(timeout=60)
         return client
 
