@@ -74,3 +74,19 @@ export function h<K extends keyof HTMLElementTagNameMap>(
   element.append(...children);
   return element;
 }
+
+/**
+ * Lumino box layouts size a child by its CSS min-height, not by its content: keep a
+ * banner's min-height equal to its body's height, so it shows whole whatever it says.
+ */
+export function fitToContent(node: HTMLElement, body: HTMLElement, fit: () => void): ResizeObserver {
+  const observer = new ResizeObserver(() => {
+    const height = `${Math.ceil(body.getBoundingClientRect().height)}px`;
+    if (node.style.minHeight !== height) {
+      node.style.minHeight = height;
+      fit();
+    }
+  });
+  observer.observe(body);
+  return observer;
+}

@@ -62,7 +62,7 @@ const plugin: JupyterFrontEndPlugin<void> = {
       }
     });
     notice.id = 'jp-spot-notice';
-    app.shell.add(notice, 'top', { rank: 1000 });
+    app.shell.add(notice, 'header', { rank: 10 });
     app.serviceManager.events.stream.connect((_, event: Event.Emission) => {
       if (event.schema_id === NOTICE_SCHEMA) {
         notice.showNotice(event as unknown as INotice);

@@ -8,7 +8,7 @@
 import { Widget } from '@lumino/widgets';
 
 import { IFlush, INotice } from './api';
-import { formatCountdown, h } from './format';
+import { fitToContent, formatCountdown, h } from './format';
 
 const VERBS: Record<INotice['action'], string> = {
   terminate: 'reclaimed',
@@ -31,11 +31,15 @@ export class NoticeBanner extends Widget {
       title: 'Hide this warning (saving continues)'
     });
     close.addEventListener('click', () => this.hide());
-    this.node.append(
+    const body = h(
+      'div',
+      { className: 'jp-spot-notice-body' },
       h('div', { className: 'jp-spot-notice-head' }, h('strong', { text: 'Spot interruption' }), this._message, close),
       this._documents,
       this._kernels
     );
+    this.node.append(body);
+    this._observer = fitToContent(this.node, body, () => this.parent?.fit());
     this.hide();
   }
 
@@ -82,9 +86,11 @@ export class NoticeBanner extends Widget {
     } else {
       row.textContent = `${name}: kernel state NOT saved — ${flush.message ?? 'unknown error'}`;
     }
+    this._tick();
   }
 
   dispose(): void {
+    this._observer.disconnect();
     if (this._timer !== null) {
       window.clearInterval(this._timer);
       this._timer = null;
@@ -98,7 +104,16 @@ export class NoticeBanner extends Widget {
       return;
     }
     const verb = VERBS[notice.action] ?? 'reclaimed';
-    const saving = this._saved ? 'notebooks saved, saving kernel state…' : 'saving notebooks and kernel state…';
+    const rows = [...this._rows.values()];
+    const flushed = rows.length > 0 && rows.every(row => row.dataset.status !== 'started');
+    const failed = rows.some(row => row.dataset.status === 'failed');
+    const saving = !this._saved
+      ? 'saving notebooks and kernel state…'
+      : !flushed
+        ? 'notebooks saved, saving kernel state…'
+        : failed
+          ? 'notebooks saved; some kernel state could NOT be saved (see below).'
+          : 'notebooks and kernel state saved. Restore them on a new machine.';
     let text: string;
     if (notice.kind === 'rebalance') {
       text = `The cloud asks to move off this machine soon (rebalance hint) — ${saving}`;
@@ -135,4 +150,5 @@ export class NoticeBanner extends Widget {
   private readonly _documents: HTMLElement;
   private readonly _kernels: HTMLElement;
   private readonly _rows = new Map<string, HTMLElement>();
+  private readonly _observer: ResizeObserver;
 }

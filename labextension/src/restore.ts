@@ -6,7 +6,7 @@ import { NotebookPanel } from '@jupyterlab/notebook';
 import { Widget } from '@lumino/widgets';
 
 import { IRestoreResult, ISession, SpotApi } from './api';
-import { describeSkipped, describeSnapshot, formatAge, formatBytes, formatTime, h } from './format';
+import { describeSkipped, describeSnapshot, fitToContent, formatAge, formatBytes, formatTime, h } from './format';
 
 /**
  * Load a snapshot into the notebook's own kernel (the server starts one when the
@@ -90,7 +90,14 @@ export class RestoreBanner extends Widget {
     });
     this._buttons = h('div', { className: 'jp-spot-restore-buttons' }, this._restoreButton, dismiss, details);
     this._status = h('div', { className: 'jp-spot-restore-status' });
-    this.node.append(this._message, this._buttons, this._status, this._details);
+    const body = h('div', { className: 'jp-spot-restore-body' }, this._message, this._buttons, this._status, this._details);
+    this.node.append(body);
+    this._observer = fitToContent(this.node, body, () => this.parent?.fit());
+  }
+
+  dispose(): void {
+    this._observer.disconnect();
+    super.dispose();
   }
 
   /** Restore the latest snapshot into this notebook's kernel, showing progress then the report. */
@@ -149,4 +156,5 @@ export class RestoreBanner extends Widget {
   private readonly _restoreButton: HTMLButtonElement;
   private readonly _status: HTMLElement;
   private readonly _details: HTMLElement;
+  private readonly _observer: ResizeObserver;
 }

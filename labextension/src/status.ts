@@ -25,6 +25,8 @@ export class SnapshotStatus extends Widget {
   ) {
     super();
     this.addClass('jp-spot-status');
+    this._text = h('span', { className: 'jp-StatusBar-TextItem' });
+    this.node.append(this._text);
     this.node.title = 'jupyter-spot: last snapshot of this notebook (click for all snapshots)';
     this.node.addEventListener('click', onClick);
     this._tracker.currentChanged.connect(() => void this.refresh(), this);
@@ -103,11 +105,12 @@ export class SnapshotStatus extends Widget {
     } else {
       text = `no snapshot yet · ${kind}`;
     }
-    this.node.textContent = text;
+    this._text.textContent = text;
     this.node.dataset.snapshotId = this._snapshot?.id ?? '';
     this.node.classList.toggle('jp-spot-mod-warn', !!this._error || store?.writable === false);
   }
 
+  private readonly _text: HTMLElement;
   private _snapshot: ISnapshot | null = null;
   private _status: IStatus | null = null;
   private _statusAge = 0;
