@@ -91,6 +91,9 @@ class Lab:
         docmanager = settings_dir / "@jupyterlab" / "docmanager-extension"
         docmanager.mkdir(parents=True, exist_ok=True)
         (docmanager / "plugin.jupyterlab-settings").write_text(json.dumps({"autosave": False}))
+        apputils = settings_dir / "@jupyterlab" / "apputils-extension"
+        apputils.mkdir(parents=True, exist_ok=True)
+        (apputils / "notification.jupyterlab-settings").write_text(json.dumps({"fetchNews": "false"}))
         config_dir.mkdir(exist_ok=True)
         (config_dir / "jupyter_server_config.json").write_text(
             json.dumps(

@@ -77,7 +77,7 @@ def open_notebook(page: Page, lab: Lab) -> None:
     """Open the notebook and wait until its kernel is idle."""
     page.goto(lab.lab_url(NOTEBOOK), timeout=SLOW)
     expect(page.locator(".jp-NotebookPanel .jp-Cell").first).to_be_visible(timeout=SLOW)
-    expect(page.locator(".jp-Notebook-ExecutionIndicator[data-status='idle']")).to_have_count(1, timeout=SLOW)
+    expect(page.get_by_role("button", name=re.compile(r"\| Idle$"))).to_be_visible(timeout=SLOW)
 
 
 def cell(page: Page, index: int) -> Locator:
