@@ -47,9 +47,7 @@ def snapshot() -> SnapshotResult:
     """Snapshot now; returns once the snapshot is durable."""
     from .kernel import extension
 
-    engine = extension.current()
-    engine.skip_next_auto()
-    return engine.snapshot(kind="explicit")
+    return extension.current().snapshot(kind="explicit")
 
 
 def restore(snapshot: str = "latest", session: str | None = None, clean: bool = False) -> RestoreReport:

@@ -145,7 +145,6 @@ class SnapshotEngine:
         self._busy = False
         self._in_cell: int | None = None
         self._cell_source = ""
-        self._skip_auto = False
         self._warned = False
 
     # -- cell hooks ------------------------------------------------------------
@@ -155,9 +154,9 @@ class SnapshotEngine:
 
     def post_run_cell(self, result: Any) -> None:
         self._in_cell = None
-        if not self.auto or self._skip_auto:
-            self._skip_auto = False
-            return
+        lines = [line.strip() for line in self._cell_source.splitlines() if line.strip()]
+        if not self.auto or all(line.startswith("%spot") for line in lines):
+            return  # `%spot …` cells snapshot (or restore) themselves, or only look
         try:
             source = self.shell.transform_cell(self._cell_source)
         except Exception:
@@ -168,10 +167,6 @@ class SnapshotEngine:
         if referenced is not None:
             referenced = tracking.reachable_names(referenced, self.shell.user_ns)
         self.snapshot(kind="auto", referenced=referenced, wait=False, quiet=True)
-
-    def skip_next_auto(self) -> None:
-        """The running cell took its own snapshot (or restored): no auto one after it."""
-        self._skip_auto = True
 
     # -- snapshot --------------------------------------------------------------
     def _new_id(self) -> str:

@@ -34,7 +34,6 @@ class SpotMagics(Magics):
         getattr(self, f"_{args.command}")(args)
 
     def _snapshot(self, args: Any) -> None:
-        self.engine.skip_next_auto()
         print(self.engine.snapshot(kind="explicit"))
 
     def _restore(self, args: Any) -> None:
