@@ -17,11 +17,11 @@ class CellError(AssertionError):
 class SpotKernel:
     """A fresh kernel that inherits this process's environment (store, key, session)."""
 
-    def __init__(self, load: bool = True) -> None:
+    def __init__(self, load: bool = True, extra_arguments: list[str] | None = None) -> None:
         # IPC sockets: no TCP port races with the other kernels the suite runs at once.
         self._sockets = tempfile.TemporaryDirectory(prefix="spot-kernel-")
         self.manager = KernelManager(kernel_name="python3", transport="ipc", ip=os.path.join(self._sockets.name, "k"))
-        self.manager.start_kernel()
+        self.manager.start_kernel(extra_arguments=extra_arguments or [])
         self.client = self.manager.client()
         self.client.start_channels()
         self.client.wait_for_ready(timeout=60)

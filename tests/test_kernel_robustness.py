@@ -1,0 +1,130 @@
+"""Bad input loses nothing: unpicklable objects, an unwritable store, damaged
+snapshots, manifests signed by someone else, a kill while writes are pending."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import pytest
+from spot_kernel import SpotKernel
+
+from jupyter_spot.store import FileStore
+
+SESSION = "robust.ipynb"
+
+
+@pytest.fixture
+def store(spot_env: Path, monkeypatch: pytest.MonkeyPatch) -> FileStore:
+    monkeypatch.setenv("JUPYTER_SPOT_SESSION", SESSION)
+    return FileStore(spot_env)
+
+
+def test_unpicklable_objects_are_skipped_and_reported_with_their_cell(store: FileStore, tmp_path: Path) -> None:
+    data = tmp_path / "data.txt"
+    data.write_text("line 1\nline 2\n")
+    with SpotKernel() as kernel:
+        kernel.run("import sqlite3, threading\nrows = [1, 2, 3]")
+        kernel.run("gen = (r * 2 for r in rows)")
+        kernel.run(f"handle = open({str(data)!r})\nfirst = handle.readline()")
+        kernel.run("conn = sqlite3.connect(':memory:')\nholder = {'conn': conn, 'rows': rows}")
+        kernel.run("lock = threading.Lock()")
+        line = kernel.run("%spot snapshot")
+        assert "4 skipped" in line, line
+        assert kernel.value("first") == "line 1\n"  # the file was not touched by the snapshot
+    with SpotKernel() as fresh:
+        report = fresh.run("%spot restore")
+        assert "not restored: gen (generator) — builtins.generator: generator or coroutine" in report
+        assert "created in cell 3: gen = (r * 2 for r in rows)" in report
+        assert "not restored: handle (_io.TextIOWrapper) — _io.TextIOWrapper: open file or stream" in report
+        assert "created in cell 4: handle = open(" in report
+        assert "not restored: conn (sqlite3.Connection)" in report and "created in cell 5: conn = sqlite3" in report
+        assert "not restored: holder (dict)" in report  # it holds the connection
+        assert fresh.value("(rows, first, type(lock).__name__)") == ([1, 2, 3], "line 1\n", "lock")
+        assert data.read_text() == "line 1\nline 2\n"  # restoring never reopened (or truncated) the file
+
+
+def test_unwritable_store_warns_once_and_the_kernel_keeps_working(
+    spot_env: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    not_a_dir = tmp_path / "a-file"
+    not_a_dir.write_text("this is a file, so nothing can be created under it, not even by root")
+    monkeypatch.setenv("JUPYTER_SPOT_STORE", str(not_a_dir / "store"))
+    monkeypatch.setenv("JUPYTER_SPOT_SESSION", SESSION)
+    with SpotKernel(load=False) as kernel:
+        outputs = [kernel.run("%load_ext jupyter_spot")]
+        outputs += [kernel.run(f"x = {i}\nprint('ran', x)") for i in range(3)]
+        warnings = sum(output.count("jupyter-spot:") for output in outputs)
+        assert warnings == 1, outputs
+        assert "snapshots cannot be written" in outputs[0] and "Not a directory" in outputs[0]
+        assert [o.strip().splitlines()[-1] for o in outputs[1:]] == ["ran 0", "ran 1", "ran 2"]
+        explicit = kernel.run("%spot snapshot")
+        assert explicit.startswith("snapshot failed: ") and str(not_a_dir) in explicit
+        assert "last error: " in kernel.run("%spot status")
+        assert kernel.value("x") == 2
+
+
+def _snapshot_two_states(kernel: SpotKernel) -> tuple[str, str]:
+    kernel.run("%spot off")
+    kernel.run("import numpy as np\nx = 1")
+    first = kernel.run("%spot snapshot").split()[1].rstrip(":")
+    kernel.run("x = 2\nbig = np.arange(300_000)")
+    second = kernel.run("%spot snapshot").split()[1].rstrip(":")
+    return first, second
+
+
+def test_corrupt_blob_falls_back_to_the_previous_snapshot(store: FileStore) -> None:
+    with SpotKernel() as kernel:
+        first, second = _snapshot_two_states(kernel)
+    only_second = set(store.load_manifest(SESSION, second)["blobs"]) - set(store.load_manifest(SESSION, first)["blobs"])
+    victim = max(only_second, key=lambda digest: store._blob_path(digest).stat().st_size)
+    path = store._blob_path(victim)
+    damaged = bytearray(path.read_bytes())
+    damaged[len(damaged) // 2] ^= 0xFF
+    path.write_bytes(bytes(damaged))
+    with SpotKernel() as fresh:
+        report = fresh.run("%spot restore")
+        assert f"fallback: snapshot {second} cannot be used: blob {victim[:12]}" in report
+        assert "is corrupt" in report
+        assert f"fell back to snapshot {first} (state after cell 4)" in report
+        assert fresh.value("(x, 'big' in globals())") == (1, False)
+
+
+def test_truncated_manifest_falls_back_to_the_previous_snapshot(store: FileStore) -> None:
+    with SpotKernel() as kernel:
+        first, second = _snapshot_two_states(kernel)
+    manifest = store._manifest_path(SESSION, second)
+    manifest.write_bytes(manifest.read_bytes()[: manifest.stat().st_size // 2])
+    with SpotKernel() as fresh:
+        report = fresh.run(f"%spot restore {second}")
+        assert f"snapshot {second} cannot be used: snapshot {second} of session '{SESSION}': manifest is truncated" in report
+        assert f"fell back to snapshot {first}" in report
+        assert fresh.value("x") == 1
+
+
+def test_manifest_signed_with_another_key_is_refused(store: FileStore, monkeypatch: pytest.MonkeyPatch) -> None:
+    with SpotKernel() as kernel:
+        kernel.run("secret_plan = 'pickles execute code'")
+    monkeypatch.setenv("JUPYTER_SPOT_SIGNING_KEY", "somebody-elses-key")
+    with SpotKernel() as other:
+        report = other.run("%spot restore")
+        assert "manifest is not signed by this machine's key ($JUPYTER_SPOT_SIGNING_KEY); refusing to unpickle it" in report
+        assert "restore failed: no usable snapshot" in report
+        assert other.value("'secret_plan' in globals()") is False
+
+
+def test_kill_with_writes_pending_restores_an_earlier_consistent_snapshot(store: FileStore) -> None:
+    # Everything goes through the background writer, as big data does by default.
+    with SpotKernel(extra_arguments=["--SpotSettings.background_threshold=0"]) as kernel:
+        kernel.run("import numpy as np\nmarker = 'before'")
+        deadline = time.monotonic() + 30
+        while "\npending: 0\n" not in kernel.run("%spot status"):
+            assert time.monotonic() < deadline
+        kernel.run("marker = 'after'\nbig = np.random.default_rng(1).random(40_000_000)")
+        status = kernel.run("%spot status")
+        assert "pending: 0\n" not in status and "MB)" in status, status  # 320 MB still being written
+        kernel.kill()
+    with SpotKernel() as fresh:
+        report = fresh.run("%spot restore")
+        assert "state after cell 2" in report
+        assert fresh.value("(marker, 'big' in globals())") == ("before", False)
