@@ -29,11 +29,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from jupyter_core.paths import jupyter_runtime_dir
+from jupyter_core.utils import ensure_async
 from tornado import web
 
 from ..config import NOTEBOOK_PATH_ENV, SESSION_ENV, STORE_ENV
 from ..store import StoreError
-from .catalog import LiveKernel, isoformat, session_record_name, snapshot_summary, utcnow
+from .catalog import LiveKernel, isoformat, session_record_name, skipped_list, snapshot_summary, utcnow
 
 if TYPE_CHECKING:
     from .app import SpotApp
@@ -223,7 +224,9 @@ class SpotKernels:
             if not self.stopping:  # a server going down is not the user closing the notebook
                 await self._write_session_record(kernel_id, "closed")
             self.live.pop(kernel_id, None)
-            self.notice_files.pop(kernel_id, None)
+            notice_file = self.notice_files.pop(kernel_id, None)
+            if notice_file is not None:
+                notice_file.unlink(missing_ok=True)
 
     async def restore(self, session: str, snapshot: str, kernel_id: str | None) -> dict[str, Any]:
         """Load a snapshot into ``kernel_id``, the session's live kernel, or a new kernel."""
@@ -240,7 +243,12 @@ class SpotKernels:
             )
         except (KernelRestoreError, TimeoutError, RuntimeError) as error:
             raise web.HTTPError(500, f"restore into kernel {kernel_id} failed: {error}") from None
-        snapshot_id = report.get("snapshot_id") or (report.get("snapshot") or {}).get("id") or snapshot
+        if report.get("error") or not report.get("snapshot_id"):
+            notes = "; ".join(report.get("fallbacks") or [])
+            raise web.HTTPError(
+                500, f"restore into kernel {kernel_id} failed: {report.get('error')}" + (f" ({notes})" if notes else "")
+            )
+        snapshot_id = report["snapshot_id"]
         if kernel_id in self.live:
             self.live[kernel_id].restored = snapshot_id
         return {"kernel_id": kernel_id, "report": await self._report(session, snapshot_id, report)}
@@ -257,10 +265,9 @@ class SpotKernels:
         return await self.km.start_kernel(path=path, kernel_name=spec_name, env=env)
 
     async def _is_dir(self, api_path: str) -> bool:
-        contents = self.app.serverapp.contents_manager
         try:
-            return bool(await asyncio.to_thread(contents.dir_exists, api_path))
-        except Exception:  # noqa: BLE001 - an async contents manager or odd path: use the root
+            return bool(await ensure_async(self.app.serverapp.contents_manager.dir_exists(api_path)))
+        except Exception:  # noqa: BLE001 - a contents manager that cannot tell: start in the root
             return False
 
     async def _report(self, session: str, snapshot_id: str, report: dict[str, Any]) -> dict[str, Any]:
@@ -269,17 +276,10 @@ class SpotKernels:
             manifest = await asyncio.to_thread(self.app.snapshot_store.load_manifest, session, snapshot_id)
             summary = snapshot_summary(manifest)
         except (StoreError, ValueError):
-            summary = report.get("snapshot") if isinstance(report.get("snapshot"), dict) else {"id": snapshot_id}
-        not_restored = report.get("not_restored") or report.get("skipped") or []
-        if isinstance(not_restored, dict):
-            not_restored = [{"name": name, **info} for name, info in not_restored.items()]
+            summary = {"id": snapshot_id, "session": session}
         return {
             "snapshot": summary,
             "restored": list(report.get("restored") or []),
-            "not_restored": [
-                {"name": i.get("name"), "type": i.get("type"), "reason": i.get("reason"), "cell": i.get("cell")}
-                for i in not_restored
-                if isinstance(i, dict)
-            ],
-            "notes": [str(n) for n in report.get("notes") or []],
+            "not_restored": skipped_list(report.get("not_restored")),
+            "notes": [f"fallback: {n}" for n in report.get("fallbacks") or []] + [str(n) for n in report.get("notes") or []],
         }

@@ -1,0 +1,209 @@
+"""The server's kernels: launch settings, clean shutdowns, restore and auto-restore — real kernels."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import time
+import urllib.parse
+from pathlib import Path
+from typing import Any
+
+import nbformat
+import pytest
+from jupyter_client.manager import AsyncKernelManager
+from tornado.httpclient import HTTPClientError
+
+from jupyter_spot.server.catalog import session_record_name
+from jupyter_spot.store import open_store
+
+pytestmark = pytest.mark.timeout(180)
+NOTEBOOK = "work/model.ipynb"
+
+
+@pytest.fixture
+def spot_config() -> dict[str, Any]:
+    return {"notice_sources": []}
+
+
+@pytest.fixture
+def jp_server_config(spot_env: Path, spot_config: dict[str, Any]) -> dict[str, Any]:
+    return {"ServerApp": {"jpserver_extensions": {"jupyter_spot": True}}, "SpotApp": spot_config}
+
+
+@pytest.fixture
+def notebook(jp_root_dir: Path) -> str:
+    (jp_root_dir / "work").mkdir()
+    nbformat.write(nbformat.v4.new_notebook(), jp_root_dir / NOTEBOOK)
+    return NOTEBOOK
+
+
+async def execute(km: Any, kernel_id: str, code: str) -> str:
+    """Run ``code`` in one of the server's kernels; its stdout."""
+    client = km.get_kernel(kernel_id).client()
+    client.start_channels()
+    chunks: list[str] = []
+    try:
+        await client.wait_for_ready(timeout=60)
+        reply = await client.execute_interactive(
+            code, timeout=60, output_hook=lambda m: chunks.append(m["content"].get("text", ""))
+        )
+    finally:
+        client.stop_channels()
+    assert reply["content"]["status"] == "ok", reply["content"]
+    return "".join(chunks)
+
+
+async def open_notebook(jp_fetch: Any, path: str) -> str:
+    body = {"path": path, "name": Path(path).name, "type": "notebook", "kernel": {"name": "python3"}}
+    response = await jp_fetch("api", "sessions", method="POST", body=json.dumps(body))
+    return json.loads(response.body)["kernel"]["id"]
+
+
+async def wait_for_snapshots(store: Any, session: str, count: int = 1) -> list[str]:
+    deadline = time.monotonic() + 30
+    while len(store.list_snapshots(session)) < count:
+        assert time.monotonic() < deadline, f"no snapshot of {session}"
+        await asyncio.sleep(0.1)
+    return store.list_snapshots(session)
+
+
+async def snapshot_outside_the_server(session: str, code: str) -> None:
+    """A kernel on "the old machine": the extension loaded by hand, killed without a clean shutdown."""
+    km = AsyncKernelManager(kernel_name="python3")
+    await km.start_kernel(env={**os.environ, "JUPYTER_SPOT_SESSION": session}, extra_arguments=["--ext=jupyter_spot"])
+    client = km.client()
+    client.start_channels()
+    try:
+        await client.wait_for_ready(timeout=60)
+        reply = await client.execute_interactive(code + "\n%spot snapshot", timeout=60, output_hook=lambda m: None)
+        assert reply["content"]["status"] == "ok", reply["content"]
+    finally:
+        client.stop_channels()
+        await km.shutdown_kernel(now=True)
+
+
+def api_path(session: str, *rest: str) -> str:
+    return "/".join(["jupyter-spot/api/sessions", urllib.parse.quote(session, safe=""), *rest])
+
+
+@pytest.fixture
+def spot_fetch(jp_serverapp: Any, http_server_client: Any, jp_auth_header: dict[str, str], jp_base_url: str) -> Any:
+    """Like jp_fetch, but the path goes out as written: a session id keeps its %2F."""
+
+    def fetch(path: str, method: str = "GET", body: str | None = None) -> Any:
+        return http_server_client.fetch(
+            f"{jp_base_url}{path}", method=method, body=body, headers=jp_auth_header, request_timeout=120
+        )
+
+    return fetch
+
+
+async def test_kernels_get_the_extension_and_a_clean_shutdown_is_not_an_interruption(
+    jp_fetch: Any, jp_serverapp: Any, notebook: str, spot_env: Path
+) -> None:
+    store = open_store(str(spot_env))
+    kernel_id = await open_notebook(jp_fetch, notebook)
+    km = jp_serverapp.kernel_manager
+    out = await execute(
+        km, kernel_id,
+        "import os\nprint(os.environ['JUPYTER_SPOT_SESSION'], os.environ['JUPYTER_SPOT_STORE'], "
+        "'jupyter_spot' in get_ipython().extension_manager.loaded)",
+    )
+    assert out.split() == [notebook, str(spot_env.resolve()), "True"]
+    record = store.get_record(session_record_name(notebook))
+    assert (record["state"], record["kernel_id"], record["kernel"]["kernel_spec"]["name"]) == (
+        "live", kernel_id, "python3"
+    )
+    await execute(km, kernel_id, "weights = [1, 2, 3]")
+    await wait_for_snapshots(store, notebook)
+    (listed,) = json.loads((await jp_fetch("jupyter-spot/api/sessions")).body)["sessions"]
+    assert (listed["interrupted"], listed["live_kernel"]) == (False, kernel_id)  # its own kernel wrote it
+
+    sessions = json.loads((await jp_fetch("api", "sessions")).body)
+    await jp_fetch("api", "sessions", sessions[0]["id"], method="DELETE")
+    deadline = time.monotonic() + 10
+    while store.get_record(session_record_name(notebook))["state"] != "closed":
+        assert time.monotonic() < deadline, "no closed record after the user shut the kernel down"
+        await asyncio.sleep(0.05)
+    (listed,) = json.loads((await jp_fetch("jupyter-spot/api/sessions")).body)["sessions"]
+    assert (listed["interrupted"], listed["live_kernel"], listed["reason"]) == (False, None, None)
+
+
+async def test_restore_into_a_new_kernel_the_live_one_or_a_named_one(
+    jp_fetch: Any, spot_fetch: Any, jp_serverapp: Any, notebook: str, spot_env: Path
+) -> None:
+    store = open_store(str(spot_env))
+    await snapshot_outside_the_server(notebook, "model = {'alpha': 0.5}\nfrom fractions import Fraction\nf = Fraction(1, 3)")
+    old = store.list_snapshots(notebook)[-1]
+    await snapshot_outside_the_server(notebook, "model = {'alpha': 0.9}")
+    (listed,) = json.loads((await jp_fetch("jupyter-spot/api/sessions")).body)["sessions"]
+    assert listed["interrupted"] is True and listed["live_kernel"] is None
+
+    # No kernel for the notebook yet: the server starts one (same spec, the notebook's directory).
+    reply = json.loads((await spot_fetch(api_path(notebook, "restore"), method="POST", body="{}")).body)
+    new_kernel = reply["kernel_id"]
+    assert reply["report"]["restored"] == ["model"] and reply["report"]["snapshot"]["id"] != old
+    km = jp_serverapp.kernel_manager
+    out = await execute(km, new_kernel, "import os\nprint(model['alpha'], os.environ['JUPYTER_SPOT_SESSION'])")
+    assert out.split() == ["0.9", notebook]  # and it snapshots into the notebook's session from now on
+    (listed,) = json.loads((await jp_fetch("jupyter-spot/api/sessions")).body)["sessions"]
+    assert (listed["interrupted"], listed["live_kernel"]) == (False, new_kernel)
+
+    # An explicit older snapshot, into the session's live kernel.
+    body = json.dumps({"snapshot": old})
+    reply = json.loads((await spot_fetch(api_path(notebook, "restore"), method="POST", body=body)).body)
+    assert reply["kernel_id"] == new_kernel and reply["report"]["snapshot"]["id"] == old
+    assert {"f", "model"} <= set(reply["report"]["restored"])
+    assert (await execute(km, new_kernel, "print(model['alpha'], f)")).split() == ["0.5", "1/3"]
+
+    # A named kernel that is not the session's (e.g. the one a notebook already has).
+    other = json.loads((await jp_fetch("api", "kernels", method="POST", body="{}")).body)["id"]
+    reply = json.loads(
+        (await spot_fetch(api_path(notebook, "restore"), method="POST", body=json.dumps({"kernel_id": other}))).body
+    )
+    assert reply["kernel_id"] == other
+    # "latest" is now the live kernel's own snapshot after its last cell (alpha 0.5), not the old machine's.
+    assert (await execute(km, other, "print(model['alpha'])")).strip() == "0.5"
+
+
+async def test_restore_of_a_tampered_snapshot_falls_back_and_says_so(
+    spot_fetch: Any, jp_serverapp: Any, notebook: str, spot_env: Path
+) -> None:
+    store = open_store(str(spot_env))
+    await snapshot_outside_the_server(notebook, "a = 1")
+    good = set(store.list_snapshots(notebook))
+    await snapshot_outside_the_server(notebook, "a = 2")
+    newest = store.list_snapshots(notebook)[-1]
+    for snapshot_id in set(store.list_snapshots(notebook)) - good:  # every snapshot holding a = 2
+        (manifest,) = (spot_env / "sessions").glob(f"*/{snapshot_id}.json")
+        envelope = json.loads(manifest.read_text())
+        envelope["manifest"] = envelope["manifest"].replace('"a"', '"b"')  # still JSON, no longer signed
+        manifest.write_text(json.dumps(envelope))
+    reply = json.loads((await spot_fetch(api_path(notebook, "restore"), method="POST", body="{}")).body)
+    assert reply["report"]["snapshot"]["id"] != newest
+    assert any(newest in note and note.startswith("fallback") for note in reply["report"]["notes"])
+    assert (await execute(jp_serverapp.kernel_manager, reply["kernel_id"], "print(a)")).strip() == "1"
+
+    with pytest.raises(HTTPClientError) as caught:
+        await spot_fetch(api_path(notebook, "restore"), method="POST", body=json.dumps({"snapshot": newest}))
+    assert caught.value.code == 409
+    assert "not signed" in json.loads(caught.value.response.body)["message"]
+
+
+@pytest.mark.parametrize("spot_config", [{"notice_sources": [], "auto_restore": True}])
+async def test_auto_restore_when_the_interrupted_notebook_opens(
+    jp_fetch: Any, jp_serverapp: Any, notebook: str, spot_env: Path
+) -> None:
+    await snapshot_outside_the_server(notebook, "import numpy as np\nresult = np.arange(4) * 3")
+    kernel_id = await open_notebook(jp_fetch, notebook)
+    deadline = time.monotonic() + 60
+    while True:
+        (listed,) = json.loads((await jp_fetch("jupyter-spot/api/sessions")).body)["sessions"]
+        if not listed["interrupted"]:
+            break
+        assert time.monotonic() < deadline, listed
+        await asyncio.sleep(0.2)
+    out = await execute(jp_serverapp.kernel_manager, kernel_id, "print(result.tolist(), np.__name__)")
+    assert out.split() == ["[0,", "3,", "6,", "9]", "numpy"]
