@@ -118,6 +118,8 @@ class FileStore(Store):
                 return 0
         except FileNotFoundError:
             pass
+        except OSError as error:  # e.g. ENOTDIR: the store's path runs through a regular file
+            raise self._wrap(error, f"writing blob {digest[:12]}") from error
         self._ensure_dir(path.parent)
         try:
             tmp = _write_durably(path, data)

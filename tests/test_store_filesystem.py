@@ -1,0 +1,139 @@
+"""FileStore, signed manifests and retention: the units under every snapshot."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+from jupyter_spot.store import (
+    CorruptBlobError,
+    FileStore,
+    ManifestError,
+    ManifestSigner,
+    MissingBlobError,
+    SnapshotExistsError,
+    StoreError,
+    collect_garbage,
+    digest_of,
+)
+from jupyter_spot.store.filesystem import MMAP_THRESHOLD
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> FileStore:
+    return FileStore(tmp_path / "store", signer=ManifestSigner(b"unit-test-key", key_source="test"))
+
+
+def commit(store: FileStore, session: str, snapshot_id: str, blobs: list[str]) -> dict:
+    manifest = {"session": session, "id": snapshot_id, "blobs": blobs}
+    store.commit_manifest(manifest)
+    return manifest
+
+
+def test_blobs_round_trip_deduplicate_and_verify(store: FileStore) -> None:
+    data = b"hello, spot"
+    digest = digest_of(data)
+    assert not store.has_blob(digest)
+    assert store.put_blob(digest, data) == len(data)
+    assert store.put_blob(digest, data) == 0  # already there: nothing written
+    assert store.has_blob(digest) and list(store.iter_blobs()) == [digest]
+    assert bytes(store.get_blob(digest)) == data
+    store._blob_path(digest).write_bytes(b"jello, spot")
+    with pytest.raises(CorruptBlobError, match=f"blob {digest[:12]} .* is corrupt"):
+        store.get_blob(digest)
+    store.delete_blob(digest)
+    with pytest.raises(MissingBlobError, match=f"blob {digest[:12]} is missing"):
+        store.get_blob(digest)
+
+
+def test_big_blobs_come_back_writable_without_touching_the_file(store: FileStore) -> None:
+    data = os.urandom(MMAP_THRESHOLD + 123)
+    digest = digest_of(data)
+    store.put_blob(digest, data)
+    view = memoryview(store.get_blob(digest))
+    assert not view.readonly and view.nbytes == len(data)
+    view[0] = (view[0] + 1) % 256  # copy-on-write: the stored blob stays intact
+    assert bytes(store.get_blob(digest)) == data
+
+
+def test_manifests_commit_once_and_list_oldest_first(store: FileStore) -> None:
+    commit(store, "nb.ipynb", "20261129T000002.000000Z-bbbb", [])
+    commit(store, "nb.ipynb", "20261129T000001.000000Z-aaaa", [])
+    with pytest.raises(SnapshotExistsError):
+        commit(store, "nb.ipynb", "20261129T000001.000000Z-aaaa", [])
+    assert store.list_snapshots("nb.ipynb") == ["20261129T000001.000000Z-aaaa", "20261129T000002.000000Z-bbbb"]
+    assert store.list_sessions() == ["nb.ipynb"]
+    assert store.load_manifest("nb.ipynb", "20261129T000002.000000Z-bbbb")["id"] == "20261129T000002.000000Z-bbbb"
+    with pytest.raises(StoreError, match="not a snapshot id"):
+        store.load_manifest("nb.ipynb", "../escape")
+    with pytest.raises(StoreError, match="not a blob address"):
+        commit(store, "nb.ipynb", "20261129T000003.000000Z-cccc", ["not-a-digest"])
+
+
+def test_session_names_cannot_escape_the_store(store: FileStore) -> None:
+    for session in ["../../etc", "/abs/path.ipynb", ".hidden", "dir/sub/nb.ipynb"]:
+        commit(store, session, "20261129T000001.000000Z-aaaa", [])
+    sessions_dir = store.root / "sessions"
+    assert all(path.parent == sessions_dir for path in sessions_dir.iterdir())
+    assert sorted(store.list_sessions()) == sorted(["../../etc", "/abs/path.ipynb", ".hidden", "dir/sub/nb.ipynb"])
+    assert not (store.root.parent / "etc").exists()
+
+
+def test_tampered_truncated_and_foreign_manifests_are_refused(store: FileStore, tmp_path: Path) -> None:
+    good = "20261129T000001.000000Z-aaaa"
+    bad = "20261129T000002.000000Z-bbbb"
+    commit(store, "nb", good, [])
+    commit(store, "nb", bad, [])
+    path = store._manifest_path("nb", bad)
+    envelope = json.loads(path.read_bytes())
+    envelope["manifest"] = envelope["manifest"].replace('"blobs":[]', '"blobs":[],"evil":1')
+    path.write_text(json.dumps(envelope))
+    with pytest.raises(ManifestError, match="not signed by this machine's key"):
+        store.load_manifest("nb", bad)
+    manifest, problems = store.latest_manifest("nb")
+    assert manifest is not None and manifest["id"] == good
+    assert len(problems) == 1 and bad in problems[0]
+    path.write_bytes(path.read_bytes()[:20])
+    with pytest.raises(ManifestError, match=f"snapshot {bad} of session 'nb': manifest is truncated"):
+        store.load_manifest("nb", bad)
+    stranger = FileStore(store.root, signer=ManifestSigner(b"another-key", key_source="elsewhere"))
+    with pytest.raises(ManifestError, match=r"not signed by this machine's key \(elsewhere\)"):
+        stranger.load_manifest("nb", good)
+
+
+def test_unwritable_store_says_why(tmp_path: Path) -> None:
+    blocker = tmp_path / "file"
+    blocker.write_text("a regular file: even root cannot create a directory under it")
+    store = FileStore(blocker / "store", signer=ManifestSigner(b"k"))
+    with pytest.raises(StoreError, match=f"cannot create {blocker}/store: Not a directory"):
+        store.check_writable()
+    with pytest.raises(StoreError, match="Not a directory"):
+        store.put_blob(digest_of(b"x"), b"x")
+
+
+def test_records_round_trip(store: FileStore) -> None:
+    assert store.get_record("kernels") is None
+    store.put_record("kernels", {"a": 1})
+    store.put_record("kernels", {"a": 2})
+    assert store.get_record("kernels") == {"a": 2} and store.list_records() == ["kernels"]
+    with pytest.raises(StoreError, match="not a record name"):
+        store.put_record("../x", {})
+
+
+def test_retention_keeps_the_newest_and_their_blobs(store: FileStore) -> None:
+    blobs = []
+    for index in range(4):
+        data = f"blob {index}".encode()
+        blobs.append(digest_of(data))
+        store.put_blob(blobs[-1], data)
+        commit(store, "nb", f"20261129T00000{index}.000000Z-aaaa", [blobs[0], blobs[index]])
+    young = collect_garbage(store, keep=2)
+    assert len(young.snapshots_deleted) == 2 and young.blobs_deleted == 0  # too recent to collect
+    report = collect_garbage(store, keep=2, grace_seconds=0)
+    assert report.snapshots_deleted == [] and report.blobs_deleted == 2
+    assert sorted(store.iter_blobs()) == sorted([blobs[0], blobs[2], blobs[3]])
+    with pytest.raises(ValueError, match="keep must be at least 1"):
+        collect_garbage(store, keep=0)
