@@ -332,8 +332,13 @@ def test_failed_upload_never_commits_a_manifest(s3_url: str, tmp_path: Path) -> 
     # Every part upload fails for a while: the big blob cannot reach S3.
     failed = Fault(durable.client, 500, "InternalError", times=10**6, operation="UploadPart")
     manifest = snapshot(tiered, "nb.ipynb", "0001", [blob(1, 1000), blob(2, 10 * MB)])
-    assert tiered.flush_replication(deadline=time.time() + 3) == ["nb.ipynb/0001"]
-    assert failed.done > 0 and "InternalError" in (tiered.last_error or "")
+    assert tiered.flush_replication(deadline=time.time() + 1) == ["nb.ipynb/0001"]
+    deadline = time.monotonic() + 60
+    while tiered.last_error is None:  # the first attempt has given up
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    assert failed.done > 0 and "InternalError" in tiered.last_error
+    assert tiered.pending_snapshots() == ["nb.ipynb/0001"]
     assert durable.list_snapshots("nb.ipynb") == []  # the manifest waited for its blobs
     # Locally the snapshot is safe and complete all along.
     assert tiered.latest_manifest("nb.ipynb")[0] == manifest
@@ -406,13 +411,15 @@ def test_writer_waits_for_a_running_gc_and_forgets_what_it_deleted(s3_url: str) 
     writer.delete_snapshot("nb.ipynb", "0001")
     events: list[str] = []
     with collector.blob_gc_guard() as may_delete:
-        assert may_delete
+        assert may_delete()
         thread = threading.Thread(target=lambda: (writer.put_blob(digest_of(old), old), events.append("put")))
         thread.start()
         time.sleep(0.6)
         assert events == []  # blocked behind the collector's lock
-        collector.delete_blob(digest_of(old))
+        collector.delete_blob(digest_of(old))  # decided before the writer came
         events.append("deleted")
+        time.sleep(0.5)
+        assert not may_delete()  # the collector sees the writer's lease and stops
     thread.join()
     assert events == ["deleted", "put"]
     writer.commit_manifest({"session": "nb.ipynb", "id": "0002", "blobs": [digest_of(old)]})

@@ -24,8 +24,8 @@ class GCReport:
     def __str__(self) -> str:
         if self.blobs_deferred:
             return (
-                f"deleted {len(self.snapshots_deleted)} snapshot(s); blobs left for the next run "
-                "because another writer is storing a snapshot"
+                f"deleted {len(self.snapshots_deleted)} snapshot(s) and {self.blobs_deleted} blob(s); "
+                "the rest are left for the next run because another writer is storing a snapshot"
             )
         return (
             f"deleted {len(self.snapshots_deleted)} snapshot(s) and {self.blobs_deleted} blob(s); "
@@ -60,10 +60,11 @@ def collect_garbage(
             store.delete_snapshot(name, snapshot_id)
             report.snapshots_deleted.append(f"{name}/{snapshot_id}")
     # A store shared by writers on other machines (S3) says whether blobs may
-    # go now; its guard is held from before the scan of references to the end.
+    # go: its guard is held from before the scan of references to the end, and
+    # it says no as soon as a writer is storing a snapshot.
     guard = getattr(store, "blob_gc_guard", None)
-    with guard() if guard else contextlib.nullcontext(True) as may_delete:
-        if not may_delete:
+    with guard() if guard else contextlib.nullcontext(lambda: True) as may_delete:
+        if not may_delete():
             report.blobs_deferred = True
             return report
         in_use: set[str] = set()
@@ -75,6 +76,9 @@ def collect_garbage(
         for digest in list(store.iter_blobs()):
             if digest in in_use or store.blob_age(digest) < grace_seconds:
                 report.blobs_kept += 1
+            elif not may_delete():
+                report.blobs_deferred = True
+                break
             else:
                 store.delete_blob(digest)
                 report.blobs_deleted += 1

@@ -37,7 +37,8 @@ import secrets
 import threading
 import time
 import urllib.parse
-from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable, Iterator
 from datetime import datetime, timezone
 from typing import Any
 
@@ -59,9 +60,11 @@ from .base import (
 
 #: Blobs at least this big go through s3transfer's multipart upload/download.
 MULTIPART_THRESHOLD = 8 << 20
-#: A writer's lease or a collector's lock older than this belongs to a process
-#: that died; it is ignored (and a live writer refreshes its lease well before).
+#: A writer's lease older than this belongs to a process that died and is
+#: ignored; a live writer refreshes it on use well before.
 LEASE_SECONDS = 10 * 60
+#: The same for a collector's lock, which a live collector refreshes every second.
+GC_LOCK_SECONDS = 30
 
 
 class _BufferReader(io.RawIOBase):
@@ -180,8 +183,8 @@ class S3Store(Store):
         self._lock = threading.Lock()
         self._lease_key = f"{self.prefix}locks/write-{secrets.token_hex(8)}"
         self._lease_taken = 0.0  # time.monotonic() of the lease PUT; 0 when not held
-        self._gc_generation: str | None = None
-        self._lease_lapsed = False
+        self._gc_generation: str | None = "not looked yet"
+        self._generation_key = self._key("locks", "gc-generation")
 
     # -- plumbing ------------------------------------------------------------
     def _key(self, *parts: str) -> str:
@@ -271,18 +274,17 @@ class S3Store(Store):
             yield from page.get("Contents", [])
 
     # -- leases: writers and collectors never overlap ----------------------------
-    def _live_locks(self, kind: str) -> list[dict[str, Any]]:
-        now = datetime.now(timezone.utc)
-        return [
-            item
-            for item in self._list_keys(self._key("locks", f"{kind}-"))
-            if item["Key"] != self._key("locks", "gc-generation")
-            and (now - item["LastModified"]).total_seconds() < LEASE_SECONDS
-        ]
-
-    def _gc_generation_now(self) -> str | None:
-        head = self._head(self._key("locks", "gc-generation"))
-        return head["ETag"] + head["LastModified"].isoformat() if head else None
+    def _live_locks(self) -> dict[str, list[str]]:
+        """Live ``write``/``gc`` lock keys, aged by S3's clock (we just wrote one of them)."""
+        items = list(self._list_keys(self._key("locks", "")))
+        now = max((item["LastModified"] for item in items), default=datetime.now(timezone.utc))
+        live: dict[str, list[str]] = {"write": [], "gc": []}
+        for item in items:
+            kind = item["Key"].rsplit("/", 1)[-1].split("-", 1)[0]
+            ttl = {"write": LEASE_SECONDS, "gc": GC_LOCK_SECONDS}.get(kind)
+            if ttl and item["Key"] != self._generation_key and (now - item["LastModified"]).total_seconds() < ttl:
+                live[kind].append(item["Key"])
+        return live
 
     def _hold_lease(self) -> None:
         """Take (or refresh) this writer's lease before it relies on any blob."""
@@ -290,18 +292,16 @@ class S3Store(Store):
             now = time.monotonic()
             if self._lease_taken and now - self._lease_taken < LEASE_SECONDS / 3:
                 return
-            if self._lease_taken and now - self._lease_taken >= LEASE_SECONDS:
-                self._lease_lapsed = True  # a collector may have run: re-check blobs at commit
             with self._calling("taking a write lease"):
                 self.client.put_object(Bucket=self.bucket, Key=self._lease_key, Body=b"")
             self._lease_taken = now
-            deadline = now + LEASE_SECONDS
-            while self._live_locks("gc"):
-                if time.monotonic() > deadline:
-                    raise StoreError(f"a garbage collection in {self.url} has held its lock for too long")
-                time.sleep(0.2)  # a collection runs for seconds; wait it out
-            generation = self._gc_generation_now()
-            if generation != self._gc_generation:
+            waited = False
+            while self._live_locks()["gc"]:
+                waited = True  # the collector stops within a second of seeing our lease
+                time.sleep(0.1)
+            head = self._head(self._generation_key)
+            generation = head["ETag"] if head else None
+            if waited or generation != self._gc_generation:
                 self._known.clear()  # a collection deleted blobs: believe only S3 now
                 self._gc_generation = generation
 
@@ -314,19 +314,32 @@ class S3Store(Store):
                 self.client.delete_object(Bucket=self.bucket, Key=self._lease_key)
 
     @contextlib.contextmanager
-    def blob_gc_guard(self) -> Iterator[bool]:
-        """Hold the collector's lock; yields False when a writer is active (delete nothing)."""
+    def blob_gc_guard(self) -> Iterator[Callable[[], bool]]:
+        """Hold the collector's lock; yields ``may_delete()``, False once a writer holds a lease.
+
+        ``may_delete`` re-checks (and refreshes the lock) at most once a second,
+        so a writer that arrives mid-collection waits about a second, not the
+        whole collection.
+        """
         key = self._key("locks", f"gc-{secrets.token_hex(8)}")
-        with self._calling("taking the garbage collection lock"):
-            self.client.put_object(Bucket=self.bucket, Key=key, Body=b"")
-        allowed = not self._live_locks("write")
+        state = {"checked": 0.0, "allowed": True, "deleting": False}
+
+        def may_delete() -> bool:
+            if state["allowed"] and time.monotonic() - state["checked"] >= 1.0:
+                with self._calling("refreshing the garbage collection lock"):
+                    self.client.put_object(Bucket=self.bucket, Key=key, Body=b"")
+                state["allowed"] = not self._live_locks()["write"]
+                state["checked"] = time.monotonic()
+            state["deleting"] = state["deleting"] or state["allowed"]
+            return bool(state["allowed"])
+
         try:
-            yield allowed
+            yield may_delete
         finally:
             with self._calling("releasing the garbage collection lock"):
-                if allowed:
+                if state["deleting"]:  # writers must forget which blobs they think exist
                     self.client.put_object(
-                        Bucket=self.bucket, Key=self._key("locks", "gc-generation"), Body=secrets.token_hex(8).encode()
+                        Bucket=self.bucket, Key=self._generation_key, Body=secrets.token_hex(8).encode()
                     )
                 self.client.delete_object(Bucket=self.bucket, Key=key)
 
@@ -411,18 +424,27 @@ class S3Store(Store):
 
     # -- manifests -----------------------------------------------------------
     def commit_manifest(self, manifest: dict[str, Any]) -> None:
-        """Commit, then drop the write lease: this snapshot's blobs are referenced now."""
+        """Commit under the write lease, then drop it: the blobs are referenced now.
+
+        A caller may name blobs it stored long ago without calling put_blob
+        again (the kernel engine remembers what is durable). Any blob not seen
+        by this store since the last collection is checked first, so a
+        collection that ran meanwhile can never leave this manifest dangling.
+        """
         try:
-            if self._lease_lapsed:
-                missing = [d for d in manifest.get("blobs", []) if self._head(self._blob_key(d)) is None]
+            self._hold_lease()
+            unseen = [d for d in dict.fromkeys(manifest.get("blobs", [])) if d not in self._known]
+            if unseen:
+                with ThreadPoolExecutor(self.transfer_config.max_concurrency) as pool:
+                    found = list(pool.map(self.has_blob, unseen))
+                missing = [d for d, present in zip(unseen, found) if not present]
                 if missing:
                     raise MissingBlobError(
-                        f"snapshot {manifest['id']} was not committed: {len(missing)} of its blobs were "
-                        f"collected while it was being written (first: {missing[0][:12]})"
+                        f"snapshot {manifest['id']} was not committed: {len(missing)} blob(s) it names are "
+                        f"not in {self.url} (first: {missing[0][:12]}); store them again and retry"
                     )
             super().commit_manifest(manifest)
         finally:
-            self._lease_lapsed = False
             self._release_lease()
 
     def _write_manifest(self, session: str, snapshot_id: str, data: bytes) -> None:

@@ -18,7 +18,7 @@ import itertools
 import logging
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -201,11 +201,11 @@ class TieredStore(Store):
         self.durable.delete_blob(digest)
 
     @contextlib.contextmanager
-    def blob_gc_guard(self) -> Iterator[bool]:
+    def blob_gc_guard(self) -> Iterator[Callable[[], bool]]:
         """The durable tier's collector lock, if it has one (see retention)."""
         guard = getattr(self.durable, "blob_gc_guard", None)
-        with guard() if guard else contextlib.nullcontext(True) as allowed:
-            yield allowed
+        with guard() if guard else contextlib.nullcontext(lambda: True) as may_delete:
+            yield may_delete
 
     # -- manifests -----------------------------------------------------------
     def _write_manifest(self, session: str, snapshot_id: str, data: bytes) -> None:
