@@ -81,8 +81,11 @@ class Lab:
         """Opens Lab on one notebook, in a fresh workspace (nothing restored from an earlier run)."""
         return f"{self.url}lab/tree/{notebook}?reset&token={self.token}"
 
-    def start(self, timeout: float = 90.0) -> Lab:
-        """Start the server and return once both Jupyter's and jupyter-spot's APIs answer."""
+    def start(self, timeout: float = 90.0, spot_settings: dict[str, Any] | None = None) -> Lab:
+        """Start the server and return once both Jupyter's and jupyter-spot's APIs answer.
+
+        ``spot_settings``: the user's settings of the jupyter-spot Lab plugin.
+        """
         self.runs += 1
         self.port = free_port()
         config_dir = self.base / "jupyter-config"
@@ -94,6 +97,9 @@ class Lab:
         apputils = settings_dir / "@jupyterlab" / "apputils-extension"
         apputils.mkdir(parents=True, exist_ok=True)
         (apputils / "notification.jupyterlab-settings").write_text(json.dumps({"fetchNews": "false"}))
+        spot = settings_dir / "jupyter-spot"
+        spot.mkdir(parents=True, exist_ok=True)
+        (spot / "plugin.jupyterlab-settings").write_text(json.dumps(spot_settings or {}))
         config_dir.mkdir(exist_ok=True)
         (config_dir / "jupyter_server_config.json").write_text(
             json.dumps(

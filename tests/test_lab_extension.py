@@ -58,8 +58,8 @@ def lab_factory(spot_env: Path, tmp_path: Path, imds: Simulator) -> Iterator[obj
     write_notebook(root / NOTEBOOK, *CELLS)
     started: list[Lab] = []
 
-    def start() -> Lab:
-        lab = Lab(tmp_path, root, spot_env, env=imds.env).start()
+    def start(**settings: object) -> Lab:
+        lab = Lab(tmp_path, root, spot_env, env=imds.env).start(spot_settings=settings)
         started.append(lab)
         return lab
 
@@ -145,6 +145,21 @@ def test_fresh_server_offers_restore_and_restores_variables(page: Page, lab_fact
     page.keyboard.press("Shift+Enter")
     expect(cell(page, 2).locator(".jp-OutputArea-output")).to_have_text("restored-42 42", timeout=SLOW)
     shot(page, "restored-cell")
+
+
+def test_auto_restore_setting_restores_without_a_click(page: Page, lab_factory) -> None:
+    lab = lab_factory()
+    open_notebook(page, lab)
+    run_cell(page, 0, "hello-from-cell 42")
+    expect(page.locator(".jp-spot-status")).to_have_attribute("data-snapshot-id", re.compile(".+"), timeout=30_000)
+    lab.kill()
+
+    fresh = lab_factory(autoRestore=True, showStatusBar=False)
+    open_notebook(page, fresh)
+    restore = page.locator(".jp-spot-restore")
+    expect(restore).to_have_attribute("data-state", "restored", timeout=SLOW)
+    expect(page.locator(".jp-spot-status")).to_be_hidden()  # showStatusBar: false
+    run_cell(page, 1, "second-cell 3")  # y = [x] * 3 needs the restored x
 
 
 def test_status_bar_age_changes_after_running_a_cell(page: Page, lab_factory) -> None:
