@@ -26,6 +26,7 @@ from tornado.httpclient import AsyncHTTPClient, HTTPRequest
 from tornado.websocket import websocket_connect
 
 from jupyter_spot.notice.simulator import Simulator
+from jupyter_spot.server import catalog
 from jupyter_spot.store import open_store
 
 pytestmark = pytest.mark.timeout(240)
@@ -41,7 +42,7 @@ def free_port() -> int:
 class Server:
     """`jupyter server` with jupyter-spot in a subprocess; its own runtime dir, a shared store."""
 
-    def __init__(self, root: Path, home: Path, env: dict[str, str]) -> None:
+    def __init__(self, root: Path, home: Path, env: dict[str, str], sources: str = "aws") -> None:
         self.root, self.port, self.token = root, free_port(), os.urandom(8).hex()
         self.runtime = home / "runtime"
         self.url = f"http://127.0.0.1:{self.port}/"
@@ -50,7 +51,8 @@ class Server:
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "jupyter_server", "--no-browser", "--allow-root", "--ServerApp.ip=127.0.0.1",
              f"--ServerApp.port={self.port}", "--ServerApp.port_retries=0", f"--IdentityProvider.token={self.token}",
-             f"--ServerApp.root_dir={root}", "--SpotApp.notice_sources=aws", "--SpotApp.notice_poll_interval=0.2"],
+             f"--ServerApp.root_dir={root}", f"--SpotApp.notice_sources={sources}",
+             "--SpotApp.notice_poll_interval=0.2"],
             env=env, stdout=self.log, stderr=subprocess.STDOUT,
         )
 
@@ -221,3 +223,40 @@ async def test_notice_flush_kill_and_restore_on_a_fresh_server(
     finally:
         b.stop(signal.SIGTERM)
         replacement.stop()
+
+
+async def test_sigterm_flushes_every_kernel_before_the_server_stops(spot_env: Path, tmp_path: Path) -> None:
+    """Kubernetes eviction / systemd stop: SIGTERM is a notice; the server's own shutdown comes after the flush."""
+    root = tmp_path / "root"
+    root.mkdir()
+    nbformat.write(nbformat.v4.new_notebook(), root / "job.ipynb")
+    store = open_store(str(spot_env))
+    server = Server(root, tmp_path, dict(os.environ), sources="signal")
+    try:
+        await server.wait_ready()
+        session = await server.fetch(
+            "api/sessions", "POST", {"path": "job.ipynb", "type": "notebook", "kernel": {"name": "python3"}}
+        )
+        client = await server.kernel_client(session["kernel"]["id"])
+        await run_cell(client, "step = 0")
+        deadline = time.monotonic() + 30
+        while not store.list_snapshots("job.ipynb"):
+            assert time.monotonic() < deadline, "no auto snapshot"
+            await asyncio.sleep(0.1)
+        client.execute("import time\nwhile True:\n    step += 1\n    time.sleep(0.001)")
+        await asyncio.sleep(1.0)
+        server.proc.send_signal(signal.SIGTERM)
+        await asyncio.to_thread(server.proc.wait, 60)
+        client.stop_channels()
+    finally:
+        server.stop()
+    (record_name,) = [r for r in store.list_records() if r.startswith("notice-")]
+    record = store.get_record(record_name)
+    assert record["notice"]["source"] == "signal"
+    (entry,) = record["kernels"]
+    assert (entry["session"], entry["status"]) == ("job.ipynb", "done")
+    flushed = store.load_manifest("job.ipynb", entry["snapshot_id"])
+    assert flushed["kind"] == "mid-cell" and flushed["during_cell"] is not None
+    # The server shut the kernel down while stopping: that is not the user closing the notebook.
+    (described,) = catalog.describe_sessions(store, live=[])
+    assert described["interrupted"] is True and "signal interruption notice" in described["reason"]
