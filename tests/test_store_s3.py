@@ -520,3 +520,43 @@ def test_tiered_replicates_what_a_previous_process_left_behind(s3_url: str, tmp_
     with pytest.raises(ManifestError):
         tiered.delete_snapshot("nb.ipynb", "0001")
     tiered.close()
+
+
+# -- a real kernel snapshotting through open_store ---------------------------------
+def test_kernel_snapshots_to_s3_and_a_new_kernel_restores(s3_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    from spot_kernel import SpotKernel
+
+    monkeypatch.setenv("JUPYTER_SPOT_STORE", s3_url)
+    monkeypatch.setenv("JUPYTER_SPOT_SESSION", "s3.ipynb")
+    with SpotKernel() as kernel:
+        kernel.run("import numpy as np\nbig = np.random.default_rng(7).random(2_000_000)\nlabels = ['a', 'b']")
+        assert "snapshot" in kernel.run("%spot snapshot")
+        assert kernel.value("__import__('jupyter_spot').status()['store_kind']") == "s3"
+        total = kernel.value("float(big.sum())")
+    latest, _ = S3Store(s3_url).latest_manifest("s3.ipynb")
+    assert latest is not None and len(latest["blobs"]) >= 2
+    with SpotKernel() as fresh:
+        assert "restored snapshot" in fresh.run("%spot restore latest")
+        assert fresh.value("(float(big.sum()), labels, big.flags.writeable)") == (total, ["a", "b"], True)
+
+
+def test_kernel_with_a_cache_dir_replicates_to_s3(
+    s3_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from spot_kernel import SpotKernel
+
+    monkeypatch.setenv("JUPYTER_SPOT_STORE", s3_url)
+    monkeypatch.setenv("JUPYTER_SPOT_SESSION", "tiered.ipynb")
+    monkeypatch.setenv("JUPYTER_SPOT_CACHE", str(tmp_path / "efs"))
+    with SpotKernel() as kernel:
+        kernel.run("import numpy as np\nweights = np.arange(1_500_000, dtype='float64')")
+        assert "snapshot" in kernel.run("%spot snapshot")
+        kernel.run("import time\nfrom jupyter_spot.kernel import extension\nstore = extension.current().store")
+        assert kernel.value("store.kind") == "tiered"
+        assert kernel.value("store.flush_replication(time.time() + 60)") == []
+    assert (tmp_path / "efs" / "sessions").is_dir()  # written locally first
+    assert S3Store(s3_url).list_snapshots("tiered.ipynb")  # and replicated
+    monkeypatch.setenv("JUPYTER_SPOT_CACHE", str(tmp_path / "another-machine"))
+    with SpotKernel() as fresh:
+        assert "restored snapshot" in fresh.run("%spot restore latest")
+        assert fresh.value("float(weights[-1])") == 1_499_999.0

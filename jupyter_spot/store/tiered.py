@@ -13,6 +13,7 @@ data and fall back to S3 when the fast tier lacks it or holds damaged bytes.
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import itertools
 import logging
@@ -33,6 +34,10 @@ from .base import (
 )
 
 log = logging.getLogger(__name__)
+
+#: At interpreter exit (a kernel shut down by SIGTERM), wait this long for S3
+#: to receive what it lacks before the daemon replication thread dies.
+EXIT_FLUSH_SECONDS = 30.0
 
 
 class TieredStore(Store):
@@ -55,6 +60,11 @@ class TieredStore(Store):
         self._pool = ThreadPoolExecutor(upload_workers, thread_name_prefix="spot-replicate-blob")
         self._worker = threading.Thread(target=self._run, name="spot-replicate", daemon=True)
         self._worker.start()
+        atexit.register(self._flush_at_exit)
+
+    def _flush_at_exit(self) -> None:
+        if not self._closed and self.flush_replication(time.time() + EXIT_FLUSH_SECONDS):
+            log.warning("jupyter-spot: exiting before S3 has %s", ", ".join(self.pending_snapshots()))
 
     # -- replication ---------------------------------------------------------
     def _find_unreplicated(self) -> None:
@@ -164,6 +174,7 @@ class TieredStore(Store):
             self._cond.notify_all()
         self._worker.join()
         self._pool.shutdown()
+        atexit.unregister(self._flush_at_exit)
         return missing
 
     # -- blobs ---------------------------------------------------------------
