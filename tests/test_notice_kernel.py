@@ -7,6 +7,7 @@ itself; the notice reaches its main thread as SIGUSR1 while a long loop runs.
 from __future__ import annotations
 
 import os
+import queue
 import signal
 import time
 from collections.abc import Iterator
@@ -43,19 +44,24 @@ class Kernel:
     def run(self, code: str, timeout: float = 60) -> tuple[dict[str, Any], str]:
         """Execute ``code``; return the reply content and everything it printed."""
         msg_id = self.kc.execute(code)
-        reply = self.kc.get_shell_msg(timeout=timeout)
-        assert reply["parent_header"]["msg_id"] == msg_id
-        return reply["content"], self.output(msg_id)
+        return self.reply(msg_id, timeout)["content"], self.output(msg_id)
+
+    def reply(self, msg_id: str, timeout: float) -> dict[str, Any]:
+        """The shell reply to ``msg_id``, skipping stale ones (wait_for_ready may leave kernel_info replies)."""
+        end = time.monotonic() + timeout
+        while True:
+            reply = self.kc.get_shell_msg(timeout=max(0.1, end - time.monotonic()))
+            if reply["parent_header"].get("msg_id") == msg_id:
+                return reply
 
     def output(self, msg_id: str, until_idle: bool = True, timeout: float = 10) -> str:
+        """What ``msg_id`` printed until it finished (or, for a cell still running, within ``timeout``)."""
         text = []
         end = time.monotonic() + timeout
         while time.monotonic() < end:
             try:
                 msg = self.kc.get_iopub_msg(timeout=0.2)
-            except Exception:  # queue.Empty: nothing yet
-                if not until_idle:
-                    break
+            except queue.Empty:
                 continue
             if msg["parent_header"].get("msg_id") != msg_id:
                 continue
@@ -70,9 +76,7 @@ class Kernel:
     def value(self, expression: str) -> str:
         """``repr`` of ``expression`` in the kernel's namespace."""
         msg_id = self.kc.execute("", user_expressions={"v": expression})
-        reply = self.kc.get_shell_msg(timeout=30)
-        assert reply["parent_header"]["msg_id"] == msg_id
-        result = reply["content"]["user_expressions"]["v"]
+        result = self.reply(msg_id, 30)["content"]["user_expressions"]["v"]
         assert result["status"] == "ok", result
         return result["data"]["text/plain"]
 
