@@ -78,7 +78,7 @@ def test_sigterm_chains_a_previous_python_handler_after_the_callbacks() -> None:
             while len(order) < 2 and time.monotonic() < end:
                 time.sleep(0.01)  # the main thread must run bytecode for handlers to fire
         assert order == ["flush signal", "previous handler"]
-        assert signal.getsignal(signal.SIGUSR2) is not source._handle  # ours is gone again
+        assert signal.getsignal(signal.SIGUSR2) != source._handle  # ours is gone again
     finally:
         signal.signal(signal.SIGUSR2, previous)
 
