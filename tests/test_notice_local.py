@@ -13,13 +13,14 @@ import signal
 import subprocess
 import sys
 import time
+from datetime import datetime
 from pathlib import Path
 
 import pytest
 
 from jupyter_spot.notice import AWSSource, KernelNotReady, Notice, deliver_notice_to_kernel, detect_cloud
 from jupyter_spot.notice.detect import AZURE_ASSET_TAG
-from jupyter_spot.notice.model import deadline_in
+from jupyter_spot.notice.model import deadline_in, utcnow
 from jupyter_spot.notice.simulator import Simulator
 
 PY = sys.executable
@@ -192,14 +193,19 @@ KERNEL_LIKE = """
 import json, os, sys, time, pathlib, asyncio
 from jupyter_spot.notice.kernel_watch import start_kernel_watch
 out = pathlib.Path(sys.argv[1])
+from jupyter_spot.notice.fetch import request
 progress = 0
 def flush(reason, deadline):
-    out.write_text(json.dumps({"reason": reason, "progress": progress, "deadline": str(deadline)}))
+    acks = None
+    if os.environ.get("SIM_URL"):  # what the cloud has been told while we are still flushing
+        acks = json.loads(request(os.environ["SIM_URL"], "GET", "/__simulator/state").body)["acks"]
+    out.write_text(json.dumps({"reason": reason, "progress": progress, "deadline": deadline.isoformat(),
+                               "acks_during_flush": acks}))
     return f"flushed at {progress}"
 def snapshot(reason):
     out.write_text(json.dumps({"snapshot": reason, "progress": progress}))
     return "snapshot taken"
-start_kernel_watch(flush, snapshot)
+start_kernel_watch(flush, snapshot, poll_interval=0.1)
 if sys.argv[2] == "busy":
     while True:
         progress += 1  # a long pure-Python cell
@@ -267,3 +273,44 @@ def test_hand_off_refuses_a_kernel_without_the_handler(tmp_path: Path) -> None:
     finally:
         sleeper.kill()
         sleeper.wait()
+
+
+def test_hibernate_flushes_only_what_is_cheap(tmp_path: Path) -> None:
+    out, notice_file = tmp_path / "flushed.json", tmp_path / "notice.json"
+    env = {**os.environ, "JUPYTER_SPOT_NOTICE_FILE": str(notice_file), "JUPYTER_SPOT_SERVER_WATCHES": "1"}
+    kernel = subprocess.Popen([PY, "-c", KERNEL_LIKE, str(out), "busy"], env=env, stderr=subprocess.PIPE, text=True)
+    try:
+        wait_for_file(Path(str(notice_file) + ".ready"))
+        deliver_notice_to_kernel(kernel.pid, Notice("interruption", "hibernate", deadline_in(120), "aws"), notice_file)
+        result = json.loads(wait_for_file(out))
+    finally:
+        kernel.kill()
+        kernel.communicate()
+    budget = (datetime.fromisoformat(result["deadline"]) - utcnow()).total_seconds()
+    assert 0 < budget <= 5  # RAM survives hibernation: not the full 120 s
+
+
+def test_kernel_without_server_watches_azure_and_acks_after_its_flush(tmp_path: Path) -> None:
+    out = tmp_path / "flushed.json"
+    with Simulator("azure") as sim:
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("JUPYTER_SPOT_", "AWS_EC2", "GCE_"))}
+        env.update(sim.env, SIM_URL=sim.url)
+        kernel = subprocess.Popen([PY, "-c", KERNEL_LIKE, str(out), "busy"], env=env, stderr=subprocess.PIPE, text=True)
+        try:
+            end = time.monotonic() + 20
+            while len(sim.requests) < 3 and time.monotonic() < end:
+                time.sleep(0.05)  # the kernel's own watcher is polling
+            event = sim.fire()
+            result = json.loads(wait_for_file(out, timeout=5))
+            end = time.monotonic() + 5
+            while not sim.acks and time.monotonic() < end:
+                time.sleep(0.05)
+            acks = list(sim.acks)
+        finally:
+            kernel.kill()
+            stderr = kernel.communicate()[1]
+    assert result["reason"] == "azure interruption: preempt"
+    assert result["progress"] > 0  # taken in the middle of the running loop
+    assert result["acks_during_flush"] == []  # Azure not told before the flush was done…
+    assert acks == [event["EventId"]]  # …and told once after
+    assert "Saving this session now" in stderr
