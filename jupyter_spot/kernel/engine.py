@@ -28,6 +28,10 @@ from . import environment, serialize, tracking
 from .results import RestoreReport, SnapshotResult
 from .writer import Job, Writer
 
+#: Background writes hold a private copy of new data; beyond this many bytes
+#: queued, a cell waits for its snapshot instead of copying more (memory first).
+MAX_PENDING_COPIES = 2 << 30
+
 #: Functions registered with ``@jupyter_spot.after_restore``.
 AFTER_RESTORE_HOOKS: list[Callable[..., Any]] = []
 _HOOK_MARK = "__jupyter_spot_after_restore__"
@@ -349,7 +353,11 @@ class SnapshotEngine:
         # one commits (the writer goes in order), so they are not written twice.
         blobs = [(key, data) for key, data in new_blobs.items() if key not in self.durable and key not in in_flight]
         new_bytes = sum(memoryview(data).nbytes for _, data in blobs)
-        background = not wait and (new_bytes > self.settings.background_threshold or not self.writer.idle)
+        background = (
+            not wait
+            and (new_bytes > self.settings.background_threshold or not self.writer.idle)
+            and self.writer.pending_bytes + new_bytes <= MAX_PENDING_COPIES
+        )
         if background:
             # The cell's prompt comes back now; the arrays may change under a
             # background write, so it writes a copy.

@@ -35,11 +35,18 @@ class Baseline:
 
 
 def _imported_since(baseline: Baseline) -> list[str]:
+    """Modules imported since the extension loaded, as a notebook names them.
+
+    Deeper submodules are a package's internals, imported again by the
+    package itself; a restored ``sklearn.linear_model`` attribute needs only
+    the first two levels.
+    """
     names = []
     for name in list(sys.modules):
         if name in baseline.modules or name == "__main__":
             continue
-        if any(part.startswith("_") for part in name.split(".")):
+        parts = name.split(".")
+        if len(parts) > 2 or any(part.startswith("_") for part in parts):
             continue
         names.append(name)
     return names

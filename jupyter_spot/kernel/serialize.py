@@ -215,11 +215,10 @@ def dump(values: dict[str, Any], main_refs: dict[int, str], *, definitions: bool
             pickler.dump(values)
         except Unserializable as error:
             raise Unserializable(str(error)) from None
-        except RecursionError:
-            errors.append(f"{serializer}: too deeply nested")
-            continue
         except Exception as error:  # picklers raise anything a __reduce__ raises
-            errors.append(f"{serializer}: {type(error).__name__}: {error}")
+            message = "too deeply nested" if isinstance(error, RecursionError) else f"{type(error).__name__}: {error}"
+            if message not in errors:
+                errors.append(message)
             continue
         return Pickled(out.getvalue(), buffers, serializer, _reached(pickler, values))
     raise Unserializable("; ".join(errors))

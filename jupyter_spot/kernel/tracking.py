@@ -23,6 +23,9 @@ _IPYTHON_NAME = re.compile(r"^(_+|_i+|_i?\d+|_[dio]h|In|Out|exit|quit|get_ipytho
 #: Calls that read or write the namespace by string: anything may have changed.
 _DYNAMIC = frozenset({"globals", "vars", "exec", "eval", "locals"})
 
+#: Magics that run code we cannot see (a script, a stored variable, a reload).
+_DYNAMIC_MAGICS = frozenset({"run", "store", "autoreload", "aimport", "load", "macro", "rerun", "recall", "reset"})
+
 
 def user_names(namespace: Mapping[str, Any], hidden: Mapping[str, Any]) -> list[str]:
     """The names the user made, not IPython's history or injected helpers."""
@@ -36,14 +39,32 @@ def user_names(namespace: Mapping[str, Any], hidden: Mapping[str, Any]) -> list[
     return names
 
 
+def _magic_names(call: ast.Call, names: set[str]) -> bool:
+    """Names in a magic's code argument (``%time a[0] = 1``); False if the magic is dynamic."""
+    func = call.func
+    if not (isinstance(func, ast.Attribute) and func.attr in ("run_line_magic", "run_cell_magic")):
+        return True
+    args = [arg.value for arg in call.args if isinstance(arg, ast.Constant) and isinstance(arg.value, str)]
+    if args and args[0] in _DYNAMIC_MAGICS:
+        return False
+    for text in args[1:]:
+        inner = cell_names(text)
+        if inner is None:
+            return False
+        names |= inner
+    return True
+
+
 def cell_names(source: str) -> set[str] | None:
     """Every identifier the (IPython-transformed) cell mentions; None if it is dynamic."""
     try:
         tree = ast.parse(source)
     except SyntaxError:
-        return set()  # the cell did not run
+        return set()  # the cell did not run, or a magic's argument is not Python (%%bash)
     names: set[str] = set()
     for node in ast.walk(tree):
+        if isinstance(node, ast.Call) and not _magic_names(node, names):
+            return None
         if isinstance(node, ast.Name):
             names.add(node.id)
         elif isinstance(node, ast.Global | ast.Nonlocal):
