@@ -1,0 +1,103 @@
+"""Change tracking and serialization units: which names a cell may touch, what
+groups variables form, and how arrays travel (no kernel needed)."""
+
+from __future__ import annotations
+
+import types
+
+import numpy as np
+import pandas as pd
+import pytest
+from IPython.core.inputtransformer2 import TransformerManager
+
+from jupyter_spot.kernel import serialize, tracking
+
+transform = TransformerManager().transform_cell
+
+
+@pytest.mark.parametrize(
+    ("cell", "names"),
+    [
+        ("a[0] = 1", {"a"}),
+        ("df.loc[3, 'x'] = est.fit(X).score(X)", {"df", "est", "X"}),
+        ("import numpy as np\nfrom os import path as p", {"np", "p"}),
+        ("def f():\n    global counter\n    counter += 1", {"f", "counter"}),
+        ("%time a[0] = 1", {"a", "get_ipython"}),
+        ("%%timeit\nb.append(1)\n", {"b", "get_ipython"}),
+        ("%%bash\necho hi", {"get_ipython"}),
+    ],
+)
+def test_cell_names(cell: str, names: set[str]) -> None:
+    assert tracking.cell_names(transform(cell)) == names
+
+
+@pytest.mark.parametrize("cell", ["x = globals()['y']", "exec('y = 2')", "%run script.py", "vars()['z'] = 1"])
+def test_dynamic_cells_mean_everything(cell: str) -> None:
+    assert tracking.cell_names(transform(cell)) is None
+
+
+def test_notebook_code_reaches_the_globals_it_uses() -> None:
+    namespace: dict = {"__name__": "__main__"}
+    exec(
+        "counter = []\nlog = {}\nunused = 1\n"
+        "def helper():\n    log['n'] = len(counter)\n"
+        "def bump():\n    counter.append(1)\n    helper()\n"
+        "class Model:\n    def fit(self):\n        counter.append(2)\n"
+        "model = Model()",
+        namespace,
+    )
+    for value in namespace.values():
+        if isinstance(value, types.FunctionType | type):
+            value.__module__ = "__main__"
+    reached = tracking.reachable_names({"bump"}, namespace)
+    assert reached is not None and reached & namespace.keys() == {"bump", "counter", "helper", "log"}
+    reached = tracking.reachable_names({"model"}, namespace)
+    assert reached is not None and reached & namespace.keys() == {"model", "counter"}
+    exec("def sneaky():\n    globals()['x'] = 1", namespace)
+    namespace["sneaky"].__module__ = "__main__"
+    assert tracking.reachable_names({"sneaky"}, namespace) is None
+
+
+def test_user_names_leave_out_ipython_history() -> None:
+    namespace = {"In": [], "Out": {}, "_": 1, "__": 2, "_i3": "x", "_7": 3, "_ih": [], "data": 1, "_private": 2}
+    assert tracking.user_names(namespace, hidden={}) == ["data", "_private"]
+
+
+def test_views_keep_sharing_memory_with_their_base() -> None:
+    base = np.arange(100_000, dtype=np.float64)
+    values = {"base": base, "view": base[10:20], "strided": base[::7], "grid": base.reshape(1000, 100)[:, 3]}
+    pickled = serialize.dump(values, {})
+    assert [b.nbytes for b in pickled.buffers] == [base.nbytes]  # the base once, out of band, not the views
+    restored = serialize.load(pickled.payload, [bytearray(b) for b in pickled.buffers], "pickle", {})
+    for name in ("view", "strided", "grid"):
+        assert np.shares_memory(restored["base"], restored[name])
+        np.testing.assert_array_equal(restored[name], values[name])
+    restored["base"][10] = -1
+    assert restored["view"][0] == -1
+
+
+def test_unrelated_frames_do_not_share_a_group() -> None:
+    df = pd.DataFrame({"x": np.arange(1000), "y": np.ones(1000)})
+    other = df.copy()
+    column = df["x"]
+    reached = {name: serialize.dump({name: v}, {}).reached for name, v in {"df": df, "o": other, "c": column}.items()}
+    assert not reached["df"].keys() & reached["o"].keys()  # same index labels and dtypes are not sharing
+
+
+def test_refused_objects_say_why() -> None:
+    with open(__file__) as handle, pytest.raises(serialize.Unserializable, match="open file or stream"):
+        serialize.dump({"handle": handle}, {})
+    with pytest.raises(serialize.Unserializable, match="generator or coroutine"):
+        serialize.dump({"gen": (i for i in range(3))}, {})
+
+
+def test_notebook_definitions_are_referenced_by_name() -> None:
+    def helper(x: int) -> int:
+        return x + 1
+
+    pickled = serialize.dump({"table": {"f": helper}}, {id(helper): "helper"})
+    assert pickled.serializer == "pickle"
+    restored = serialize.load(pickled.payload, [], "pickle", {"helper": len})
+    assert restored["table"]["f"] is len  # resolved in the namespace being restored
+    with pytest.raises(Exception, match="refers to 'helper', which was not restored"):
+        serialize.load(pickled.payload, [], "pickle", {})
