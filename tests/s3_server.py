@@ -70,6 +70,8 @@ class FaultProxy:
       than ``n_bytes`` upstream, every ``every``-th is reset right there — in the
       middle of a request body, like a dropped connection during an upload —
       ``times`` times in all (every=2: a retried request gets through).
+    * ``lose_responses(times)``: the next ``times`` responses are dropped after
+      S3 has done the work — the client cannot know its request succeeded.
     """
 
     def __init__(self, upstream_port: int) -> None:
@@ -80,6 +82,8 @@ class FaultProxy:
         self.cut_every = 1
         self.cuts_done = 0
         self._crossings = 0
+        self.responses_to_lose = 0
+        self.responses_lost = 0
         self._lock = threading.Lock()
         proxy = self
 
@@ -100,6 +104,18 @@ class FaultProxy:
         with self._lock:
             self.cut_bytes, self.cuts_left, self.cut_every, self._crossings = n_bytes, times, every, 0
 
+    def lose_responses(self, times: int) -> None:
+        with self._lock:
+            self.responses_to_lose = times
+
+    def _lose_response(self) -> bool:
+        with self._lock:
+            if self.responses_to_lose <= 0:
+                return False
+            self.responses_to_lose -= 1
+            self.responses_lost += 1
+            return True
+
     def _take_cut(self) -> bool:
         with self._lock:
             self._crossings += 1
@@ -118,6 +134,10 @@ class FaultProxy:
         def pump_back() -> None:
             try:
                 while data := upstream.recv(1 << 16):
+                    if self.responses_to_lose > 0 and self._lose_response():
+                        _abort(client)
+                        _abort(upstream)
+                        return
                     client.sendall(data)
             except OSError:
                 pass

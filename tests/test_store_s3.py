@@ -261,16 +261,19 @@ def test_unchanged_snapshot_uploads_almost_nothing(s3_url: str) -> None:
     snapshot(store, "nb.ipynb", "0002", namespace)
     # lease put + lock list + generation head, the manifest, the lease delete
     assert log.count() <= 5, log.requests
-    assert log.bytes_sent() < 8 * 1024
+    unchanged = log.bytes_sent()
+    assert unchanged < 8 * 1024
 
-    # A restarted kernel knows nothing yet: it asks (HEAD) but uploads no blob.
+    # A process that knows nothing yet asks S3 before sending a big blob, and
+    # sends a small one with If-None-Match (one request instead of two; S3 keeps
+    # the copy it has). Nothing is stored twice.
     restarted = open_store(s3_url)
     log = RequestLog(restarted.client)
-    snapshot(restarted, "nb.ipynb", "0003", namespace + [b"one new small value"])
-    assert log.count("PutObject") == 3  # the lease, the new blob, the manifest
-    assert log.count("UploadPart") == 0
-    assert log.bytes_sent() < 8 * 1024
-    print(f"first snapshot {first_bytes} bytes; unchanged one {log.bytes_sent()} bytes")
+    assert [restarted.put_blob(digest_of(d), d) for d in namespace] == [0] * len(namespace)
+    assert restarted.put_blob(digest_of(b"one new value"), b"one new value") == len(b"one new value")
+    assert log.count("UploadPart") == 0 and log.count("HeadObject") == 2  # the big blob, the GC generation
+    assert log.bytes_sent() < 3 * MB
+    print(f"first snapshot {first_bytes} bytes; unchanged: {unchanged} bytes, from a new process {log.bytes_sent()}")
 
 
 # -- concurrent writers ----------------------------------------------------------
@@ -324,6 +327,17 @@ def test_dropped_connections_and_slowdown_are_retried(s3_url: str, proxy: FaultP
     fresh = S3Store(s3_url)
     assert [fresh.get_blob(d) for d in manifest["blobs"]] == blobs
     assert assert_complete(s3_url) == 1
+
+
+def test_commit_whose_answer_was_lost_is_not_a_conflict(s3_url: str, proxy: FaultProxy) -> None:
+    store = S3Store(s3_url, endpoint_url=proxy.url)
+    store.put_blob(digest_of(b"x"), b"x")  # takes the lease: the commit's first request is the PUT
+    proxy.lose_responses(1)
+    store.commit_manifest({"session": "nb.ipynb", "id": "0001", "blobs": [digest_of(b"x")]})
+    assert proxy.responses_lost == 1
+    assert store.load_manifest("nb.ipynb", "0001")["blobs"] == [digest_of(b"x")]
+    with pytest.raises(SnapshotExistsError):  # a different snapshot under that id still conflicts
+        store.commit_manifest({"session": "nb.ipynb", "id": "0001", "blobs": []})
 
 
 def test_failed_upload_never_commits_a_manifest(s3_url: str, tmp_path: Path) -> None:

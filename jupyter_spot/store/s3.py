@@ -60,6 +60,9 @@ from .base import (
 
 #: Blobs at least this big go through s3transfer's multipart upload/download.
 MULTIPART_THRESHOLD = 8 << 20
+#: Below this size a blob is sent with one conditional PUT (S3 refuses it if it
+#: exists); above it a HEAD first saves sending bytes S3 already has.
+ASK_FIRST_SIZE = 1 << 20
 #: A writer's lease older than this belongs to a process that died and is
 #: ignored; a live writer refreshes it on use well before.
 LEASE_SECONDS = 10 * 60
@@ -358,27 +361,47 @@ class S3Store(Store):
         if digest in self._known:
             return 0
         size = memoryview(data).nbytes
-        head = self._head(key)
-        if head is not None and head["ContentLength"] == size:
-            self._known.add(digest)
-            return 0
-        with self._calling(f"uploading blob {digest[:12]} ({size} bytes)"):
-            if size < MULTIPART_THRESHOLD:
-                # Our address *is* the SHA-256, so S3 verifies the bytes for free.
-                self.client.put_object(
-                    Bucket=self.bucket,
-                    Key=key,
-                    Body=bytes(data),
-                    ChecksumAlgorithm="SHA256",
-                    ChecksumSHA256=base64.b64encode(bytes.fromhex(digest)).decode(),
-                )
-            else:
-                future = self._transfer.upload(
-                    _BufferReader(data), self.bucket, key, extra_args={"ChecksumAlgorithm": "SHA256"}
-                )
-                future.result()
+        if size < ASK_FIRST_SIZE:
+            # Our address *is* the SHA-256, so S3 verifies the bytes for free.
+            checksum = base64.b64encode(bytes.fromhex(digest)).decode()
+            stored = self._put_if_absent(
+                key, bytes(data), f"uploading blob {digest[:12]}", ChecksumAlgorithm="SHA256", ChecksumSHA256=checksum
+            )
+            written = size if stored else 0
+        else:
+            head = self._head(key)
+            written = 0 if head is not None and head["ContentLength"] == size else size
+            if written:
+                with self._calling(f"uploading blob {digest[:12]} ({size} bytes)"):
+                    # botocore adds its default CRC32 to every part; the SHA-256
+                    # of the whole blob is checked on every read.
+                    self._transfer.upload(_BufferReader(data), self.bucket, key).result()
         self._known.add(digest)
-        return size
+        return written
+
+    def _put_if_absent(self, key: str, body: bytes, what: str, **extra: Any) -> bool:
+        """One conditional PUT (``If-None-Match: *``); False when the key exists.
+
+        S3 answers 412 to a write that lost, and 409 while a racing conditional
+        write to the same key is in flight — then we ask again.
+        """
+        from botocore.exceptions import ClientError
+
+        attempt = 0
+        while True:
+            try:
+                self.client.put_object(Bucket=self.bucket, Key=key, Body=body, IfNoneMatch="*", **extra)
+                return True
+            except ClientError as error:
+                code = self._code(error)
+                if code == "PreconditionFailed":
+                    return False
+                if code != "ConditionalRequestConflict" or attempt >= 4:
+                    raise self._error(error, what) from error
+            except Exception as error:
+                raise self._error(error, what) from error
+            time.sleep(0.1 * 2**attempt)
+            attempt += 1
 
     def get_blob(self, digest: str) -> Buffer:
         key = self._blob_key(digest)
@@ -448,25 +471,11 @@ class S3Store(Store):
             self._release_lease()
 
     def _write_manifest(self, session: str, snapshot_id: str, data: bytes) -> None:
-        from botocore.exceptions import ClientError
-
         key = self._manifest_key(session, snapshot_id)
-        for attempt in range(5):
-            try:
-                self.client.put_object(Bucket=self.bucket, Key=key, Body=data, IfNoneMatch="*")
-                return
-            except ClientError as error:
-                code = self._code(error)
-                if code == "PreconditionFailed":
-                    raise SnapshotExistsError(
-                        f"snapshot {snapshot_id} of session {session!r} already exists in {self.url}"
-                    ) from None
-                if code == "ConditionalRequestConflict" and attempt < 4:
-                    time.sleep(0.1 * 2**attempt)  # a racing conditional write is in flight
-                    continue
-                raise self._error(error, f"committing snapshot {snapshot_id}") from error
-            except Exception as error:
-                raise self._error(error, f"committing snapshot {snapshot_id}") from error
+        if not self._put_if_absent(key, data, f"committing snapshot {snapshot_id}"):
+            if self._read_manifest(session, snapshot_id) == data:
+                return  # our own write, whose answer was lost and whose retry met it
+            raise SnapshotExistsError(f"snapshot {snapshot_id} of session {session!r} already exists in {self.url}")
 
     def _read_manifest(self, session: str, snapshot_id: str) -> bytes:
         from botocore.exceptions import ClientError
