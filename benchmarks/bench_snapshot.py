@@ -196,7 +196,7 @@ def bench_kishu(work: Path, gb: float, python: str) -> dict[str, Any]:
 
 
 def mb(nbytes: float) -> str:
-    return f"{nbytes / 1e6:,.1f} MB"
+    return f"{nbytes / 1e6:,.1f} MB" if nbytes >= 1e5 else f"{nbytes / 1e3:,.1f} KB"
 
 
 def main() -> None:
