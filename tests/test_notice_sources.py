@@ -153,6 +153,20 @@ def test_aws_scheduled_maintenance() -> None:
     assert "instance-stop" in notice.detail
 
 
+def test_aws_endpoint_settings_as_in_the_sdks(monkeypatch: pytest.MonkeyPatch) -> None:
+    from jupyter_spot.notice.fetch import split_endpoint
+
+    monkeypatch.delenv("AWS_EC2_METADATA_SERVICE_ENDPOINT", raising=False)
+    monkeypatch.delenv("AWS_EC2_METADATA_SERVICE_ENDPOINT_MODE", raising=False)
+    assert AWSSource().endpoint == "http://169.254.169.254"
+    monkeypatch.setenv("AWS_EC2_METADATA_SERVICE_ENDPOINT_MODE", "IPv6")
+    assert split_endpoint(AWSSource().endpoint) == ("fd00:ec2::254", 80, "")
+    monkeypatch.setenv("AWS_EC2_METADATA_SERVICE_ENDPOINT", "http://127.0.0.1:1338/")
+    assert split_endpoint(AWSSource().endpoint) == ("127.0.0.1", 1338, "")
+    with pytest.raises(ValueError, match="http://host"):
+        split_endpoint("https://169.254.169.254")
+
+
 # -- GCP ------------------------------------------------------------------------------
 
 

@@ -22,7 +22,9 @@ from .source import NoticeSource
 log = logging.getLogger("jupyter_spot.notice")
 
 ENDPOINT_ENV = "AWS_EC2_METADATA_SERVICE_ENDPOINT"
+MODE_ENV = "AWS_EC2_METADATA_SERVICE_ENDPOINT_MODE"  # "IPv6" on IPv6-only instances, as in the SDKs
 DEFAULT_ENDPOINT = "http://169.254.169.254"
+IPV6_ENDPOINT = "http://[fd00:ec2::254]"
 TOKEN_PATH = "/latest/api/token"
 TOKEN_TTL_HEADER = "X-aws-ec2-metadata-token-ttl-seconds"
 TOKEN_HEADER = "X-aws-ec2-metadata-token"
@@ -72,7 +74,8 @@ class AWSSource(NoticeSource):
         token_ttl: int = 21600,
         maintenance: bool = True,
     ) -> None:
-        self.endpoint = endpoint or os.environ.get(ENDPOINT_ENV) or DEFAULT_ENDPOINT
+        ipv6 = os.environ.get(MODE_ENV, "").lower() == "ipv6"
+        self.endpoint = endpoint or os.environ.get(ENDPOINT_ENV) or (IPV6_ENDPOINT if ipv6 else DEFAULT_ENDPOINT)
         self.interval = interval
         self.timeout = timeout
         self.token_ttl = token_ttl

@@ -27,6 +27,7 @@ Two ways a notice reaches the handler:
 from __future__ import annotations
 
 import atexit
+import collections
 import json
 import logging
 import os
@@ -112,7 +113,7 @@ class KernelNoticeHandler:
         self.stream = stream
         self.handled: list[tuple[Notice, Any]] = []  # (notice, flush/snapshot result)
         self.watcher: NoticeWatcher | None = None
-        self._pending: Notice | None = None
+        self._pending: collections.deque[Notice] = collections.deque()  # from our watcher, oldest first
         self._done: dict[tuple[str, str, str], threading.Event] = {}
         self._seen: set[tuple[str, str, str]] = set()
         self._previous: Any = None
@@ -147,28 +148,34 @@ class KernelNoticeHandler:
 
     # -- delivery --------------------------------------------------------------------------
     def _from_watcher(self, notice: Notice) -> None:
-        """Watcher thread: wake the main thread, wait until it has flushed (Azure acks after)."""
-        done = self._done.setdefault(notice.key, threading.Event())
-        self._pending = notice
-        signal.pthread_kill(threading.main_thread().ident or 0, HANDOFF_SIGNAL)  # type: ignore[arg-type]
-        left = notice.seconds_left()
-        done.wait(left if left is not None else 60.0)
+        """Watcher thread: wake the main thread; for a deadline, wait until it has flushed (Azure acks after).
 
-    def _take(self) -> Notice | None:
-        notice, self._pending = self._pending, None
-        if notice is not None or self.notice_file is None:
-            return notice
-        try:
-            return Notice.from_dict(json.loads(self.notice_file.read_text()))
-        except FileNotFoundError:
-            return None
-        except (OSError, ValueError, KeyError, TypeError) as e:
-            log.warning("jupyter-spot: ignoring an unreadable notice in %s: %s", self.notice_file, e)
-            return None
+        A rebalance is not waited for: the source must keep polling for the
+        interruption that may follow while the snapshot is written.
+        """
+        done = self._done.setdefault(notice.key, threading.Event())
+        self._pending.append(notice)
+        signal.pthread_kill(threading.main_thread().ident or 0, HANDOFF_SIGNAL)  # type: ignore[arg-type]
+        if notice.kind != "rebalance":
+            left = notice.seconds_left()
+            done.wait(left if left is not None else 60.0)
+
+    def _take(self) -> list[Notice]:
+        """Notices waiting for the main thread: ours first, then the server's file."""
+        taken = []
+        while self._pending:
+            taken.append(self._pending.popleft())
+        if self.notice_file is not None:
+            try:
+                taken.append(Notice.from_dict(json.loads(self.notice_file.read_text())))
+            except FileNotFoundError:
+                pass
+            except (OSError, ValueError, KeyError, TypeError) as e:
+                log.warning("jupyter-spot: ignoring an unreadable notice in %s: %s", self.notice_file, e)
+        return taken
 
     def _on_signal(self, signum: int, frame: Any) -> None:
-        notice = self._take()
-        if notice is not None:
+        for notice in self._take():
             self.handle(notice)
 
     # -- what a notice does ----------------------------------------------------------------
