@@ -174,6 +174,10 @@ def test_rebalance_gives_one_snapshot_and_a_warning(aws: Simulator, spot_env: Pa
         time.sleep(10 * POLL)  # many more polls see the same recommendation
         assert len(aws.requests) > polls + 5
         after = manifests(spot_env)
+        kernel.run("import signal")
+        handler = kernel.value("signal.getsignal(signal.SIGUSR1).__qualname__")
+        kernel.run("%unload_ext jupyter_spot")
+        unloaded = kernel.value("signal.getsignal(signal.SIGUSR1)")
     finally:
         kernel.shutdown()
     assert printed.count("rebalance recommendation") >= 1 and printed.count("Taking a snapshot now") == 1, printed
@@ -181,3 +185,5 @@ def test_rebalance_gives_one_snapshot_and_a_warning(aws: Simulator, spot_env: Pa
     rebalance = [m for m in after if "rebalance" in str(m.get("reason", ""))]
     assert len(rebalance) == 1, [(m["kind"], m.get("reason")) for m in after]
     assert len(after) == 3
+    assert handler == "'KernelNoticeHandler._on_signal'"
+    assert unloaded == "<Handlers.SIG_DFL: 0>"  # %unload_ext gives the signal back

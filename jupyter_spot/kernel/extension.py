@@ -9,6 +9,8 @@ from .engine import SnapshotEngine
 
 #: The engine of the shell the extension is loaded in (one per kernel).
 ENGINE: SnapshotEngine | None = None
+#: Its interruption-notice handler (jupyter_spot.notice.kernel_watch), if the platform has one.
+NOTICES: Any = None
 
 
 def _flush_at_exit() -> None:
@@ -17,7 +19,7 @@ def _flush_at_exit() -> None:
 
 
 def load(shell: Any) -> SnapshotEngine:
-    global ENGINE
+    global ENGINE, NOTICES
     if ENGINE is not None and ENGINE.shell is shell:
         return ENGINE
     from ..notice.kernel_watch import start_kernel_watch
@@ -32,17 +34,22 @@ def load(shell: Any) -> SnapshotEngine:
     shell.events.register("pre_run_cell", engine.pre_run_cell)
     shell.events.register("post_run_cell", engine.post_run_cell)
     shell.register_magics(SpotMagics(shell, engine))
-    start_kernel_watch(engine.flush, watch=engine.settings.watch_notices, poll_interval=engine.settings.notice_poll_interval)
+    NOTICES = start_kernel_watch(
+        engine.flush, watch=engine.settings.watch_notices, poll_interval=engine.settings.notice_poll_interval
+    )
     atexit.register(_flush_at_exit)
     ENGINE = engine
     return engine
 
 
 def unload(shell: Any) -> None:
-    global ENGINE
+    global ENGINE, NOTICES
     engine = ENGINE
     if engine is None or engine.shell is not shell:
         return
+    if NOTICES is not None:
+        NOTICES.close()
+        NOTICES = None
     shell.events.unregister("pre_run_cell", engine.pre_run_cell)
     shell.events.unregister("post_run_cell", engine.post_run_cell)
     engine.wait_until_durable(timeout=60)

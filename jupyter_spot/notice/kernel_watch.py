@@ -111,7 +111,6 @@ class KernelNoticeHandler:
         self.snapshot = snapshot or (lambda reason: flush(reason, None))
         self.notice_file = notice_file
         self.stream = stream
-        self.handled: list[tuple[Notice, Any]] = []  # (notice, flush/snapshot result)
         self.watcher: NoticeWatcher | None = None
         self._pending: collections.deque[Notice] = collections.deque()  # from our watcher, oldest first
         self._done: dict[tuple[str, str, str], threading.Event] = {}
@@ -140,6 +139,7 @@ class KernelNoticeHandler:
         self.watcher = watcher.start()
 
     def close(self) -> None:
+        """``%unload_ext``: stop watching, give SIGUSR1 back, withdraw the ready file."""
         if self.watcher is not None:
             self.watcher.stop()
         if HANDOFF_SIGNAL is not None and threading.current_thread() is threading.main_thread():
@@ -199,12 +199,10 @@ class KernelNoticeHandler:
                 self._say(f"{notice.describe()}. Saving this session now.")
                 result = self.flush(f"{notice.source} {notice.kind}: {notice.action}", deadline)
             self._say(f"{result}")
-            self.handled.append((notice, result))
             return result
         except Exception as e:  # a failed flush must not kill the user's running cell
             log.exception("jupyter-spot: flushing for %s failed", notice.describe())
             self._say(f"could not save the session for {notice.describe()}: {e}")
-            self.handled.append((notice, e))
             return None
         finally:
             done = self._done.pop(notice.key, None)
