@@ -22,7 +22,7 @@ from lab_harness import CHROMIUM, CHROMIUM_ARGS, SCREENSHOTS, Lab, notebook_outp
 
 NOTEBOOK = "work/analysis.ipynb"
 CELLS = (
-    'x = 6 * 7\nsecret = f"restored-{x}"\nprint("hello-from-cell", x)',
+    'x = 6 * 7\nsecret = f"restored-{x}"\ncountdown = (i for i in range(3))\nprint("hello-from-cell", x)',
     'y = [x] * 3\nprint("second-cell", len(y))',
 )
 SLOW = 60_000  # ms: Lab's first load and a kernel start on a busy 2-core machine
@@ -128,13 +128,17 @@ def test_fresh_server_offers_restore_and_restores_variables(page: Page, lab_fact
     expect(restore).to_be_visible(timeout=30_000)
     expect(restore.locator(".jp-spot-restore-message")).to_contain_text("This notebook's kernel was interrupted")
     expect(restore.locator(".jp-spot-restore-message")).to_contain_text(re.compile(r"\d+ variables?"))
+    expect(restore.locator(".jp-spot-restore-skipped")).to_contain_text("countdown (")  # a generator
     restore.get_by_role("button", name="Details").click()
-    expect(restore.locator(".jp-spot-restore-details")).to_contain_text(NOTEBOOK)
+    details = restore.locator(".jp-spot-restore-details")
+    expect(details).to_contain_text(NOTEBOOK)
+    expect(details).to_contain_text(re.compile(r"countdown \(.*generator.*made in cell \[1\]"))
     shot(page, "restore-banner")
 
     restore.get_by_role("button", name="Restore").click()
     expect(restore).to_have_attribute("data-state", "restored", timeout=SLOW)
     expect(restore.locator(".jp-spot-report-restored")).to_contain_text("secret")
+    expect(restore.locator(".jp-spot-report")).to_contain_text(re.compile(r"Not restored.*countdown", re.S))
     shot(page, "restored")
 
     cell(page, 1).locator(".cm-content").click()

@@ -72,9 +72,14 @@ export class RestoreBanner extends Widget {
     this._message = h('div', {
       className: 'jp-spot-restore-message',
       text:
-        `This notebook's kernel was interrupted ${formatAge(snapshot.created)}${why}. ` +
-        `Its last snapshot holds ${describeSnapshot(snapshot)}.`
+        `This notebook's kernel was interrupted${why}. Its last snapshot, taken ` +
+        `${formatAge(snapshot.created)} (${formatTime(snapshot.created)}), holds ${describeSnapshot(snapshot)}.`
     });
+    this._skipped = h('div', {
+      className: 'jp-spot-restore-skipped',
+      text: `Not in the snapshot: ${snapshot.skipped.map(item => `${item.name} (${item.type})`).join(', ')} — see Details.`
+    });
+    this._skipped.hidden = !snapshot.skipped.length;
     this._restoreButton = h('button', {
       className: 'jp-spot-restore-button jp-mod-styled jp-mod-accept',
       text: 'Restore'
@@ -90,7 +95,15 @@ export class RestoreBanner extends Widget {
     });
     this._buttons = h('div', { className: 'jp-spot-restore-buttons' }, this._restoreButton, dismiss, details);
     this._status = h('div', { className: 'jp-spot-restore-status' });
-    const body = h('div', { className: 'jp-spot-restore-body' }, this._message, this._buttons, this._status, this._details);
+    const body = h(
+      'div',
+      { className: 'jp-spot-restore-body' },
+      this._message,
+      this._skipped,
+      this._buttons,
+      this._status,
+      this._details
+    );
     this.node.append(body);
     this._observer = fitToContent(this.node, body, () => this.parent?.fit());
   }
@@ -112,6 +125,8 @@ export class RestoreBanner extends Widget {
       const result = await restoreInto(this._api, this._panel, this._session.id, 'latest');
       this.node.dataset.state = 'restored';
       this._message.textContent = 'Session restored.';
+      this._skipped.hidden = true; // the report below says what is missing
+      this._details.hidden = true;
       this._buttons.replaceChildren(
         h('button', { className: 'jp-spot-dismiss-button jp-mod-styled', text: 'Close' })
       );
@@ -152,6 +167,7 @@ export class RestoreBanner extends Widget {
   }
 
   private readonly _message: HTMLElement;
+  private readonly _skipped: HTMLElement;
   private readonly _buttons: HTMLElement;
   private readonly _restoreButton: HTMLButtonElement;
   private readonly _status: HTMLElement;
