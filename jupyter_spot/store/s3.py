@@ -412,7 +412,14 @@ class S3Store(Store):
         data = bytearray(size)
         with self._calling(f"downloading blob {digest[:12]}"):
             if size >= MULTIPART_THRESHOLD:
-                self._transfer.download(self.bucket, key, _BufferWriter(data)).result()
+                from s3transfer.subscribers import BaseSubscriber
+
+                class Known(BaseSubscriber):  # we just asked; spare s3transfer its own HEAD
+                    def on_queued(self, future: Any, **_: Any) -> None:
+                        future.meta.provide_transfer_size(size)
+                        future.meta.provide_object_etag(head.get("ETag"))
+
+                self._transfer.download(self.bucket, key, _BufferWriter(data), subscribers=[Known()]).result()
             else:
                 body = self.client.get_object(Bucket=self.bucket, Key=key)["Body"]
                 view, got = memoryview(data), 0
