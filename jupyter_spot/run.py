@@ -83,7 +83,7 @@ def write_atomically(notebook: Any, path: Path) -> None:
 class NotebookRun:
     """One run: the input notebook, where outputs go, and how far it got."""
 
-    def __init__(self, notebook: Path, output: Path, store_url: str, kernel_name: str, timeout: float) -> None:
+    def __init__(self, notebook: Path, output: Path, store_url: str, kernel_name: str, timeout: float | None) -> None:
         self.notebook_path = notebook
         self.output_path = output
         self.store_url = store_url
@@ -111,7 +111,7 @@ class NotebookRun:
         previous = nbformat.read(self.output_path, as_version=4) if self.output_path.exists() else None
         start, snapshot = resume_point(self.nb, previous, self.session)
         if start:
-            for cell, done in zip(self.nb.cells[:start], previous.cells[:start]):
+            for cell, done in zip(self.nb.cells[:start], previous.cells[:start], strict=True):
                 if cell.cell_type == "code":
                     cell.outputs, cell.execution_count = done.outputs, done.execution_count
             self.say(f"resuming {self.session} at cell {start + 1} of {len(self.nb.cells)} (snapshot {snapshot})")
@@ -186,8 +186,13 @@ class RunApp(JupyterApp):
     store = Unicode("", help="Store URL (default: $JUPYTER_SPOT_STORE, else the Jupyter data dir).").tag(config=True)
     kernel = Unicode("", help="Kernel spec name (default: the notebook's).").tag(config=True)
     timeout = Float(None, allow_none=True, help="Seconds one cell may run (default: no limit).").tag(config=True)
-    aliases = {"o": "RunApp.output", "output": "RunApp.output", "store": "RunApp.store", "kernel": "RunApp.kernel",
-               "timeout": "RunApp.timeout"}
+    aliases = {
+        "o": "RunApp.output",
+        "output": "RunApp.output",
+        "store": "RunApp.store",
+        "kernel": "RunApp.kernel",
+        "timeout": "RunApp.timeout",
+    }
 
     def start(self) -> None:
         if len(self.extra_args) != 1:

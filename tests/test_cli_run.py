@@ -19,12 +19,18 @@ SPOT = [sys.executable, "-c", "from jupyter_spot.cli import main; main()"]
 
 CELLS = [
     ("markdown", "# A batch job"),
-    ("code", "import os, random, time\nimport numpy as np\nrandom.seed(7)\nrng = np.random.default_rng(3)\n"
-             "data = rng.normal(size=1000)\nlog = lambda name: open('executions.log', 'a').write(name + '\\n')\n"
-             "log('load')"),
+    (
+        "code",
+        "import os, random, time\nimport numpy as np\nrandom.seed(7)\nrng = np.random.default_rng(3)\n"
+        "data = rng.normal(size=1000)\nlog = lambda name: open('executions.log', 'a').write(name + '\\n')\n"
+        "log('load')",
+    ),
     ("code", "log('clean')\ntotal = float(data.sum())\nprint(round(total, 6), random.random())"),
-    ("code", "log('train')\nopen('train-started', 'w').close()\ntime.sleep(float(os.environ.get('SLOW', '0')))\n"
-             "weights = data[:10] * 2"),
+    (
+        "code",
+        "log('train')\nopen('train-started', 'w').close()\ntime.sleep(float(os.environ.get('SLOW', '0')))\n"
+        "weights = data[:10] * 2",
+    ),
     ("code", "log('report')\nprint(weights.round(4).tolist(), random.random(), rng.integers(100))\ntotal"),
 ]
 
@@ -42,7 +48,12 @@ def make_notebook(path: Path) -> None:
 def run(directory: Path, *args: str, slow: float = 0, **kwargs: Any) -> subprocess.Popen[str]:
     env = {**os.environ, "SLOW": str(slow), "JUPYTER_SPOT_CLOUD": "none"}
     return subprocess.Popen(
-        [*SPOT, "run", *args], cwd=directory, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        [*SPOT, "run", *args],
+        cwd=directory,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
         **kwargs,
     )
 

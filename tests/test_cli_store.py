@@ -102,4 +102,4 @@ def test_doctor_reaches_the_simulated_metadata_endpoint(spot_env: Path) -> None:
         result = spot("doctor", "--json", JUPYTER_SPOT_CLOUD="aws", AWS_EC2_METADATA_SERVICE_ENDPOINT=simulator.url)
     notices = {c["check"]: c for c in json.loads(result.stdout)["checks"]}["notices"]
     assert notices["ok"], notices
-    assert "aws: metadata endpoint answers (no notice standing)" == notices["detail"]
+    assert notices["detail"] == "aws: metadata endpoint answers (no notice standing)"

@@ -140,7 +140,9 @@ async def test_closed_session_is_not_interrupted(api: Any, store: Any) -> None:
 
     commit(store, "done.ipynb", minutes_ago=5)
     closed_at = datetime.now(timezone.utc).isoformat()
-    store.put_record(session_record_name("done.ipynb"), {"session": "done.ipynb", "state": "closed", "closed_at": closed_at})
+    store.put_record(
+        session_record_name("done.ipynb"), {"session": "done.ipynb", "state": "closed", "closed_at": closed_at}
+    )
     (session,) = json.loads((await api("sessions")).body)["sessions"]
     assert (session["id"], session["interrupted"], session["reason"]) == ("done.ipynb", False, None)
 

@@ -49,17 +49,32 @@ class Server:
         self.log = open(home / "server.log", "w")  # noqa: SIM115 - closed in stop()
         env = {**env, "JUPYTER_RUNTIME_DIR": str(self.runtime)}
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "jupyter_server", "--no-browser", "--allow-root", "--ServerApp.ip=127.0.0.1",
-             f"--ServerApp.port={self.port}", "--ServerApp.port_retries=0", f"--IdentityProvider.token={self.token}",
-             f"--ServerApp.root_dir={root}", f"--SpotApp.notice_sources={sources}",
-             "--SpotApp.notice_poll_interval=0.2"],
-            env=env, stdout=self.log, stderr=subprocess.STDOUT,
+            [
+                sys.executable,
+                "-m",
+                "jupyter_server",
+                "--no-browser",
+                "--allow-root",
+                "--ServerApp.ip=127.0.0.1",
+                f"--ServerApp.port={self.port}",
+                "--ServerApp.port_retries=0",
+                f"--IdentityProvider.token={self.token}",
+                f"--ServerApp.root_dir={root}",
+                f"--SpotApp.notice_sources={sources}",
+                "--SpotApp.notice_poll_interval=0.2",
+            ],
+            env=env,
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
         )
 
     async def fetch(self, path: str, method: str = "GET", body: Any = None) -> Any:
         request = HTTPRequest(
-            self.url + path, method=method, headers={"Authorization": f"token {self.token}"},
-            body=None if body is None else json.dumps(body), request_timeout=120,
+            self.url + path,
+            method=method,
+            headers={"Authorization": f"token {self.token}"},
+            body=None if body is None else json.dumps(body),
+            request_timeout=120,
         )
         response = await AsyncHTTPClient().fetch(request, raise_error=False)
         assert response.code < 300, (response.code, response.body)
@@ -127,7 +142,8 @@ async def test_notice_flush_kill_and_restore_on_a_fresh_server(
         await a.wait_ready()
         events = await websocket_connect(f"ws://127.0.0.1:{a.port}/api/events/subscribe?token={a.token}")
         session = await a.fetch(
-            "api/sessions", "POST",
+            "api/sessions",
+            "POST",
             {"path": NOTEBOOK, "name": "analysis.ipynb", "type": "notebook", "kernel": {"name": "python3"}},
         )
         kernel_id = session["kernel"]["id"]
@@ -135,8 +151,8 @@ async def test_notice_flush_kill_and_restore_on_a_fresh_server(
         # The kernel was started with the extension, the notebook path as its session, and the server watching.
         settings = await run_cell(
             client,
-            "import os, jupyter_spot\nprint(os.environ['JUPYTER_SPOT_SESSION'], os.environ['JUPYTER_SPOT_SERVER_WATCHES'],"
-            " jupyter_spot.status()['session'])",
+            "import os, jupyter_spot\nenv = os.environ\n"
+            "print(env['JUPYTER_SPOT_SESSION'], env['JUPYTER_SPOT_SERVER_WATCHES'], jupyter_spot.status()['session'])",
         )
         assert settings.split() == [NOTEBOOK, "1", NOTEBOOK]
         await run_cell(client, "import numpy as np\nx = 41\narr = np.arange(10) ** 2")
@@ -207,8 +223,9 @@ async def test_notice_flush_kill_and_restore_on_a_fresh_server(
         assert "aws interruption notice (terminate)" in found["reason"]
         assert found["latest"]["id"] == done["snapshot_id"] and found["latest"]["kind"] == "mid-cell"
 
-        restored = await b.fetch(f"jupyter-spot/api/sessions/{urllib.parse.quote(NOTEBOOK, safe='')}/restore",
-                                 "POST", {"snapshot": "latest"})
+        restored = await b.fetch(
+            f"jupyter-spot/api/sessions/{urllib.parse.quote(NOTEBOOK, safe='')}/restore", "POST", {"snapshot": "latest"}
+        )
         report = restored["report"]
         assert {"x", "arr", "counter"} <= set(report["restored"])
         assert report["snapshot"]["id"] == done["snapshot_id"]

@@ -107,14 +107,17 @@ async def test_kernels_get_the_extension_and_a_clean_shutdown_is_not_an_interrup
     kernel_id = await open_notebook(jp_fetch, notebook)
     km = jp_serverapp.kernel_manager
     out = await execute(
-        km, kernel_id,
+        km,
+        kernel_id,
         "import os\nprint(os.environ['JUPYTER_SPOT_SESSION'], os.environ['JUPYTER_SPOT_STORE'], "
         "'jupyter_spot' in get_ipython().extension_manager.loaded)",
     )
     assert out.split() == [notebook, str(spot_env.resolve()), "True"]
     record = store.get_record(session_record_name(notebook))
     assert (record["state"], record["kernel_id"], record["kernel"]["kernel_spec"]["name"]) == (
-        "live", kernel_id, "python3"
+        "live",
+        kernel_id,
+        "python3",
     )
     await execute(km, kernel_id, "weights = [1, 2, 3]")
     await wait_for_snapshots(store, notebook)
@@ -135,7 +138,9 @@ async def test_restore_into_a_new_kernel_the_live_one_or_a_named_one(
     jp_fetch: Any, spot_fetch: Any, jp_serverapp: Any, notebook: str, spot_env: Path
 ) -> None:
     store = open_store(str(spot_env))
-    await snapshot_outside_the_server(notebook, "model = {'alpha': 0.5}\nfrom fractions import Fraction\nf = Fraction(1, 3)")
+    await snapshot_outside_the_server(
+        notebook, "model = {'alpha': 0.5}\nfrom fractions import Fraction\nf = Fraction(1, 3)"
+    )
     old = store.list_snapshots(notebook)[-1]
     await snapshot_outside_the_server(notebook, "model = {'alpha': 0.9}")
     (listed,) = json.loads((await jp_fetch("jupyter-spot/api/sessions")).body)["sessions"]

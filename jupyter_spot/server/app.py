@@ -35,8 +35,11 @@ class SpotApp(ExtensionApp):
     description = __doc__
     load_other_extensions = True
 
-    store = Unicode("", help="Store URL: a directory (local disk, EFS mount) or s3://bucket/prefix. "
-                    "$JUPYTER_SPOT_STORE wins; default: jupyter_spot/store in the Jupyter data dir.").tag(config=True)
+    store = Unicode(
+        "",
+        help="Store URL: a directory (local disk, EFS mount) or s3://bucket/prefix. "
+        "$JUPYTER_SPOT_STORE wins; default: jupyter_spot/store in the Jupyter data dir.",
+    ).tag(config=True)
     auto_load_kernel_extension = Bool(
         True, help="Load the kernel extension into every IPython kernel this server starts (no %load_ext needed)."
     ).tag(config=True)
@@ -45,9 +48,9 @@ class SpotApp(ExtensionApp):
         help="When a notebook whose session was interrupted starts a kernel, restore its latest snapshot "
         "into it without asking. Off: JupyterLab shows a restore banner instead.",
     ).tag(config=True)
-    keep = Int(20, help="Snapshots kept per session by the server's periodic garbage collection (0: never collect).").tag(
-        config=True
-    )
+    keep = Int(
+        20, help="Snapshots kept per session by the server's periodic garbage collection (0: never collect)."
+    ).tag(config=True)
     gc_interval = Float(3600.0, help="Seconds between garbage collections of the store.").tag(config=True)
     notice_sources = List(
         Unicode(),
@@ -80,8 +83,12 @@ class SpotApp(ExtensionApp):
         watcher, provider = self._make_watcher()
         self.notices = NoticeCoordinator(self, watcher, provider)
         self._gc_task: asyncio.Task[None] | None = None
-        self.log.info("jupyter-spot: store %s (%s); watcher: %s", self.store_url, self.snapshot_store.kind,
-                      ", ".join(s.name for s in watcher.sources) if watcher else "off")
+        self.log.info(
+            "jupyter-spot: store %s (%s); watcher: %s",
+            self.store_url,
+            self.snapshot_store.kind,
+            ", ".join(s.name for s in watcher.sources) if watcher else "off",
+        )
 
     def _make_watcher(self) -> tuple[Any, str | None]:
         if not self.notice_sources:

@@ -95,10 +95,10 @@ class ListApp(StoreApp):
 
 class ShowApp(StoreApp):
     name = "jupyter-spot-show"
-    description = "Show one snapshot (an id from `jupyter spot list`) or a session's latest: variables, skipped objects."
-    session = Unicode("", help="The session the snapshot belongs to (default: search every session).").tag(
-        config=True
+    description = (
+        "Show one snapshot (an id from `jupyter spot list`) or a session's latest: variables, skipped objects."
     )
+    session = Unicode("", help="The session the snapshot belongs to (default: search every session).").tag(config=True)
     aliases = {**StoreApp.aliases, "session": "ShowApp.session"}
 
     def find(self, store: Store, wanted: str) -> dict[str, Any]:

@@ -281,5 +281,6 @@ class SpotKernels:
             "snapshot": summary,
             "restored": list(report.get("restored") or []),
             "not_restored": skipped_list(report.get("not_restored")),
-            "notes": [f"fallback: {n}" for n in report.get("fallbacks") or []] + [str(n) for n in report.get("notes") or []],
+            "notes": [f"fallback: {n}" for n in report.get("fallbacks") or []]
+            + [str(n) for n in report.get("notes") or []],
         }

@@ -98,7 +98,7 @@ class NoticeCoordinator:
         live = kernels.live_kernels()
         before = await asyncio.gather(*(self._newest(k.session) for k in live))
         entries = [kernels.kernel_info(k.kernel_id) for k in live]
-        for entry, newest in zip(entries, before):
+        for entry, newest in zip(entries, before, strict=True):
             entry["snapshot_before"] = newest
         await asyncio.gather(*(self._flush(notice, entry) for entry in entries))
         record = {
