@@ -101,10 +101,20 @@ def assert_complete(url: str, **options: Any) -> int:
 class Fault:
     """Answer requests with an S3 error response, exactly as S3 sends it, through
     botocore's ``before-send`` event: every ``every``-th request of ``operation``,
-    ``times`` times in all (so a retried request meets at most one fault when every > 1)."""
+    ``times`` times in all (so a retried request meets at most one fault when every > 1);
+    only requests carrying ``header`` when one is given."""
 
-    def __init__(self, client: Any, status: int, code: str, times: int, operation: str = "*", every: int = 1) -> None:
-        self.status, self.left, self.every = status, times, every
+    def __init__(
+        self,
+        client: Any,
+        status: int,
+        code: str,
+        times: int,
+        operation: str = "*",
+        every: int = 1,
+        header: str = "",
+    ) -> None:
+        self.status, self.left, self.every, self.header = status, times, every, header
         self.body = f"<Error><Code>{code}</Code><Message>injected {code}</Message></Error>".encode()
         self.done = self._seen = 0
         self._lock = threading.Lock()
@@ -113,6 +123,8 @@ class Fault:
         client.meta.events.register(self._event, self._respond)
 
     def _respond(self, request: Any, **_: Any) -> AWSResponse | None:
+        if self.header and self.header not in request.headers:
+            return None
         with self._lock:
             self._seen += 1
             if self.left <= 0 or (self._seen - 1) % self.every:
@@ -210,6 +222,11 @@ def test_clear_errors(s3_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
     Fault(denied.client, 403, "AccessDenied", times=10)
     with pytest.raises(StoreError, match="access denied .* s3:PutObject"):
         denied.put_record("r", {})
+
+    old_minio = S3Store(s3_url, max_attempts=1)
+    Fault(old_minio.client, 501, "NotImplemented", times=10, operation="PutObject", header="If-None-Match")
+    with pytest.raises(StoreError, match=r"does not support conditional writes \(If-None-Match\)"):
+        old_minio.commit_manifest({"session": "nb.ipynb", "id": "0001", "blobs": []})
 
     monkeypatch.delenv("AWS_ACCESS_KEY_ID")
     monkeypatch.delenv("AWS_SECRET_ACCESS_KEY")

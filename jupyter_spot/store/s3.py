@@ -232,6 +232,11 @@ class S3Store(Store):
                     f"access denied to {where} while {what}: the credentials need s3:GetObject, "
                     f"s3:PutObject, s3:DeleteObject and s3:ListBucket on bucket {self.bucket}"
                 )
+            if code == "NotImplemented" or status == 501:
+                return StoreError(
+                    f"{where} does not support conditional writes (If-None-Match), which jupyter-spot needs "
+                    f"so that two writers never overwrite each other's snapshots (while {what})"
+                )
             return StoreError(f"S3 error {code or status} on {where} while {what}: {error}")
         return StoreError(f"S3 failure on {where} while {what}: {error}")
 
