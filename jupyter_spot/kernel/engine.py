@@ -170,7 +170,10 @@ class SnapshotEngine:
         referenced = tracking.cell_names(source)
         if referenced is not None:
             referenced = tracking.reachable_names(referenced, self.shell.user_ns)
-        self.snapshot(kind="auto", referenced=referenced, wait=False, quiet=True)
+        try:
+            self.snapshot(kind="auto", referenced=referenced, wait=False, quiet=True)
+        except Exception as error:  # a snapshot bug must never break the user's cells
+            self._warn(f"snapshot failed: {type(error).__name__}: {error}")
 
     # -- snapshot --------------------------------------------------------------
     def _new_id(self) -> str:
@@ -227,10 +230,9 @@ class SnapshotEngine:
         started = time.perf_counter()
         shell = self.shell
         namespace = shell.user_ns
-        if during_cell is not None or kind in ("explicit", "notice"):
-            cell = shell.execution_count
-        else:
-            cell = shell.execution_count - 1
+        # While a cell runs, execution_count is that cell's number; between
+        # cells IPython has already moved it on to the next one.
+        cell = shell.execution_count if self._in_cell is not None else shell.execution_count - 1
         result = SnapshotResult(id=self._new_id(), session=self.session, kind=kind, execution_count=cell,
                                 during_cell=during_cell)
         self._jobs = [job for job in self._jobs if not job.done.is_set()]
@@ -471,7 +473,7 @@ class SnapshotEngine:
         started = time.perf_counter()
         session = session or self.session
         report = RestoreReport(snapshot_id=None, session=session)
-        self.wait_until_durable()
+        self.wait_until_durable(timeout=300)
         try:
             ids = self.store.list_snapshots(session)
         except StoreError as error:
@@ -576,7 +578,9 @@ class SnapshotEngine:
                     self.shell.history_manager.new_session()
                 except Exception:
                     pass
-            self.shell.execution_count = count
+            # %spot restore runs in a cell, and IPython adds one after it; a silent request
+            # (the server's restore, `jupyter spot run`) does not, so the next cell is count + 1 here.
+            self.shell.execution_count = count if self._in_cell is not None else count + 1
         id_time = _parse_id_time(manifest["id"])
         if id_time is not None and (self._last_id_time is None or id_time > self._last_id_time):
             self._last_id_time = id_time
