@@ -10,15 +10,22 @@ from __future__ import annotations
 
 import re
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from urllib.parse import quote
 
 import pytest
+from lab_harness import (
+    CHROMIUM,
+    CHROMIUM_ARGS,
+    SCREENSHOTS,
+    Lab,
+    notebook_outputs,
+    write_notebook,
+)
 from playwright.sync_api import Browser, Locator, Page, expect, sync_playwright
 
 from jupyter_spot.notice.simulator import Simulator
-
-from lab_harness import CHROMIUM, CHROMIUM_ARGS, SCREENSHOTS, Lab, notebook_outputs, write_notebook
 
 NOTEBOOK = "work/analysis.ipynb"
 CELLS = (
@@ -52,7 +59,7 @@ def imds() -> Iterator[Simulator]:
 
 
 @pytest.fixture
-def lab_factory(spot_env: Path, tmp_path: Path, imds: Simulator) -> Iterator[object]:
+def lab_factory(spot_env: Path, tmp_path: Path, imds: Simulator) -> Iterator[Callable[..., Lab]]:
     """Starts servers on one root dir and store; stops whatever is still running at the end."""
     root = tmp_path / "root"
     write_notebook(root / NOTEBOOK, *CELLS)
@@ -90,7 +97,7 @@ def run_cell(page: Page, index: int, expected_output: str) -> None:
     expect(cell(page, index).locator(".jp-OutputArea-output")).to_contain_text(expected_output, timeout=SLOW)
 
 
-def test_notice_shows_countdown_and_saves_the_dirty_notebook(page: Page, lab_factory, imds: Simulator) -> None:
+def test_notice_shows_countdown_and_saves_the_dirty_notebook(page: Page, lab_factory: Callable[..., Lab], imds: Simulator) -> None:
     lab = lab_factory()
     notebook = lab.root / NOTEBOOK
     open_notebook(page, lab)
@@ -114,7 +121,7 @@ def test_notice_shows_countdown_and_saves_the_dirty_notebook(page: Page, lab_fac
     shot(page, "notice")
 
 
-def test_fresh_server_offers_restore_and_restores_variables(page: Page, lab_factory) -> None:
+def test_fresh_server_offers_restore_and_restores_variables(page: Page, lab_factory: Callable[..., Lab]) -> None:
     lab = lab_factory()
     open_notebook(page, lab)
     run_cell(page, 0, "hello-from-cell 42")
@@ -138,7 +145,7 @@ def test_fresh_server_offers_restore_and_restores_variables(page: Page, lab_fact
     restore.get_by_role("button", name="Restore").click()
     expect(restore).to_have_attribute("data-state", "restored", timeout=SLOW)
     expect(restore.locator(".jp-spot-report-restored")).to_contain_text("secret")
-    expect(restore.locator(".jp-spot-report")).to_contain_text(re.compile(r"Not restored.*countdown", re.S))
+    expect(restore.locator(".jp-spot-report")).to_contain_text(re.compile(r"Not restored.*countdown", re.DOTALL))
     shot(page, "restored")
 
     cell(page, 1).locator(".cm-content").click()
@@ -151,7 +158,7 @@ def test_fresh_server_offers_restore_and_restores_variables(page: Page, lab_fact
     shot(page, "restored-cell")
 
 
-def test_auto_restore_setting_restores_without_a_click(page: Page, lab_factory) -> None:
+def test_auto_restore_setting_restores_without_a_click(page: Page, lab_factory: Callable[..., Lab]) -> None:
     lab = lab_factory()
     open_notebook(page, lab)
     run_cell(page, 0, "hello-from-cell 42")
@@ -166,7 +173,7 @@ def test_auto_restore_setting_restores_without_a_click(page: Page, lab_factory) 
     run_cell(page, 1, "second-cell 3")  # y = [x] * 3 needs the restored x
 
 
-def test_status_bar_age_changes_after_running_a_cell(page: Page, lab_factory) -> None:
+def test_status_bar_age_changes_after_running_a_cell(page: Page, lab_factory: Callable[..., Lab]) -> None:
     lab = lab_factory()
     open_notebook(page, lab)
     status = page.locator(".jp-spot-status")
@@ -188,5 +195,18 @@ def test_status_bar_age_changes_after_running_a_cell(page: Page, lab_factory) ->
     panel = page.locator("#jp-spot-snapshots")
     expect(panel).to_be_visible()
     expect(panel.locator(".jp-spot-snapshot")).to_have_count(2, timeout=10_000)
-    expect(panel.locator(".jp-spot-snapshot").first).to_have_attribute("data-snapshot-id", status.get_attribute("data-snapshot-id") or "")
+    rows = panel.locator(".jp-spot-snapshot")
+    expect(rows.first).to_have_attribute("data-snapshot-id", status.get_attribute("data-snapshot-id") or "")
+    expect(rows.nth(1)).to_have_attribute("data-snapshot-id", first or "")
     shot(page, "snapshots-panel")
+
+    rows.nth(1).get_by_role("button", name="Restore").click()  # the older one: before y existed
+    report = panel.locator(".jp-spot-snapshots-result .jp-spot-report")
+    expect(report).to_contain_text("execution count 1", timeout=SLOW)
+    expect(report.locator(".jp-spot-report-restored")).to_have_text(re.compile(r"^(?!.*\by\b).*\bsecret\b"))
+
+    rows.first.get_by_role("button", name="Delete").click()
+    page.locator(".jp-Dialog").get_by_role("button", name="Delete").click()
+    expect(rows).to_have_count(1, timeout=10_000)
+    expect(rows.first).to_have_attribute("data-snapshot-id", first or "")
+    assert len(lab.api(f"jupyter-spot/api/sessions/{quote(NOTEBOOK, safe='')}/snapshots")["snapshots"]) == 1
