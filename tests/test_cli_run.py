@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -58,6 +59,10 @@ def run(directory: Path, *args: str, slow: float = 0, **kwargs: Any) -> subproce
     )
 
 
+def spot_list(directory: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([*SPOT, "list", "--json"], cwd=directory, capture_output=True, text=True, timeout=60, check=True)
+
+
 def outputs(path: Path) -> list[Any]:
     return [(c.get("execution_count"), c.get("outputs")) for c in nbformat.read(path, as_version=4).cells]
 
@@ -88,6 +93,9 @@ def test_killed_run_resumes_without_rerunning_finished_cells(spot_env: Path, tmp
     first.communicate(timeout=30)
     progress = nbformat.read(work / "out.ipynb", as_version=4).metadata["jupyter_spot"]
     assert (progress["completed"], progress["status"]) == (3, "running")  # markdown, load, clean
+    (listed,) = json.loads(spot_list(work).stdout)["sessions"]
+    assert listed["id"] == "job.ipynb" and listed["interrupted"] is True
+    assert listed["latest"]["id"] == progress["snapshot"] and "did not finish" in listed["reason"]
 
     log = finish(run(work, "job.ipynb", "-o", "out.ipynb"))
     assert "resuming job.ipynb at cell 4 of 5" in log
@@ -97,6 +105,8 @@ def test_killed_run_resumes_without_rerunning_finished_cells(spot_env: Path, tmp
     assert outputs(work / "out.ipynb") == outputs(reference / "done.ipynb")
     final = nbformat.read(work / "out.ipynb", as_version=4).metadata["jupyter_spot"]
     assert (final["completed"], final["status"]) == (5, "done")
+    (listed,) = json.loads(spot_list(work).stdout)["sessions"]
+    assert (listed["interrupted"], listed["reason"]) == (False, None)  # a finished run is closed cleanly
 
 
 def test_changed_notebook_or_finished_run_starts_over(spot_env: Path, tmp_path: Path) -> None:

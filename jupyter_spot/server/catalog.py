@@ -184,8 +184,10 @@ def describe_session(
         notices = notice_records(store) if notices is None else notices
         last_kernel = record.get("kernel_id")
         reason = _notice_reason(notices, session, last_kernel) if last_kernel else None
-        if reason is None and record.get("state") in ("live", "running"):
-            where = record.get("host") or "another server"
+        where = record.get("host") or "another machine"
+        if reason is None and record.get("state") == "running":
+            reason = f"`jupyter spot run` on {where} did not finish; run it again to resume"
+        if reason is None and record.get("state") == "live":
             reason = f"kernel {last_kernel} on {where} stopped without a clean shutdown"
         if reason is None:
             reason = _notice_reason(notices, session, None) or "written by a kernel no server here is running"
