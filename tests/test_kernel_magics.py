@@ -76,6 +76,7 @@ def test_off_on_and_exclude(session: str) -> None:
         assert "not restored: password (str) — excluded with %spot exclude" in report
         assert fresh.value("x") == 4
         assert fresh.value("'password' in globals()") is False
+        assert "excluded: password" in fresh.run("%spot status")  # the restored kernel keeps excluding it
 
 
 def test_gc_keeps_the_newest_snapshots(session: str) -> None:

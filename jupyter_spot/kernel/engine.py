@@ -384,6 +384,7 @@ class SnapshotEngine:
             "skipped": skipped,
             "environment": info,
             "versions": _versions(),
+            "excluded": sorted(self.excluded),
             "size": result.size,
             "variable_count": len(variables),
         }
@@ -523,10 +524,15 @@ class SnapshotEngine:
         report.during_cell = manifest.get("during_cell")
         if report.fallbacks:
             report.fallbacks.append(f"fell back to snapshot {manifest['id']} (state after cell {report.execution_count})")
+        self.excluded.update(manifest.get("excluded", []))
         env = manifest.get("environment", {})
         modules, notes = environment.import_modules(env)
         namespace.update(modules)
         report.notes.extend(notes)
+        here = _versions()
+        for library, version in manifest.get("versions", {}).items():
+            if library in here and here[library].split(".")[:2] != str(version).split(".")[:2]:
+                report.notes.append(f"the snapshot was taken with {library} {version}; this kernel has {here[library]}")
 
         groups = manifest.get("groups", {})
         definitions = [g for g in groups.values() if g.get("definition")]
