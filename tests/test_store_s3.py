@@ -540,6 +540,22 @@ def test_tiered_reads_nearest_tier_and_falls_back_to_s3(s3_url: str, tmp_path: P
     assert elsewhere.close() == []
 
 
+def test_tiered_snapshot_that_cannot_be_sent_does_not_hold_back_others(s3_url: str, tmp_path: Path) -> None:
+    fast = FileStore(tmp_path / "fast")
+    snapshot(fast, "nb.ipynb", "0001", [blob(1, 1000)])
+    damaged = snapshot(fast, "nb.ipynb", "0002", [blob(2, 1000)])
+    (fast.root / "blobs" / damaged["blobs"][0][:2] / damaged["blobs"][0]).unlink()  # lost locally, never sent
+    tiered = TieredStore(FileStore(tmp_path / "fast"), S3Store(s3_url))
+    deadline = time.monotonic() + 60
+    while tiered.pending_snapshots() != ["nb.ipynb/0002"]:
+        assert time.monotonic() < deadline, tiered.pending_snapshots()
+        time.sleep(0.05)
+    assert "missing" in (tiered.last_error or "")
+    assert S3Store(s3_url).list_snapshots("nb.ipynb") == ["0001"]
+    assert assert_complete(s3_url) == 1
+    assert tiered.close(deadline=time.time() + 0.5) == ["nb.ipynb/0002"]
+
+
 def test_tiered_replicates_what_a_previous_process_left_behind(s3_url: str, tmp_path: Path) -> None:
     local = FileStore(tmp_path / "fast")
     manifest = snapshot(local, "nb.ipynb", "0001", [blob(1, 1000)])  # written, then the VM died

@@ -52,7 +52,6 @@ class TieredStore(Store):
         #: (session, snapshot id) → commit order; the highest goes to S3 first.
         self._pending: dict[tuple[str, str], int] = {}
         self._order = itertools.count(1)
-        self._busy: tuple[str, str] | None = None
         self._cond = threading.Condition()
         self._closed = False
         #: Why the last replication attempt failed, if it did; cleared on success.
@@ -121,14 +120,16 @@ class TieredStore(Store):
                     return
                 key = max(self._pending, key=self._pending.__getitem__)
                 order = self._pending[key]
-                self._busy = key
             try:
                 self._replicate(*key)
-            except StoreError as error:
+            except Exception as error:  # StoreError, or a bug: the thread must live on
                 self.last_error = f"replicating snapshot {key[1]} of session {key[0]!r}: {error}"
                 log.warning("jupyter-spot replication: %s (retrying)", self.last_error)
                 with self._cond:
-                    self._busy = None
+                    if self._pending.get(key) == order and len(self._pending) > 1:
+                        # Behind the others, so one snapshot that cannot be sent
+                        # (a damaged local blob) does not hold back the rest.
+                        self._pending[key] = min(self._pending.values()) - 1
                     self._cond.wait(backoff)
                 backoff = min(backoff * 2, 30.0)
                 continue
@@ -138,7 +139,6 @@ class TieredStore(Store):
                 deleted_meanwhile = key not in self._pending
                 if self._pending.get(key) == order:
                     del self._pending[key]
-                self._busy = None
                 self._cond.notify_all()
             if deleted_meanwhile:  # delete_snapshot ran while we were sending it
                 with contextlib.suppress(ManifestError):
