@@ -556,6 +556,21 @@ def test_tiered_snapshot_that_cannot_be_sent_does_not_hold_back_others(s3_url: s
     assert tiered.close(deadline=time.time() + 0.5) == ["nb.ipynb/0002"]
 
 
+def test_tiered_gc_collects_both_tiers_and_keeps_the_latest(s3_url: str, tmp_path: Path) -> None:
+    tiered = TieredStore(FileStore(tmp_path / "fast"), S3Store(s3_url))
+    old = snapshot(tiered, "nb.ipynb", "0001", [b"old value", b"kept value"])
+    new = snapshot(tiered, "nb.ipynb", "0002", [b"new value", b"kept value"])
+    assert tiered.flush_replication(deadline=time.time() + 60) == []
+    report = collect_garbage(tiered, keep=1, grace_seconds=0)
+    assert report.snapshots_deleted == ["nb.ipynb/0001"] and report.blobs_deleted == 1
+    gone = old["blobs"][0]
+    for tier in (tiered.fast, S3Store(s3_url)):
+        assert tier.list_snapshots("nb.ipynb") == ["0002"]
+        assert not tier.has_blob(gone)
+        assert sorted(tier.iter_blobs()) == sorted(new["blobs"])
+    tiered.close()
+
+
 def test_tiered_replicates_what_a_previous_process_left_behind(s3_url: str, tmp_path: Path) -> None:
     local = FileStore(tmp_path / "fast")
     manifest = snapshot(local, "nb.ipynb", "0001", [blob(1, 1000)])  # written, then the VM died
