@@ -170,3 +170,57 @@ def test_restore_without_snapshots_says_so(session: str) -> None:
         assert "session 'other.ipynb' has no snapshots" in kernel.run("%spot restore --session other.ipynb")
         assert "invalid choice" in kernel.run("%spot frobnicate", allow_error=True)
         assert kernel.value("x") == 1
+
+
+NOTEBOOK_CODE = '''
+import enum, functools
+from dataclasses import dataclass
+square = lambda x: x * x
+def inc(x):
+    global calls
+    calls = calls + 1
+    return x + 1
+calls = 0
+also_inc = inc
+class Box:
+    __slots__ = ("v",)
+    def __init__(self, v): self.v = v
+old_box = Box(1)
+class Box:  # redefined: old_box keeps the old class
+    def __init__(self, v): self.v = v * 10
+new_box = Box(2)
+class Color(enum.Enum):
+    RED = 1
+favourite = Color.RED
+def make_adder(n):
+    def add(x): return x + n
+    return add
+add3 = make_adder(3)
+@functools.lru_cache
+def cached(x): return x * 2
+partial_inc = functools.partial(inc, 10)
+@dataclass(frozen=True)
+class Key:
+    a: int
+by_key = {Key(1): "one"}
+'''
+
+CODE_CHECK = (
+    "(square(3), also_inc is inc, inc(1), calls, type(old_box).__name__, old_box.v, new_box.v, "
+    "isinstance(new_box, Box), favourite is Color.RED, add3(1), cached(4), partial_inc(), by_key[Key(1)])"
+)
+
+
+def test_notebook_defined_code_survives_restore(session: str) -> None:
+    with SpotKernel() as kernel:
+        output = kernel.run(NOTEBOOK_CODE)
+        assert output == ""  # no pickling warnings leak into the cell's output
+    with SpotKernel() as fresh:
+        report = fresh.run("%spot restore")
+        assert "not restored" not in report, report
+        # `inc` updates the restored global `calls`; enums and lru_cache come back from their source
+        assert fresh.value(CODE_CHECK) == (9, True, 2, 1, "Box", 1, 20, True, True, 4, 8, 11, "one")
+        assert fresh.run("%spot snapshot").startswith("snapshot ")  # restored definitions snapshot again
+    with SpotKernel() as third:
+        assert "not restored" not in third.run("%spot restore")
+        assert third.value("(favourite is Color.RED, cached(5), calls)") == (True, 10, 2)

@@ -91,8 +91,13 @@ def _type_name(value: Any) -> str:
 
 
 def _is_definition(value: Any) -> bool:
-    """A function or class the notebook defined: stored by value, restored first."""
-    return isinstance(value, types.FunctionType | type) and getattr(value, "__module__", None) == "__main__"
+    """A function or class the notebook defined (decorated ones too): stored by
+    value, or else as its source, and restored before the data that uses it."""
+    if getattr(value, "__module__", None) != "__main__":
+        return False
+    return isinstance(value, types.FunctionType | type) or (
+        hasattr(value, "__wrapped__") and hasattr(value, "__qualname__")
+    )
 
 
 def _kernel_id() -> str:
@@ -144,6 +149,7 @@ class SnapshotEngine:
         self._reach: dict[str, dict[int, Any]] = {}
         self._var_info: dict[str, dict[str, Any]] = {}
         self._groups: dict[frozenset[str], Group] = {}
+        self._sources: dict[str, tuple[int, str]] = {}  # name → (id of value, defining code)
         self._jobs: list[Job] = []
         self._last_id_time: datetime | None = None
         self._busy = False
@@ -282,9 +288,12 @@ class SnapshotEngine:
             try:
                 pickled = serialize.dump({name: value}, refs_for(name), definitions=_is_definition(value))
             except serialize.Unserializable as error:
-                unserializable[name] = str(error)
-                self._reach.pop(name, None)
-                continue
+                source = self._source_of(name, value) if _is_definition(value) else None
+                if source is None:
+                    unserializable[name] = str(error)
+                    self._reach.pop(name, None)
+                    continue
+                pickled = serialize.source_pickle(source)
             singles[name] = pickled
             self._reach[name] = pickled.reached
             self._var_info[name] = {"type": _type_name(value), "size": pickled.size}
@@ -408,6 +417,30 @@ class SnapshotEngine:
         self.writer.submit(job)
         return job, background
 
+    def _source_of(self, name: str, value: Any) -> str | None:
+        """The cell code that defined a notebook definition no pickler can rebuild."""
+        known = self._sources.get(name)
+        if known is not None and known[0] == id(value):
+            return known[1]
+        history = self.shell.user_ns.get("In")
+        if not isinstance(history, list):
+            return None
+        born = self._born.get(name)
+        order = [born] if born is not None and 0 < born < len(history) else []
+        order += [cell for cell in range(len(history) - 1, 0, -1) if cell != born]
+
+        def cells() -> Any:
+            for cell in order:
+                try:
+                    yield self.shell.transform_cell(history[cell])
+                except Exception:
+                    continue
+
+        source = tracking.definition_source(name, cells())
+        if source is not None:
+            self._sources[name] = (id(value), source)
+        return source
+
     def _group_of(self, names: tuple[str, ...], pickled: serialize.Pickled, new_blobs: dict[str, Any]) -> Group:
         payload_key = content_key(pickled.payload)
         new_blobs.setdefault(payload_key, pickled.payload)
@@ -416,7 +449,9 @@ class SnapshotEngine:
             key = content_key(buffer)
             new_blobs.setdefault(key, buffer)
             buffers.append((key, buffer.nbytes))
-        definition = len(names) == 1 and pickled.serializer == "dill" and _is_definition(self.shell.user_ns[names[0]])
+        definition = len(names) == 1 and pickled.serializer in ("dill", "source") and _is_definition(
+            self.shell.user_ns[names[0]]
+        )
         return Group(names, pickled.serializer, (payload_key, len(pickled.payload)), tuple(buffers), definition)
 
     def _committed(self, manifest: dict[str, Any]) -> None:
@@ -535,37 +570,35 @@ class SnapshotEngine:
                 report.notes.append(f"the snapshot was taken with {library} {version}; this kernel has {here[library]}")
 
         groups = manifest.get("groups", {})
-        definitions = [g for g in groups.values() if g.get("definition")]
-        data = [g for g in groups.values() if not g.get("definition")]
         failures: dict[str, str] = {}
 
         def load(group: dict[str, Any]) -> None:
             values = serialize.load(blobs[group["blob"]], [blobs[d] for d in group["buffers"]], group["serializer"],
                                     namespace)
+            if group["serializer"] == "source":
+                values = {name: namespace[name] for name in group["names"]}
+                self._sources.update({name: (id(v), bytes(blobs[group["blob"]]).decode()) for name, v in values.items()})
             namespace.update(values)
             report.restored.extend(values)
 
-        # Definitions may refer to each other (a subclass to its base): retry until no progress.
-        while definitions:
-            remaining = []
-            for group in definitions:
+        # Definitions first, then data; whatever refers to something not yet
+        # restored (a subclass to its base, an instance to a class kept as
+        # source) is retried until a round makes no progress.
+        pending = sorted(groups.values(), key=lambda group: not group.get("definition"))
+        while pending:
+            failed = []
+            for group in pending:
                 try:
                     load(group)
                 except Exception as error:
                     failures.update({name: f"{type(error).__name__}: {error}" for name in group["names"]})
-                    remaining.append(group)
-            if len(remaining) == len(definitions):
-                break
-            for group in definitions:
-                if group not in remaining:
+                    failed.append(group)
+                else:
                     for name in group["names"]:
                         failures.pop(name, None)
-            definitions = remaining
-        for group in data:
-            try:
-                load(group)
-            except Exception as error:
-                failures.update({name: f"{type(error).__name__}: {error}" for name in group["names"]})
+            if len(failed) == len(pending):
+                break
+            pending = failed
         variables = manifest.get("variables", {})
         for name, why in failures.items():
             cell = variables.get(name, {}).get("cell")

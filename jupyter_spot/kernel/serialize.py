@@ -21,6 +21,7 @@ import io
 import pickle
 import sys
 import types
+import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -212,7 +213,9 @@ def dump(values: dict[str, Any], main_refs: dict[int, str], *, definitions: bool
         out = io.BytesIO()
         pickler = pickler_class(out, main_refs, keep_buffer)
         try:
-            pickler.dump(values)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # dill warns on stderr, i.e. into the user's cell output
+                pickler.dump(values)
         except Unserializable as error:
             raise Unserializable(str(error)) from None
         except Exception as error:  # picklers raise anything a __reduce__ raises
@@ -220,8 +223,34 @@ def dump(values: dict[str, Any], main_refs: dict[int, str], *, definitions: bool
             if message not in errors:
                 errors.append(message)
             continue
-        return Pickled(out.getvalue(), buffers, serializer, _reached(pickler, values))
+        pickled = Pickled(out.getvalue(), buffers, serializer, _reached(pickler, values))
+        if definitions and not _rebuilds_by_value(pickled, values):
+            raise Unserializable("dill can only refer to it by name, which a new kernel does not have")
+        return pickled
     raise Unserializable("; ".join(errors))
+
+
+def _rebuilds_by_value(pickled: Pickled, values: dict[str, Any]) -> bool:
+    """Whether loading the pickle makes new objects rather than finding these by name.
+
+    dill falls back to a reference (``__main__.Color``) for what it cannot
+    rebuild (enums, ``lru_cache`` wrappers): useless in a new kernel.
+    """
+    unpickler = dill.Unpickler(io.BytesIO(pickled.payload), buffers=pickled.buffers)
+    unpickler._main = sys.modules["__main__"]  # type: ignore[attr-defined]
+    unpickler.persistent_load = lambda name: None  # type: ignore[method-assign]
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            loaded = unpickler.load()
+    except Exception:
+        return False
+    return all(loaded.get(name) is not value for name, value in values.items())
+
+
+def source_pickle(source: str) -> Pickled:
+    """A notebook definition kept as the code that defines it, re-run on restore."""
+    return Pickled(source.encode(), [], "source", {})
 
 
 def load(payload: Any, buffers: list[Any], serializer: str, namespace: dict[str, Any]) -> dict[str, Any]:
@@ -233,6 +262,9 @@ def load(payload: Any, buffers: list[Any], serializer: str, namespace: dict[str,
         except KeyError:
             raise pickle.UnpicklingError(f"it refers to {name!r}, which was not restored") from None
 
+    if serializer == "source":
+        exec(compile(bytes(payload).decode(), "<jupyter-spot restored definition>", "exec"), namespace)
+        return {}
     if serializer == "dill":
         unpickler: pickle.Unpickler = dill.Unpickler(io.BytesIO(payload), buffers=buffers)
         unpickler._main = sys.modules["__main__"]  # type: ignore[attr-defined]

@@ -122,3 +122,18 @@ def reachable_names(start: Iterable[str], namespace: Mapping[str, Any]) -> set[s
             return None
         todo.extend(used - seen)
     return seen
+
+
+def definition_source(name: str, cells: Iterable[str]) -> str | None:
+    """The code of the last top-level ``def``/``class`` binding ``name`` in ``cells``
+    (transformed cell sources, newest first), decorators included."""
+    for cell in cells:
+        try:
+            tree = ast.parse(cell)
+        except SyntaxError:
+            continue
+        for node in reversed(tree.body):
+            if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef | ast.ClassDef) and node.name == name:
+                start = min([node.lineno, *(d.lineno for d in node.decorator_list)])
+                return "\n".join(cell.splitlines()[start - 1 : node.end_lineno]) + "\n"
+    return None
