@@ -101,3 +101,13 @@ def test_notebook_definitions_are_referenced_by_name() -> None:
     assert restored["table"]["f"] is len  # resolved in the namespace being restored
     with pytest.raises(Exception, match="refers to 'helper', which was not restored"):
         serialize.load(pickled.payload, [], "pickle", {})
+
+
+def test_definition_source_finds_the_latest_definition_with_its_decorators() -> None:
+    cells = [
+        "x = 1\n@functools.lru_cache\ndef cached(n):\n    return n * 2\ny = 2\n",
+        "def cached(n):\n    return n\n",
+    ]
+    assert tracking.definition_source("cached", cells) == "@functools.lru_cache\ndef cached(n):\n    return n * 2\n"
+    assert tracking.definition_source("Missing", cells) is None
+    assert tracking.definition_source("cached", ["this is not python", cells[1]]) == cells[1]
