@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import time
 from pathlib import Path
 
 import pytest
@@ -138,6 +139,28 @@ def test_mid_cell_flush_from_a_signal_handler_and_clean_restore(session: str) ->
         clean = fresh.run("%spot restore --clean")
         assert "state after cell 3" in clean
         assert fresh.value("stage") == "clean"
+
+
+def test_mid_cell_flush_then_kill_keeps_what_the_running_cell_changed(session: str) -> None:
+    with SpotKernel() as kernel:
+        kernel.run(
+            "import os, signal, time, jupyter_spot\nimport numpy as np\n"
+            "signal.signal(signal.SIGUSR1, lambda *_: print(jupyter_spot.flush('test notice'), flush=True))\n"
+            "weights = np.zeros(300_000)\nuntouched = list(range(10))"
+        )
+        kernel.client.execute("weights[:10] = 1.5\nos.kill(os.getpid(), signal.SIGUSR1)\ntime.sleep(120)")
+        deadline = time.monotonic() + 60
+        flushed = ""
+        while "written" not in flushed:
+            message = kernel.client.get_iopub_msg(timeout=max(0.1, deadline - time.monotonic()))
+            if message["msg_type"] == "stream":
+                flushed += message["content"]["text"]
+        assert ": 1 stored, 1 unchanged, 0 skipped;" in flushed  # only the running cell's names were re-checked
+        kernel.kill()  # while the cell is still sleeping
+    with SpotKernel() as fresh:
+        report = fresh.run("%spot restore")
+        assert "taken while cell 3 was running (mid-cell)" in report
+        assert fresh.value("(float(weights.sum()), untouched)") == (15.0, list(range(10)))
 
 
 def test_restore_continues_random_streams_and_environment(session: str, tmp_path: Path) -> None:

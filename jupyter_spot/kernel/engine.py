@@ -167,19 +167,22 @@ class SnapshotEngine:
         lines = [line.strip() for line in self._cell_source.splitlines() if line.strip()]
         if not self.auto or all(line.startswith("%spot") for line in lines):
             return  # `%spot …` cells snapshot (or restore) themselves, or only look
-        try:
-            source = self.shell.transform_cell(self._cell_source)
-        except Exception:
-            source = self._cell_source
         if not tracking.user_names(self.shell.user_ns, self.shell.user_ns_hidden):
             return  # nothing to protect yet, and an empty snapshot would hide a session's real latest one
-        referenced = tracking.cell_names(source)
-        if referenced is not None:
-            referenced = tracking.reachable_names(referenced, self.shell.user_ns)
         try:
+            referenced = self._cell_references(self._cell_source)
             self.snapshot(kind="auto", referenced=referenced, wait=False, quiet=True)
         except Exception as error:  # a snapshot bug must never break the user's cells
             self._warn(f"snapshot failed: {type(error).__name__}: {error}")
+
+    def _cell_references(self, raw_cell: str) -> set[str] | None:
+        """Names a cell may have changed in place; None: it may have changed anything."""
+        try:
+            source = self.shell.transform_cell(raw_cell)
+        except Exception:
+            source = raw_cell
+        referenced = tracking.cell_names(source)
+        return None if referenced is None else tracking.reachable_names(referenced, self.shell.user_ns)
 
     # -- snapshot --------------------------------------------------------------
     def _new_id(self) -> str:
@@ -478,7 +481,12 @@ class SnapshotEngine:
             return self.last_result or SnapshotResult(None, self.session, "notice", self.shell.execution_count,
                                                       error="interrupted a snapshot in progress")
         if self._in_cell is not None:
-            return self.snapshot("mid-cell", during_cell=self._in_cell, deadline=until, reason=reason)
+            # With automatic snapshots on, only what the running cell can reach
+            # changed since the last one: the flush costs what a cell's snapshot costs.
+            referenced = self._cell_references(self._cell_source) if self.auto else None
+            return self.snapshot(
+                "mid-cell", referenced=referenced, during_cell=self._in_cell, deadline=until, reason=reason
+            )
         return self.snapshot("notice", deadline=until, reason=reason)
 
     def status(self) -> dict[str, Any]:
