@@ -128,6 +128,7 @@ class LiveKernel:
     kernel_id: str
     session: str
     started: datetime
+    cwd: str | None = None
     restored: str | None = None  # snapshot id loaded into it through the server
 
 

@@ -152,14 +152,16 @@ class SpotKernels:
             }
         )
         kwargs["env"] = env
-        if self.app.auto_load_kernel_extension and self.is_ipython(kwargs.get("kernel_name")):
+        ipython = self.is_ipython(kwargs.get("kernel_name"))
+        if self.app.auto_load_kernel_extension and ipython:
             kwargs["extra_arguments"] = [*kwargs.get("extra_arguments", []), "--ext=jupyter_spot"]
         interrupted = False
-        if self.app.auto_restore:
+        if self.app.auto_restore and ipython:
             interrupted = await self.app.session_is_interrupted(session)
         started = utcnow()
         kernel_id = await self._start(kernel_id=kernel_id, path=path, **kwargs)
-        self.live[kernel_id] = LiveKernel(kernel_id, session, started)
+        cwd = self.km.cwd_for_path(path, env=env) if path is not None else os.getcwd()
+        self.live[kernel_id] = LiveKernel(kernel_id, session, started, cwd=cwd)
         self.notice_files[kernel_id] = notice_file
         await self._write_session_record(kernel_id, "live")
         if interrupted:
@@ -178,17 +180,17 @@ class SpotKernels:
     def kernel_info(self, kernel_id: str) -> dict[str, Any]:
         """What the server record keeps about a kernel so another machine can recreate it."""
         kernel = self.km.get_kernel(kernel_id)
-        spec = getattr(kernel, "kernel_spec", None)
-        launch = getattr(kernel, "_launch_args", {}) or {}
+        spec = kernel.kernel_spec
+        live = self.live.get(kernel_id)
         return {
             "kernel_id": kernel_id,
-            "session": self.live[kernel_id].session if kernel_id in self.live else None,
+            "session": live.session if live else None,
             "kernel_spec": {
                 "name": kernel.kernel_name,
                 "display_name": getattr(spec, "display_name", None),
                 "language": getattr(spec, "language", None),
             },
-            "cwd": launch.get("cwd"),
+            "cwd": live.cwd if live else None,
             "pid": getattr(getattr(kernel, "provisioner", None), "pid", None),
         }
 
