@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 import nbformat
-from jupyter_core.application import JupyterApp
+from jupyter_core.application import JupyterApp, base_aliases
 from nbclient import NotebookClient
 from nbclient.exceptions import CellExecutionError
 from traitlets import Float, Unicode
@@ -187,6 +187,7 @@ class RunApp(JupyterApp):
     kernel = Unicode("", help="Kernel spec name (default: the notebook's).").tag(config=True)
     timeout = Float(None, allow_none=True, help="Seconds one cell may run (default: no limit).").tag(config=True)
     aliases = {
+        **base_aliases,
         "o": "RunApp.output",
         "output": "RunApp.output",
         "store": "RunApp.store",

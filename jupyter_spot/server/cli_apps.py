@@ -12,7 +12,7 @@ import json
 import sys
 from typing import Any, NoReturn
 
-from jupyter_core.application import JupyterApp
+from jupyter_core.application import JupyterApp, base_aliases, base_flags
 from traitlets import Bool, Int, Unicode
 
 from .._version import __version__
@@ -37,8 +37,8 @@ class StoreApp(JupyterApp):
         config=True
     )
     json_output = Bool(False, help="Print JSON instead of text.").tag(config=True)
-    aliases = {"store": "StoreApp.store"}
-    flags = {"json": ({"StoreApp": {"json_output": True}}, "Print JSON instead of text.")}
+    aliases = {**base_aliases, "store": "StoreApp.store"}
+    flags = {**base_flags, "json": ({"StoreApp": {"json_output": True}}, "Print JSON instead of text.")}
 
     def store_url(self) -> str:
         """``--store`` given on the command line wins over $JUPYTER_SPOT_STORE."""
