@@ -212,3 +212,42 @@ async def test_auto_restore_when_the_interrupted_notebook_opens(
         await asyncio.sleep(0.2)
     out = await execute(jp_serverapp.kernel_manager, kernel_id, "print(result.tolist(), np.__name__)")
     assert out.split() == ["[0,", "3,", "6,", "9]", "numpy"]
+
+
+@pytest.fixture
+def simulator(monkeypatch: pytest.MonkeyPatch) -> Any:
+    from jupyter_spot.notice.simulator import Simulator
+
+    with Simulator("aws") as sim:
+        monkeypatch.setenv("AWS_EC2_METADATA_SERVICE_ENDPOINT", sim.url)
+        yield sim
+
+
+@pytest.mark.parametrize("spot_config", [{"notice_sources": ["aws"], "notice_poll_interval": 0.1}])
+async def test_rebalance_takes_one_snapshot_and_keeps_the_machine_open(
+    simulator: Any, jp_fetch: Any, jp_serverapp: Any, notebook: str, spot_env: Path
+) -> None:
+    flushes: list[dict[str, Any]] = []
+
+    async def listen(logger: Any, schema_id: str, data: dict[str, Any]) -> None:
+        flushes.append(dict(data))
+
+    jp_serverapp.event_logger.add_listener(
+        schema_id="https://events.jupyter.org/jupyter_spot/flush/v1", listener=listen
+    )
+    store = open_store(str(spot_env))
+    kernel_id = await open_notebook(jp_fetch, notebook)
+    await execute(jp_serverapp.kernel_manager, kernel_id, "z = 1")
+    before = await wait_for_snapshots(store, notebook)
+    simulator.rebalance()
+    deadline = time.monotonic() + 30
+    while not [f for f in flushes if f["status"] != "started"]:
+        assert time.monotonic() < deadline, flushes
+        await asyncio.sleep(0.1)
+    await asyncio.sleep(1.0)  # a second poll or two: the same recommendation must not fire again
+    assert [f["status"] for f in flushes] == ["started", "done"]
+    assert len(store.list_snapshots(notebook)) == len(before) + 1
+    status = json.loads((await jp_fetch("jupyter-spot/api/status")).body)
+    assert status["last_notice"]["kind"] == "rebalance" and status["last_notice"]["deadline"] is None
+    started = await jp_fetch("api", "kernels", method="POST", body="{}")  # not an interruption: work goes on
+    assert started.code == 201
