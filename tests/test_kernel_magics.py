@@ -108,8 +108,8 @@ def test_python_api_and_after_restore_hooks(session: str) -> None:
         )
         result = kernel.run("r = jupyter_spot.snapshot()\nprint(r.durable, r.kind, r.to_dict()['id'])").split()
         assert result[:2] == ["True", "explicit"]
-        status = kernel.value("{k: v for k, v in jupyter_spot.status().items() if k in ('pending_blobs', 'session')}")
-        assert status == {"pending_blobs": 0, "session": session}
+        status = kernel.value("{k: v for k, v in jupyter_spot.status().items() if k in ('pending_snapshots', 'pending_blobs', 'session')}")
+        assert status == {"pending_snapshots": 0, "pending_blobs": 0, "session": session}
     with SpotKernel(load=False) as fresh:
         output = fresh.run("import jupyter_spot\nreport = jupyter_spot.restore()\nprint(report.ok, report.snapshot_id)")
         ok, snapshot_id = output.split()

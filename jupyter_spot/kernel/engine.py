@@ -496,6 +496,7 @@ class SnapshotEngine:
             "store_kind": self.store.kind,
             "session": self.session,
             "auto_snapshot": self.auto,
+            "pending_snapshots": self.writer.pending_snapshots,
             "pending_blobs": self.writer.pending_blobs,
             "pending_bytes": self.writer.pending_bytes,
             "last_snapshot": None if last is None else last.to_dict(),

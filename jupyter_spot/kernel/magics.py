@@ -64,7 +64,7 @@ class SpotMagics(Magics):
 
     def _status(self, args: Any) -> None:
         status = self.engine.status()
-        pending = status["pending_blobs"]
+        pending = status["pending_snapshots"]
         last = status["last_snapshot"]
         print(f"store: {status['store']} ({status['store_kind']})")
         print(f"session: {status['session']}")
@@ -72,7 +72,11 @@ class SpotMagics(Magics):
         if last is not None:
             print(f"last snapshot: {last['id']} ({last['kind']}, cell {last['execution_count']})")
         print(f"last committed: {status['last_committed']}")
-        print("pending: 0" if pending == 0 else f"pending: {pending} blobs ({human_bytes(status['pending_bytes'])})")
+        if pending == 0:
+            print("pending: 0")
+        else:  # the first number stays non-zero until the last manifest is committed
+            print(f"pending: {pending} snapshot(s), {status['pending_blobs']} blobs "
+                  f"({human_bytes(status['pending_bytes'])}) still being written")
         if status["excluded"]:
             print(f"excluded: {', '.join(status['excluded'])}")
         if status["last_error"]:

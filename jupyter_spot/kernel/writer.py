@@ -73,6 +73,11 @@ class Writer:
         self._wake.set()
 
     @property
+    def pending_snapshots(self) -> int:
+        """Snapshots queued or being written, counted until their manifest is committed."""
+        return self._outstanding
+
+    @property
     def idle(self) -> bool:
         return self._outstanding == 0
 
