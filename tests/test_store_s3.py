@@ -458,6 +458,32 @@ def test_writer_waits_for_a_running_gc_and_forgets_what_it_deleted(s3_url: str) 
     assert assert_complete(s3_url) == 1
 
 
+def test_collector_killed_half_way_cannot_leave_a_dangling_manifest(
+    s3_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from jupyter_spot.store import s3 as s3_module
+
+    monkeypatch.setattr(s3_module, "GC_LOCK_SECONDS", 2)
+    writer, collector = S3Store(s3_url), S3Store(s3_url)
+    x, y = b"x" * 10, b"y" * 10
+    snapshot(writer, "nb.ipynb", "0001", [x, y])
+    writer.delete_snapshot("nb.ipynb", "0001")
+    guard = collector.blob_gc_guard()
+    may_delete = guard.__enter__()
+    assert may_delete()
+    collector.delete_blob(digest_of(x))  # ... and the collector dies here, its lock left behind
+    time.sleep(2.5)  # the lock goes stale: nobody waits for a dead collector for long
+
+    # The kernel engine remembers x as stored and names it without storing it again.
+    manifest = {"session": "nb.ipynb", "id": "0002", "blobs": [digest_of(x), digest_of(y)]}
+    with pytest.raises(MissingBlobError, match="not in"):
+        writer.commit_manifest(manifest)
+    assert writer.list_snapshots("nb.ipynb") == []
+    assert writer.put_blob(digest_of(x), x) == len(x)  # stored again, not assumed
+    writer.commit_manifest(manifest)
+    assert assert_complete(s3_url) == 1
+
+
 def test_gc_running_against_a_busy_writer_loses_nothing(s3_url: str) -> None:
     writer, collector = S3Store(s3_url), S3Store(s3_url)
     pool = [blob(i, 2000 + i) for i in range(12)]

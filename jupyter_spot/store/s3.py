@@ -7,13 +7,14 @@ Layout under ``s3://bucket/prefix`` mirrors the FileStore::
     records/<name>.json          the server's records
     locks/write-<token>          a writer's lease, held while it stores a snapshot
     locks/gc-<token>             a garbage collector's lock
-    locks/gc-generation          rewritten by every collection that deleted blobs
+    locks/gc-generation          rewritten before a collection deletes its first blob
 
 Why these choices:
 
-* Blobs are verified against their SHA-256 on every read; single-request
-  uploads also send that SHA-256 as ``x-amz-checksum-sha256`` so S3 itself
-  refuses damaged bytes, and multipart parts carry per-part SHA-256 checksums.
+* Blobs are verified against their SHA-256 on every read. A blob under 1 MiB
+  is one conditional PUT carrying that SHA-256 as ``x-amz-checksum-sha256``, so
+  S3 itself refuses damaged bytes and never stores it twice; a bigger one is
+  looked up first and sent by s3transfer (multipart parts carry CRC32s).
 * The manifest commit is ``PutObject`` with ``If-None-Match: *``: S3 answers 412
   to the second writer of the same key, so no snapshot ever overwrites another.
 * A blob this process knows is stored costs no request at all, which is what
@@ -22,9 +23,11 @@ Why these choices:
   coordinate through lease objects (the protocol restic uses for its locks;
   S3 lists are strongly consistent): a writer puts its lease *then* lists the
   locks, a collector puts its lock *then* lists the leases, so at least one of
-  them sees the other.  A collector that sees a live lease deletes no blobs; a
-  writer that sees a live collector waits for it, and drops its cache of known
-  blobs whenever the collection generation changed.
+  them sees the other.  A collector that sees a live lease deletes no more
+  blobs (it looks again every second); a writer that sees a live collector
+  waits for it, drops its cache of known blobs whenever the collection
+  generation changed, and checks before committing any blob it has not seen
+  since.
 """
 
 from __future__ import annotations
@@ -188,6 +191,7 @@ class S3Store(Store):
         self._lease_taken = 0.0  # time.monotonic() of the lease PUT; 0 when not held
         self._gc_generation: str | None = "not looked yet"
         self._generation_key = self._key("locks", "gc-generation")
+        self._collecting = self._announced = False  # inside blob_gc_guard; generation bumped
 
     # -- plumbing ------------------------------------------------------------
     def _key(self, *parts: str) -> str:
@@ -330,7 +334,7 @@ class S3Store(Store):
         whole collection.
         """
         key = self._key("locks", f"gc-{secrets.token_hex(8)}")
-        state = {"checked": 0.0, "allowed": True, "deleting": False}
+        state = {"checked": 0.0, "allowed": True}
 
         def may_delete() -> bool:
             if state["allowed"] and time.monotonic() - state["checked"] >= 1.0:
@@ -338,17 +342,14 @@ class S3Store(Store):
                     self.client.put_object(Bucket=self.bucket, Key=key, Body=b"")
                 state["allowed"] = not self._live_locks()["write"]
                 state["checked"] = time.monotonic()
-            state["deleting"] = state["deleting"] or state["allowed"]
-            return bool(state["allowed"])
+            return state["allowed"]
 
+        self._collecting, self._announced = True, False
         try:
             yield may_delete
         finally:
+            self._collecting, self._announced = False, False
             with self._calling("releasing the garbage collection lock"):
-                if state["deleting"]:  # writers must forget which blobs they think exist
-                    self.client.put_object(
-                        Bucket=self.bucket, Key=self._generation_key, Body=secrets.token_hex(8).encode()
-                    )
                 self.client.delete_object(Bucket=self.bucket, Key=key)
 
     # -- blobs ---------------------------------------------------------------
@@ -455,6 +456,12 @@ class S3Store(Store):
         key = self._blob_key(digest)
         self._known.discard(digest)
         with self._calling(f"deleting blob {digest[:12]}"):
+            if not self._announced:
+                # Before the first deletion, so even a collector killed half-way
+                # makes every writer forget which blobs it believed stored.
+                generation = secrets.token_hex(8).encode()
+                self.client.put_object(Bucket=self.bucket, Key=self._generation_key, Body=generation)
+                self._announced = self._collecting
             self.client.delete_object(Bucket=self.bucket, Key=key)
 
     # -- manifests -----------------------------------------------------------
