@@ -103,3 +103,15 @@ def test_untouched_groups_are_not_rewritten(session: str) -> None:
         kernel.run("big[0] = -1.0")
         line = kernel.run("%spot snapshot")
         assert ": 1 stored, 1 unchanged, 0 skipped;" in line and "16.0 MB written" in line
+
+
+def test_changes_made_while_snapshots_were_off_reach_the_next_one(session: str) -> None:
+    with SpotKernel() as kernel:
+        kernel.run("items = [1]\nother = 0")
+        kernel.run("%spot off")
+        kernel.run("items.append(2)")
+        kernel.run("%spot on")
+        kernel.run("other = 1  # does not mention items")
+    with SpotKernel() as fresh:
+        fresh.run("%spot restore")
+        assert fresh.value("(items, other)") == ([1, 2], 1)

@@ -32,6 +32,10 @@ from .writer import Job, Writer
 #: queued, a cell waits for its snapshot instead of copying more (memory first).
 MAX_PENDING_COPIES = 2 << 30
 
+#: After a failed automatic snapshot (store down, disk full), cells run without
+#: one for this long before the next attempt, instead of paying for it every cell.
+RETRY_AFTER_FAILURE = 30.0
+
 #: Functions registered with ``@jupyter_spot.after_restore``.
 AFTER_RESTORE_HOOKS: list[Callable[..., Any]] = []
 _HOOK_MARK = "__jupyter_spot_after_restore__"
@@ -156,6 +160,8 @@ class SnapshotEngine:
         self._in_cell: int | None = None
         self._cell_source = ""
         self._warned = False
+        self._unsaved: set[str] | None = set()  # names cells used since the last snapshot; None: all
+        self._failed_at: float | None = None
 
     # -- cell hooks ------------------------------------------------------------
     def pre_run_cell(self, info: Any) -> None:
@@ -165,15 +171,24 @@ class SnapshotEngine:
     def post_run_cell(self, result: Any) -> None:
         self._in_cell = None
         lines = [line.strip() for line in self._cell_source.splitlines() if line.strip()]
-        if not self.auto or all(line.startswith("%spot") for line in lines):
+        if all(line.startswith("%spot") for line in lines):
             return  # `%spot …` cells snapshot (or restore) themselves, or only look
-        if not tracking.user_names(self.shell.user_ns, self.shell.user_ns_hidden):
-            return  # nothing to protect yet, and an empty snapshot would hide a session's real latest one
+        # Remembered until a snapshot covers them: with `%spot off`, or while a
+        # failing store is given time, cells still change things in place.
+        self._unsaved = self._with_cell(self._unsaved, self._cell_source)
+        if not self.auto or not tracking.user_names(self.shell.user_ns, self.shell.user_ns_hidden):
+            return  # off, or nothing to protect yet (an empty snapshot would hide a session's real latest one)
+        if self._failed_at is not None and time.monotonic() - self._failed_at < RETRY_AFTER_FAILURE:
+            return
         try:
-            referenced = self._cell_references(self._cell_source)
-            self.snapshot(kind="auto", referenced=referenced, wait=False, quiet=True)
+            self.snapshot(kind="auto", referenced=self._unsaved, wait=False, quiet=True)
         except Exception as error:  # a snapshot bug must never break the user's cells
+            self._failed_at = time.monotonic()
             self._warn(f"snapshot failed: {type(error).__name__}: {error}")
+
+    def _with_cell(self, names: set[str] | None, raw_cell: str) -> set[str] | None:
+        referenced = self._cell_references(raw_cell)
+        return None if names is None or referenced is None else names | referenced
 
     def _cell_references(self, raw_cell: str) -> set[str] | None:
         """Names a cell may have changed in place; None: it may have changed anything."""
@@ -223,11 +238,13 @@ class SnapshotEngine:
             job, background = self._prepare(kind, referenced, wait, during_cell, reason)
         finally:
             self._busy = False
+        self._unsaved = set()
         result = job.result
         self.last_result = result
         if not background and not self.writer.wait(job, deadline):
             result.error = result.error or "the deadline passed before the snapshot was durable"
         error = result.error or (self.writer.last_error if background else None)
+        self._failed_at = time.monotonic() if error else None
         if error and quiet:  # auto snapshots warn once; explicit ones print their result
             self._warn(f"snapshot failed: {error}")
         return result
@@ -483,7 +500,7 @@ class SnapshotEngine:
         if self._in_cell is not None:
             # With automatic snapshots on, only what the running cell can reach
             # changed since the last one: the flush costs what a cell's snapshot costs.
-            referenced = self._cell_references(self._cell_source) if self.auto else None
+            referenced = self._with_cell(self._unsaved, self._cell_source)
             return self.snapshot(
                 "mid-cell", referenced=referenced, during_cell=self._in_cell, deadline=until, reason=reason
             )
