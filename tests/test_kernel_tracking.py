@@ -111,3 +111,21 @@ def test_definition_source_finds_the_latest_definition_with_its_decorators() -> 
     assert tracking.definition_source("cached", cells) == "@functools.lru_cache\ndef cached(n):\n    return n * 2\n"
     assert tracking.definition_source("Missing", cells) is None
     assert tracking.definition_source("cached", ["this is not python", cells[1]]) == cells[1]
+
+
+def test_shared_objects_group_variables_incrementally() -> None:
+    inner, other = [1], [2]
+    shared = tracking.SharedObjects()
+    shared.set("a", {id(inner): inner})
+    shared.set("d", {id(inner): inner, id(other): other})
+    shared.set("x", {id(other): other})
+    shared.set("lonely", {})
+    assert shared.groups(["a", "d", "x", "lonely"]) == [["a", "d", "x"], ["lonely"]]
+    shared.set("d", {id(other): other})  # d no longer holds inner: a goes its own way
+    assert shared.groups(["a", "d", "x", "lonely"]) == [["a"], ["d", "x"], ["lonely"]]
+    shared.discard("x")
+    shared.discard("a")
+    shared.set("b", {id(inner): inner})
+    assert shared.groups(["d", "b", "lonely"]) == [["d"], ["b"], ["lonely"]]
+    shared.set("a", {id(inner): inner})
+    assert shared.groups(["d", "b", "a"]) == [["d"], ["b", "a"]]

@@ -150,7 +150,7 @@ class SnapshotEngine:
         self.last_clean_id: str | None = None
         self._ids: dict[str, int] = {}
         self._born: dict[str, int] = {}
-        self._reach: dict[str, dict[int, Any]] = {}
+        self._shared = tracking.SharedObjects()
         self._var_info: dict[str, dict[str, Any]] = {}
         self._groups: dict[frozenset[str], Group] = {}
         self._sources: dict[str, tuple[int, str]] = {}  # name → (id of value, defining code)
@@ -286,8 +286,9 @@ class SnapshotEngine:
                 touched.update(name for name in group.names if name in current)
         for name in list(self._ids):
             if name not in current:
-                for table in (self._ids, self._reach, self._var_info):
+                for table in (self._ids, self._var_info):
                     table.pop(name, None)
+                self._shared.discard(name)
 
         main_refs: dict[int, str] = {}
         for name, value in current.items():
@@ -311,14 +312,18 @@ class SnapshotEngine:
                 source = self._source_of(name, value) if _is_definition(value) else None
                 if source is None:
                     unserializable[name] = str(error)
-                    self._reach.pop(name, None)
+                    self._shared.discard(name)
                     continue
                 pickled = serialize.source_pickle(source)
             singles[name] = pickled
-            self._reach[name] = pickled.reached
+            if _is_definition(value):
+                self._shared.discard(name)  # restored first and referenced by name: never grouped
+                self._shared.reach[name] = {}
+            else:
+                self._shared.set(name, pickled.reached)
             self._var_info[name] = {"type": _type_name(value), "size": pickled.size}
         for name in current:
-            if name not in touched and name not in self._reach:
+            if name not in touched and name not in self._shared.reach:
                 unserializable.setdefault(name, self._var_info.get(name, {}).get("reason", "could not be pickled"))
         for name, why in unserializable.items():
             self._var_info[name] = {"type": _type_name(current[name]), "size": 0, "reason": why}
@@ -327,31 +332,11 @@ class SnapshotEngine:
             info["cell"] = self._born.get(name)
             info["source"] = self._source_line(info["cell"])
 
-        # co-variables: union-find over the objects each variable's pickle reached
-        stored_names = [n for n in current if n not in unserializable]
-        parent = {name: name for name in stored_names}
-
-        def find(name: str) -> str:
-            while parent[name] != name:
-                parent[name] = parent[parent[name]]
-                name = parent[name]
-            return name
-
-        owner: dict[int, str] = {}
-        for name in stored_names:
-            if _is_definition(current[name]):
-                continue
-            for object_id in self._reach.get(name, ()):
-                other = owner.setdefault(object_id, name)
-                if other != name:
-                    parent[find(name)] = find(other)
-        members: dict[str, list[str]] = {}
-        for name in stored_names:
-            members.setdefault(find(name), []).append(name)
-
+        # co-variables: variables whose pickles reached a common object
+        members = self._shared.groups(n for n in current if n not in unserializable)
         groups: dict[frozenset[str], Group] = {}
         new_blobs: dict[str, Any] = {}
-        for names in members.values():
+        for names in members:
             key = frozenset(names)
             previous = self._groups.get(key)
             if previous is not None and not key & touched:

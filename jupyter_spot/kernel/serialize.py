@@ -17,6 +17,7 @@ function is the restored function.
 
 from __future__ import annotations
 
+import enum
 import io
 import pickle
 import sys
@@ -97,7 +98,9 @@ class _Hooks:
     def _setup(self, main_refs: dict[int, str]) -> None:
         self._main_refs = main_refs
         self._type_decisions = {}
+        self._shareable: dict[type, bool] = {}
         self.immutable_ids: set[int] = set()
+        self.reached: dict[int, Any] = {}
 
     def reducer_override(self, obj: Any) -> Any:
         obj_type = type(obj)
@@ -122,10 +125,20 @@ class _Hooks:
         raise Unserializable(f"{obj_type.__module__}.{obj_type.__qualname__}: {decision}")
 
     def persistent_id(self, obj: Any) -> str | None:
+        """Called for every object pickled: the cheapest place to see what a variable reaches."""
+        key = id(obj)
         # A notebook function or class bound at top level is restored first,
         # on its own; everyone else refers to it by name.
-        name = self._main_refs.get(id(obj))
-        return None if name is None else name
+        name = self._main_refs.get(key)
+        if name is not None:
+            return name
+        obj_type = type(obj)
+        shareable = self._shareable.get(obj_type)
+        if shareable is None:
+            shareable = self._shareable[obj_type] = _shareable_type(obj_type)
+        if shareable:
+            self.reached[key] = obj
+        return None
 
 
 class CPickler(_Hooks, pickle.Pickler):
@@ -155,40 +168,45 @@ class Pickled:
         return len(self.payload) + sum(b.nbytes for b in self.buffers)
 
 
-def _shareable(obj: Any) -> bool:
-    """Whether two variables reaching this object must be stored together.
+_CONTAINERS = (list, dict, set, bytearray)
+
+
+def _shareable_type(obj_type: type) -> bool:
+    """Whether two variables reaching an object of this type must be stored together.
 
     Immutable values, functions, classes and library singletons (numpy and
-    pandas dtypes, an empty class-level list) are shared all the time without
-    it mattering; counting them would glue the whole namespace into one group.
+    pandas dtypes, pandas indexes) are shared all the time without it
+    mattering; counting them would glue the whole namespace into one group.
     """
-    obj_type = type(obj)
-    if obj_type in (list, dict, set, bytearray):
-        return len(obj) > 0
+    if obj_type in _CONTAINERS:
+        return True
     if obj_type.__module__ == "numpy":
         return obj_type.__name__ == "ndarray"
-    if not hasattr(obj, "__dict__") or hasattr(obj, "__qualname__") or isinstance(obj, types.ModuleType):
-        return False  # no mutable state of its own, or a function / class pickled by name
+    if issubclass(obj_type, type | types.ModuleType | enum.Enum):
+        return False
+    mro = [klass for klass in obj_type.__mro__ if klass is not object]
+    if any(not isinstance(vars(klass).get("__qualname__", ""), str) for klass in mro):
+        return False  # function-like: pickled by name
     module = obj_type.__module__ or ""
     if module.startswith("pandas") and obj_type.__name__.endswith(("Index", "Dtype")):
         return False  # immutable, and shared by every frame derived from another
-    return not module.startswith("enum")
+    return getattr(obj_type, "__dictoffset__", 0) != 0 or any("__slots__" in vars(klass) for klass in mro)
 
 
-def _reached(pickler: pickle.Pickler, values: Any) -> dict[int, Any]:
+def _reached(pickler: _Hooks, values: Any) -> dict[int, Any]:
     """The objects a pickle reached that may be shared with other variables, by id.
 
     They are returned (not only their ids) so the caller keeps them alive:
     reducers build temporary objects (state dicts, argument lists) whose ids
     would otherwise be reused by unrelated objects later and glue unrelated
-    variables together.
+    variables together. An empty container (a class-level ``[]`` default) is
+    not worth a group.
     """
-    skip = pickler.immutable_ids  # type: ignore[attr-defined]
-    return {
-        key: obj
-        for key, (_, obj) in pickler.memo.copy().items()
-        if obj is not values and key not in skip and _shareable(obj)
-    }
+    reached = pickler.reached
+    reached.pop(id(values), None)
+    for key in pickler.immutable_ids:
+        reached.pop(key, None)
+    return {key: obj for key, obj in reached.items() if type(obj) not in _CONTAINERS or len(obj)}
 
 
 def dump(values: dict[str, Any], main_refs: dict[int, str], *, definitions: bool = False) -> Pickled:

@@ -137,3 +137,62 @@ def definition_source(name: str, cells: Iterable[str]) -> str | None:
                 start = min([node.lineno, *(d.lineno for d in node.decorator_list)])
                 return "\n".join(cell.splitlines()[start - 1 : node.end_lineno]) + "\n"
     return None
+
+
+class SharedObjects:
+    """Which variables reach a common object: the co-variable groups, kept incrementally.
+
+    Each variable's reached objects are claimed when it is pickled and released
+    when it is pickled again or goes away, so a cell pays for the variables it
+    touched — not for every object of an untouched million-row list.
+    """
+
+    def __init__(self) -> None:
+        self.reach: dict[str, dict[int, Any]] = {}  # name → reached objects (kept alive: ids stay unique)
+        self._owner: dict[int, str] = {}
+        self._shared: dict[int, set[str]] = {}  # object id → every name reaching it, when two or more do
+
+    def set(self, name: str, reached: dict[int, Any]) -> None:
+        self.discard(name)
+        self.reach[name] = reached
+        owner, shared = self._owner, self._shared
+        for key in reached:
+            first = owner.setdefault(key, name)
+            if first != name:
+                shared.setdefault(key, {first}).add(name)
+
+    def discard(self, name: str) -> None:
+        reached = self.reach.pop(name, None)
+        if not reached:
+            return
+        owner, shared = self._owner, self._shared
+        for key in reached:
+            claimants = shared.get(key)
+            if claimants is None:
+                if owner.get(key) == name:
+                    del owner[key]
+                continue
+            claimants.discard(name)
+            if owner[key] == name:
+                owner[key] = next(iter(claimants))
+            if len(claimants) == 1:
+                del shared[key]
+
+    def groups(self, names: Iterable[str]) -> list[list[str]]:
+        """``names`` partitioned into groups of variables that share objects, in order."""
+        parent = {name: name for name in names}
+
+        def find(name: str) -> str:
+            while parent[name] != name:
+                parent[name] = parent[parent[name]]
+                name = parent[name]
+            return name
+
+        for claimants in self._shared.values():
+            present = [name for name in claimants if name in parent]
+            for other in present[1:]:
+                parent[find(other)] = find(present[0])
+        members: dict[str, list[str]] = {}
+        for name in parent:
+            members.setdefault(find(name), []).append(name)
+        return list(members.values())
