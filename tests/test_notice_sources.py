@@ -125,6 +125,28 @@ def test_aws_hanging_token_put_falls_back_to_imdsv1_and_stays(caplog: pytest.Log
     assert sum("hop limit" in r.getMessage() for r in caplog.records) == 1
 
 
+def test_aws_imdsv2_required_behind_hop_limit_1_says_what_to_fix() -> None:
+    with Simulator("aws", imdsv2_only=True, hang_token_put=True) as sim:
+        source = AWSSource(sim.url, timeout=0.3)
+        with pytest.raises(OSError, match="hop limit to 2"):
+            source.poll()
+        started = time.monotonic()
+        with pytest.raises(OSError, match="hop limit to 2"):
+            source.poll()
+        again = time.monotonic() - started
+        puts = sim.token_puts
+    assert again < 0.15 and puts == 1  # the watcher's retries do not pay the timeout either
+
+
+def test_aws_unparsable_notice_time_is_a_notice_without_deadline() -> None:
+    with Simulator("aws") as sim:
+        sim.fire()
+        sim.notice = {"action": "terminate", "time": "not-a-time"}
+        notice = AWSSource(sim.url).poll()
+    assert notice is not None and notice.kind == "interruption"
+    assert notice.deadline is None and notice.seconds_left() is None
+
+
 def test_aws_rebalance_is_reported_once_then_the_interruption() -> None:
     with Simulator("aws") as sim:
         rec = Recorder()
