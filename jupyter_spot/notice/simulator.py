@@ -23,7 +23,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 from jupyter_core.application import JupyterApp, base_aliases, base_flags
-from traitlets import Bool, Enum, Float, Int, Unicode
+from traitlets import Bool, Enum, Float, Int
 
 from .._version import __version__
 from . import aws, azure, gcp
@@ -389,7 +389,6 @@ class SimulateApp(JupyterApp):
     hang_token_put = Bool(False, help="AWS: never answer the token PUT (a container behind hop limit 1).").tag(
         config=True
     )
-    provider = Unicode("")
 
     aliases = {
         **base_aliases,
