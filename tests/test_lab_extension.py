@@ -108,7 +108,7 @@ def test_notice_shows_countdown_and_saves_the_dirty_notebook(page: Page, lab_fac
     banner = page.locator("#jp-spot-notice")
     expect(banner).to_be_in_viewport(ratio=1.0, timeout=30_000)
     message = banner.locator(".jp-spot-notice-message")
-    expect(message).to_contain_text(re.compile(r"This machine will be reclaimed in 1:[0-5]\d — "))
+    expect(message).to_contain_text(re.compile(r"This machine will be reclaimed in (1:[0-5]\d|2:00) — "))
     first = message.inner_text()
     expect(message).not_to_have_text(first, timeout=5_000)  # the countdown is live
 
@@ -188,8 +188,9 @@ def test_status_bar_age_changes_after_running_a_cell(page: Page, lab_factory: Ca
     started = time.monotonic()
     run_cell(page, 1, "second-cell 3")
     expect(status).not_to_have_attribute("data-snapshot-id", first or "", timeout=30_000)
-    expect(status).to_have_text(re.compile(r"^snapshot [0-5] s ago · .+ · local$"))
-    assert time.monotonic() - started < 30
+    age = re.match(r"snapshot (\d+) s ago", status.inner_text())
+    assert age, status.inner_text()
+    assert int(age.group(1)) <= time.monotonic() - started + 1, "the age shown is the new snapshot's"
 
     status.click()
     panel = page.locator("#jp-spot-snapshots")
