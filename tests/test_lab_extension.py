@@ -33,6 +33,7 @@ CELLS = (
     'y = [x] * 3\nprint("second-cell", len(y))',
 )
 SLOW = 60_000  # ms: Lab's first load and a kernel start on a busy 2-core machine
+expect.set_options(timeout=15_000)  # every other wait: generous for a loaded CI machine
 
 
 @pytest.fixture
