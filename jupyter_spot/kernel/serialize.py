@@ -9,10 +9,10 @@ buffer without another copy.
 The C pickler goes first because it is fast. Objects it cannot take (lambdas,
 closures, classes that are not the top-level binding of their name, …) send the
 group to dill, whose pickles are slower but handle code defined in the notebook.
-Notebook functions and classes that *are* bound at top level are pickled by
-reference (``__main__.name``) everywhere except in their own group, so after a
-restore instances belong to the restored class and every reference to a
-function is the restored function.
+Notebook functions and classes bound at top level are stored by value once, in
+their own group, and everywhere else as a persistent reference to their name,
+so after a restore instances belong to the restored class and every reference
+to a function is the restored function.
 """
 
 from __future__ import annotations
@@ -160,7 +160,7 @@ class Pickled:
 
     payload: bytes
     buffers: list[memoryview]
-    serializer: str  # "pickle" | "dill"
+    serializer: str  # "pickle" | "dill" | "source"
     reached: dict[int, Any] = field(default_factory=dict)
 
     @property
