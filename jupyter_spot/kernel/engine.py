@@ -348,11 +348,16 @@ class SnapshotEngine:
                     pickled = singles[names[0]]
                 else:
                     pickled = serialize.dump({n: current[n] for n in names}, main_refs)
-            except serialize.Unserializable:  # together they need dill and dill refuses: store apart
+            except serialize.Unserializable as error:  # together they need dill and dill refuses: store apart
                 for name in names:
-                    if name in singles:
-                        groups[frozenset([name])] = self._group_of((name,), singles[name], new_blobs)
-                        result.stored += 1
+                    try:
+                        single = singles.get(name) or serialize.dump({name: current[name]}, refs_for(name))
+                    except serialize.Unserializable:
+                        skipped[name] = {"type": _type_name(current[name]), "reason": str(error),
+                                         "cell": self._born.get(name), "source": self._source_line(self._born.get(name))}
+                        continue
+                    groups[frozenset([name])] = self._group_of((name,), single, new_blobs)
+                    result.stored += 1
                 continue
             group = self._group_of(tuple(names), pickled, new_blobs)
             groups[key] = group
