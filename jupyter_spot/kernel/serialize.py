@@ -73,11 +73,15 @@ def _reduce_view(array: Any) -> Any:
     a restore it still shares memory with the base — numpy alone would copy it."""
     import numpy as np
 
-    root = array.base
-    while isinstance(root, np.ndarray) and root.base is not None:
+    # The owner is the last ndarray down the base chain. Below it may lie a
+    # non-array buffer (a restored array sits on the store's bytes): walking
+    # into that would make us copy the view and lose the sharing.
+    root = array
+    while isinstance(root.base, np.ndarray):
         root = root.base
     if (
-        type(root) is not np.ndarray
+        root is array
+        or type(root) is not np.ndarray
         or root.dtype.hasobject
         or array.dtype.hasobject
         or not (root.flags.c_contiguous or root.flags.f_contiguous)
