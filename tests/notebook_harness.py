@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import signal
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -78,7 +80,10 @@ class Kernel:
     def __init__(self, cwd: Path, session: str, extra_env: dict[str, str] | None = None) -> None:
         cwd.mkdir(parents=True, exist_ok=True)
         env = {**os.environ, "JUPYTER_SPOT_SESSION": session, **(extra_env or {})}
-        self.km = KernelManager(kernel_name="python3")
+        # Unix sockets, not TCP: no free-port race with the other kernels and servers
+        # the suite (and anything else on the machine) starts at the same moment.
+        self._sockets = tempfile.mkdtemp(prefix="spot-kernel-")
+        self.km = KernelManager(kernel_name="python3", transport="ipc", ip=os.path.join(self._sockets, "k"))
         self.km.start_kernel(cwd=str(cwd), env=env)
         self._kc: BlockingKernelClient | None = None
         self._closed = False
@@ -153,6 +158,7 @@ class Kernel:
             self.km.shutdown_kernel(now=True)
         else:
             self.km.cleanup_resources()
+        shutil.rmtree(self._sockets, ignore_errors=True)
 
     def __enter__(self) -> Kernel:
         return self

@@ -1,12 +1,19 @@
 """Issue 2's promise, notebook by notebook: cut anywhere, kill -9, restore, continue.
 
-For every notebook in ``notebooks/`` and every cut k: kernel A runs cells 1..k,
-its snapshot is made durable (``auto``: the per-cell snapshots, waited for with
-``%spot status``; ``explicit``: one ``%spot snapshot``), A is SIGKILLed, and a
-fresh kernel B runs ``%spot restore latest`` then cells k+1..n. Every cell must
-print what it printed in one uninterrupted run. The only exception: a cell that
-uses an object no snapshot can hold (a generator, an open file, a DB cursor) —
-and then the restore report must name that object.
+Every cell must print what it printed in one uninterrupted run, and keep its
+execution count (shifted by the cells the test itself adds). The only exception:
+a cell that uses an object no snapshot can hold (a generator, an open file, a DB
+cursor) — and then the restore report must name that object and the cell that
+made it.
+
+- ``auto`` (per-cell snapshots): for every cut k, kernel A runs cells 1..k, waits
+  until ``%spot status`` says nothing is pending and is SIGKILLed; a fresh kernel B
+  runs ``%spot restore latest`` and cells k+1..n.
+- ``explicit`` (``%spot snapshot``): a chain — each kernel restores the previous
+  one's explicit snapshot, runs the next cell, takes ``%spot snapshot`` and is
+  SIGKILLed. Every cut is still a fresh kill and restore, and each snapshot is taken
+  by a kernel that was itself restored (so restore → change → snapshot is covered);
+  it costs n kernels per notebook instead of 2(n-1).
 """
 
 from __future__ import annotations
@@ -21,6 +28,9 @@ from notebook_harness import CellResult, Kernel, Notebook, restored_execution_co
 from jupyter_spot.store import open_store
 
 NOTEBOOKS = sorted((Path(__file__).parent.parent / "notebooks").glob("*.ipynb"))
+
+#: Uninterrupted runs, one per notebook per test process (both modes compare with it).
+_REFERENCES: dict[str, list[CellResult]] = {}
 
 
 @dataclass
@@ -37,6 +47,18 @@ class Mismatch:
         )
 
 
+def reference_run(nb: Notebook, cwd: Path) -> list[CellResult]:
+    """The notebook run once without interruption (in this test's store and signing key)."""
+    if nb.name not in _REFERENCES:
+        with Kernel(cwd, f"{nb.name}-reference") as kernel:
+            reference = [kernel.run(code) for code in nb.cells]
+        errors = [(i, r.error) for i, r in enumerate(reference, start=1) if r.error]
+        assert not errors, f"the uninterrupted run failed: {errors}"
+        assert all(r.text for r in reference[1:]), "every cell after the first prints something to compare"
+        _REFERENCES[nb.name] = reference
+    return _REFERENCES[nb.name]
+
+
 def restore(kernel: Kernel) -> str:
     """What a user does in a fresh kernel: load the extension, restore the latest snapshot (two cells)."""
     for code in ("%load_ext jupyter_spot", "%spot restore latest"):
@@ -45,77 +67,101 @@ def restore(kernel: Kernel) -> str:
     return result.text
 
 
-def interrupted_run(
-    nb: Notebook, cut: int, mode: str, reference: list[CellResult], before: Kernel, after: Kernel
-) -> list[Mismatch]:
-    """Kill ``before`` after cell ``cut``, restore in ``after``, run the rest; return cells that differ."""
+def check_named(report: str, name: str, cell: int, cut: int) -> None:
+    """The report lists ``name`` as not restored, with the cell that created it."""
+    line = next((x for x in report.splitlines() if x.startswith(f"not restored: {name} ")), None)
+    assert line, f"cut {cut}: the report does not name {name}:\n{report}"
+    assert f"created in cell {cell}" in line, f"cut {cut}: the report does not say cell {cell} made {name}:\n{report}"
+
+
+def compare(nb: Notebook, number: int, got: CellResult, shift: int, lost: set[str], cut: int) -> list[Mismatch]:
+    """Cell ``number``'s output against the reference, unless it uses an object that was lost."""
+    if lost & set(nb.uses.get(number, [])):
+        return []  # uses an object the report named as not restored
+    expected = _REFERENCES[nb.name][number - 1]
+    if (got.text, got.execution_count) != (expected.text, expected.execution_count + shift):
+        return [Mismatch(cut, number, expected, got)]
+    return []
+
+
+def interrupted_run(nb: Notebook, cut: int, before: Kernel, after: Kernel) -> list[Mismatch]:
+    """Kill ``before`` after cell ``cut`` once its auto-snapshots are durable; restore in ``after``, run the rest."""
+    reference = _REFERENCES[nb.name]
     try:
         ran = [before.run(code) for code in nb.cells[:cut]]
         assert [r.text for r in ran] == [r.text for r in reference[:cut]], "the run before the cut diverged"
-        if mode == "explicit":  # a cell of its own, as a user would type it
-            line = before.run("%spot snapshot").text
-            assert line.startswith("snapshot ") and "still being written" not in line, line
-        else:
-            before.wait_until_durable()
+        before.wait_until_durable()
     finally:
         before.kill()
 
     report = restore(after)
-    if cut == 1 and mode == "auto":
+    if cut == 1:
         # only %load_ext ran: an empty namespace is never snapshotted (it would hide a
         # session's real latest snapshot), so there is nothing to restore — and the
         # restore cell itself takes a number.
         assert "has no snapshots" in report, report
         shift = 1
     else:
-        # the explicit snapshot was cell cut+1: from there on the counts run one ahead
-        shift = 1 if mode == "explicit" else 0
-        assert restored_execution_count(report) == cut + shift, report
+        assert restored_execution_count(report) == cut, report
+        shift = 0
     lost = nb.unstorable_at(cut)
     for name in lost:
-        assert f"not restored: {name} " in report, f"cut {cut}: the report does not name {name}:\n{report}"
+        check_named(report, name, nb.unstorable[name], cut)
     mismatches = []
     for number in range(cut + 1, len(nb.cells) + 1):
-        got = after.run(nb.cells[number - 1])
-        if lost & set(nb.uses.get(number, [])):
-            continue  # uses an object the report named as not restored
-        expected = reference[number - 1]
-        if (got.text, got.execution_count) != (expected.text, expected.execution_count + shift):
-            mismatches.append(Mismatch(cut, number, expected, got))
+        mismatches += compare(nb, number, after.run(nb.cells[number - 1]), shift, lost, cut)
     return mismatches
 
 
-@pytest.mark.parametrize("mode", ["auto", "explicit"])
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.stem for p in NOTEBOOKS])
-def test_every_cut_restores_and_continues(path: Path, mode: str, spot_env: Path, tmp_path: Path) -> None:
+def test_every_cut_restores_from_auto_snapshots(path: Path, spot_env: Path, tmp_path: Path) -> None:
     nb = Notebook.read(path)
     assert 6 <= len(nb.cells) <= 10 and nb.cells[0].strip() == "%load_ext jupyter_spot"
     cuts = range(1, len(nb.cells))
 
     def pair(cut: int) -> tuple[Kernel, Kernel]:
         """Kernel A and kernel B of one cut: same session and directory, booting now."""
-        session, cwd = f"{nb.name}-{mode}-cut{cut}", tmp_path / f"cut{cut}"
-        return Kernel(cwd, session), Kernel(cwd, session)
+        session, cwd = f"{nb.name}-cut{cut}", tmp_path / f"cut{cut}"
+        return kernels.enter_context(Kernel(cwd, session)), kernels.enter_context(Kernel(cwd, session))
 
     with ExitStack() as kernels:
         booting = pair(cuts[0])
-        for kernel in booting:
-            kernels.enter_context(kernel)
-        with Kernel(tmp_path / "reference", f"{nb.name}-reference") as kernel:
-            reference = [kernel.run(code) for code in nb.cells]
-        errors = [(i, r.error) for i, r in enumerate(reference, start=1) if r.error]
-        assert not errors, f"the uninterrupted run failed: {errors}"
-        assert all(r.text for r in reference[1:]), "every cell after the first prints something to compare"
-
+        reference_run(nb, tmp_path / "reference")
         mismatches = []
         for cut in cuts:
             before, after = booting
             if cut + 1 in cuts:  # the next cut's kernels boot while this one works
                 booting = pair(cut + 1)
-                for kernel in booting:
-                    kernels.enter_context(kernel)
-            mismatches += interrupted_run(nb, cut, mode, reference, before, after)
+            mismatches += interrupted_run(nb, cut, before, after)
             after.close()
+    assert not mismatches, "\n".join(map(str, mismatches))
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.stem for p in NOTEBOOKS])
+def test_every_cut_restores_from_explicit_snapshots(path: Path, spot_env: Path, tmp_path: Path) -> None:
+    nb = Notebook.read(path)
+    cwd, session = tmp_path / "chain", f"{nb.name}-chain"
+    mismatches = []
+    with ExitStack() as kernels:
+        kernel = kernels.enter_context(Kernel(cwd, session))
+        booting = kernels.enter_context(Kernel(cwd, session))
+        reference_run(nb, tmp_path / "reference")
+        mismatches += compare(nb, 1, kernel.run(nb.cells[0]), 0, set(), 0)
+        for cut in range(1, len(nb.cells)):
+            # each earlier link added a %spot snapshot cell: cell k runs as In[2k-1], its snapshot is In[2k]
+            line = kernel.run("%spot snapshot").text
+            assert line.startswith("snapshot ") and "still being written" not in line, line
+            kernel.kill()
+            kernel = booting
+            if cut + 1 < len(nb.cells):
+                booting = kernels.enter_context(Kernel(cwd, session))
+            report = restore(kernel)
+            assert restored_execution_count(report) == 2 * cut, report
+            for name, cell in nb.unstorable.items():
+                if cell == cut:  # alive at this snapshot (earlier ones were lost at earlier cuts)
+                    check_named(report, name, 2 * cell - 1, cut)
+            got = kernel.run(nb.cells[cut])
+            mismatches += compare(nb, cut + 1, got, cut, nb.unstorable_at(cut), cut)
     assert not mismatches, "\n".join(map(str, mismatches))
 
 
@@ -170,6 +216,7 @@ def test_kill_with_writes_pending_restores_one_whole_earlier_cell(spot_env: Path
             "print(marker, history, sorted(parts), all(bool((v == k).all()) for k, v in parts.items()))",
             store_history=False,
         )
+    print(f"killed with writes pending after cell 6: restored the state after cell {cell}")
     # exactly the namespace after cell `cell`: no later cell's data, no earlier cell's missing
     expected = list(range(2, cell + 1))
     assert state.text == f"{cell} {expected} {expected} True\n", (report, state)
