@@ -64,9 +64,9 @@ class SpotApp(ExtensionApp):
     flush_timeout = Float(30.0, help="Seconds to wait for kernel flushes when a notice gives no deadline.").tag(
         config=True
     )
-    flush_poll_interval = Float(0.2, help="Seconds between store checks while waiting for a kernel's flush.").tag(
-        config=True
-    )
+    flush_poll_interval = Float(
+        0.05, help="Seconds between store checks while waiting for a kernel's flush (a listing, cheap even on S3)."
+    ).tag(config=True)
     restore_timeout = Float(300.0, help="Seconds a restore into a kernel may take.").tag(config=True)
 
     store_url = Unicode("")
