@@ -21,3 +21,12 @@ def spot_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     monkeypatch.delenv("JUPYTER_SPOT_SESSION", raising=False)
     monkeypatch.delenv("JPY_SESSION_NAME", raising=False)
     return store
+
+
+@pytest.fixture(autouse=True)
+def no_cloud_probe(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A kernel that watches for notices itself detects its cloud, which may probe
+    169.254.169.254 — not an address tests may send to. Tests that want a cloud point
+    it at the simulator on 127.0.0.1 (the notice tests do that themselves)."""
+    if not request.module.__name__.startswith("test_notice"):
+        monkeypatch.setenv("JUPYTER_SPOT_CLOUD", "none")
