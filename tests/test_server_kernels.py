@@ -251,3 +251,14 @@ async def test_rebalance_takes_one_snapshot_and_keeps_the_machine_open(
     assert status["last_notice"]["kind"] == "rebalance" and status["last_notice"]["deadline"] is None
     started = await jp_fetch("api", "kernels", method="POST", body="{}")  # not an interruption: work goes on
     assert started.code == 201
+
+
+@pytest.mark.parametrize("spot_config", [{"notice_sources": [], "auto_load_kernel_extension": False}])
+async def test_auto_load_can_be_turned_off(jp_fetch: Any, jp_serverapp: Any, notebook: str) -> None:
+    kernel_id = await open_notebook(jp_fetch, notebook)
+    out = await execute(
+        jp_serverapp.kernel_manager,
+        kernel_id,
+        "import os\nprint('jupyter_spot' in get_ipython().extension_manager.loaded, os.environ['JUPYTER_SPOT_SESSION'])",
+    )
+    assert out.split() == ["False", notebook]  # no extension, but %load_ext would still snapshot to the notebook
