@@ -259,6 +259,7 @@ async def test_auto_load_can_be_turned_off(jp_fetch: Any, jp_serverapp: Any, not
     out = await execute(
         jp_serverapp.kernel_manager,
         kernel_id,
-        "import os\nprint('jupyter_spot' in get_ipython().extension_manager.loaded, os.environ['JUPYTER_SPOT_SESSION'])",
+        "import os\nloaded = get_ipython().extension_manager.loaded\n"
+        "print('jupyter_spot' in loaded, os.environ['JUPYTER_SPOT_SESSION'])",
     )
     assert out.split() == ["False", notebook]  # no extension, but %load_ext would still snapshot to the notebook
