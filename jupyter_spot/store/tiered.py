@@ -40,6 +40,10 @@ log = logging.getLogger(__name__)
 EXIT_FLUSH_SECONDS = 30.0
 
 
+class _Unsendable(StoreError):
+    """The fast tier cannot supply a snapshot's bytes; retrying soon will not help."""
+
+
 class TieredStore(Store):
     """Writes to ``fast``, replicates to ``durable`` in the background, reads nearest first."""
 
@@ -54,6 +58,7 @@ class TieredStore(Store):
         self._order = itertools.count(1)
         self._cond = threading.Condition()
         self._closed = False
+        self._scanning = True  # until the fast tier was compared with S3 once
         #: Why the last replication attempt failed, if it did; cleared on success.
         self.last_error: str | None = None
         self._pool = ThreadPoolExecutor(upload_workers, thread_name_prefix="spot-replicate-blob")
@@ -82,14 +87,19 @@ class TieredStore(Store):
         """Send one snapshot's missing blobs, then its manifest."""
         try:
             manifest = self.fast.load_manifest(session, snapshot_id)
-        except ManifestError:
+        except ManifestError as error:
             if snapshot_id not in self.fast.list_snapshots(session):
                 return  # deleted before it was replicated: nothing to send
-            raise
+            raise _Unsendable(str(error)) from error
 
         def send(digest: str) -> None:
-            if not self.durable.has_blob(digest):
-                self.durable.put_blob(digest, self.fast.get_blob(digest))
+            if self.durable.has_blob(digest):
+                return
+            try:
+                data = self.fast.get_blob(digest)
+            except StoreError as error:
+                raise _Unsendable(f"the local copy cannot be read: {error}") from error
+            self.durable.put_blob(digest, data)
 
         # list() re-raises the first failed upload; the manifest is then not sent.
         list(self._pool.map(send, manifest.get("blobs", [])))
@@ -111,6 +121,10 @@ class TieredStore(Store):
         except StoreError as error:
             self.last_error = f"looking for unreplicated snapshots: {error}"
             log.warning("jupyter-spot replication: %s", self.last_error)
+        finally:
+            with self._cond:
+                self._scanning = False
+                self._cond.notify_all()
         backoff = 0.5
         while True:
             with self._cond:
@@ -126,9 +140,9 @@ class TieredStore(Store):
                 self.last_error = f"replicating snapshot {key[1]} of session {key[0]!r}: {error}"
                 log.warning("jupyter-spot replication: %s (retrying)", self.last_error)
                 with self._cond:
-                    if self._pending.get(key) == order and len(self._pending) > 1:
-                        # Behind the others, so one snapshot that cannot be sent
-                        # (a damaged local blob) does not hold back the rest.
+                    if isinstance(error, _Unsendable) and self._pending.get(key) == order:
+                        # Behind the others, so one snapshot whose local copy is
+                        # damaged does not hold back the rest.
                         self._pending[key] = min(self._pending.values()) - 1
                     self._cond.wait(backoff)
                 backoff = min(backoff * 2, 30.0)
@@ -159,7 +173,7 @@ class TieredStore(Store):
         """
         with self._cond:
             self._cond.notify_all()  # cut a retry backoff short
-            while self._pending and not self._closed:
+            while (self._pending or self._scanning) and not self._closed:
                 left = None if deadline is None else deadline - time.time()
                 if left is not None and left <= 0:
                     break
