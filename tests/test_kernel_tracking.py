@@ -129,3 +129,13 @@ def test_shared_objects_group_variables_incrementally() -> None:
     assert shared.groups(["d", "b", "lonely"]) == [["d"], ["b"], ["lonely"]]
     shared.set("a", {id(inner): inner})
     assert shared.groups(["d", "b", "a"]) == [["d"], ["b", "a"]]
+
+
+def test_views_of_restored_arrays_keep_sharing_through_a_second_snapshot() -> None:
+    base = np.arange(100_000, dtype=np.float64)
+    first = serialize.dump({"base": base, "view": base[5:50]}, {})
+    restored = serialize.load(first.payload, [bytearray(b) for b in first.buffers], "pickle", {})
+    again = serialize.dump(restored, {})  # the restored base sits on the store's buffer, not on an ndarray
+    twice = serialize.load(again.payload, [bytearray(b) for b in again.buffers], "pickle", {})
+    assert np.shares_memory(twice["base"], twice["view"])
+    assert [b.nbytes for b in again.buffers] == [base.nbytes]
