@@ -19,10 +19,15 @@ pytestmark = pytest.mark.timeout(120)
 
 
 @pytest.fixture
-def jp_server_config(spot_env: Path) -> dict[str, Any]:
+def spot_app() -> dict[str, Any]:
+    return {}
+
+
+@pytest.fixture
+def jp_server_config(spot_env: Path, spot_app: dict[str, Any]) -> dict[str, Any]:
     return {
         "ServerApp": {"jpserver_extensions": {"jupyter_spot": True}},
-        "SpotApp": {"notice_sources": []},
+        "SpotApp": {"notice_sources": [], **spot_app},
     }
 
 
@@ -258,3 +263,18 @@ def test_no_auth_warning_when_unauthenticated_access_is_off(
     assert "jupyter_spot" in app.extension_manager.extension_apps
     patterns = [rule.matcher.regex.pattern for rule in app.web_app.default_router.rules[0].target.rules]
     assert any("jupyter-spot/api/status" in p for p in patterns)
+
+
+@pytest.mark.parametrize("spot_app", [{"keep": 2, "gc_interval": 0.2}])
+async def test_server_collects_old_snapshots_periodically(api: Any, store: Any, jp_serverapp: Any) -> None:
+    import asyncio
+    import time
+
+    ids = [commit(store, "long.ipynb", minutes_ago=m) for m in (40, 30, 20, 10)]
+    await jp_serverapp.extension_manager.start_all_extensions()  # what a real server does once its loop runs
+    deadline = time.monotonic() + 20
+    while store.list_snapshots("long.ipynb") != ids[2:]:
+        assert time.monotonic() < deadline, store.list_snapshots("long.ipynb")
+        await asyncio.sleep(0.1)
+    listed = json.loads((await api("sessions/long.ipynb/snapshots")).body)["snapshots"]
+    assert [s["id"] for s in listed] == ids[:1:-1]
