@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
+import time
 import urllib.parse
 import warnings
 from datetime import datetime, timedelta, timezone
@@ -267,9 +269,6 @@ def test_no_auth_warning_when_unauthenticated_access_is_off(
 
 @pytest.mark.parametrize("spot_app", [{"keep": 2, "gc_interval": 0.2}])
 async def test_server_collects_old_snapshots_periodically(api: Any, store: Any, jp_serverapp: Any) -> None:
-    import asyncio
-    import time
-
     ids = [commit(store, "long.ipynb", minutes_ago=m) for m in (40, 30, 20, 10)]
     await jp_serverapp.extension_manager.start_all_extensions()  # what a real server does once its loop runs
     deadline = time.monotonic() + 20
