@@ -30,12 +30,12 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
-import boto3  # noqa: E402
-from s3_server import MotoServer, RequestLog  # noqa: E402
-from s3transfer.manager import TransferManager  # noqa: E402
+import boto3
+from s3_server import MotoServer, RequestLog
+from s3transfer.manager import TransferManager
 
-from jupyter_spot.store import digest_of  # noqa: E402
-from jupyter_spot.store.s3 import S3Store  # noqa: E402
+from jupyter_spot.store import digest_of
+from jupyter_spot.store.s3 import S3Store
 
 
 def best(times: list[float]) -> float:

@@ -300,7 +300,7 @@ def test_racing_writers_never_lose_a_snapshot(s3_url: str) -> None:
         barrier = threading.Barrier(2)
         outcome: dict[int, Any] = {}
 
-        def write(n: int, same_id: bool) -> None:
+        def write(n: int, same_id: bool, round_: int, barrier: threading.Barrier, outcome: dict[int, Any]) -> None:
             snapshot_id = f"{round_:04d}" if same_id else f"{round_:04d}-w{n}"
             data = [f"writer {n} round {round_}".encode()]
             digests = [digest_of(d) for d in data]
@@ -314,7 +314,7 @@ def test_racing_writers_never_lose_a_snapshot(s3_url: str) -> None:
                 outcome[n] = error
 
         same_id = round_ % 2 == 0
-        threads = [threading.Thread(target=write, args=(n, same_id)) for n in range(2)]
+        threads = [threading.Thread(target=write, args=(n, same_id, round_, barrier, outcome)) for n in range(2)]
         for thread in threads:
             thread.start()
         for thread in threads:

@@ -18,7 +18,6 @@ from .filesystem import FileStore
 from .manifest import ManifestSigner
 from .retention import GCReport, collect_garbage
 
-
 CACHE_ENV = "JUPYTER_SPOT_CACHE"
 
 
@@ -39,8 +38,7 @@ def open_store(url: str, signer: Any = None, cache: str | None = None) -> Store:
         from .tiered import TieredStore
 
         return TieredStore(FileStore(cache, signer=durable.signer), durable)
-    if url.startswith("file://"):
-        url = url[len("file://") :]
+    url = url.removeprefix("file://")
     return FileStore(url, signer=signer)
 
 

@@ -40,8 +40,8 @@ import secrets
 import threading
 import time
 import urllib.parse
-from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timezone
 from typing import Any
 
@@ -334,15 +334,16 @@ class S3Store(Store):
         whole collection.
         """
         key = self._key("locks", f"gc-{secrets.token_hex(8)}")
-        state = {"checked": 0.0, "allowed": True}
+        checked, allowed = 0.0, True
 
         def may_delete() -> bool:
-            if state["allowed"] and time.monotonic() - state["checked"] >= 1.0:
+            nonlocal checked, allowed
+            if allowed and time.monotonic() - checked >= 1.0:
                 with self._calling("refreshing the garbage collection lock"):
                     self.client.put_object(Bucket=self.bucket, Key=key, Body=b"")
-                state["allowed"] = not self._live_locks()["write"]
-                state["checked"] = time.monotonic()
-            return state["allowed"]
+                allowed = not self._live_locks()["write"]
+                checked = time.monotonic()
+            return allowed
 
         self._collecting, self._announced = True, False
         try:
@@ -414,7 +415,7 @@ class S3Store(Store):
         head = self._head(key)
         if head is None:
             raise MissingBlobError(f"blob {digest[:12]} is missing from {self.url}")
-        size = head["ContentLength"]
+        size, etag = head["ContentLength"], head.get("ETag")
         data = bytearray(size)
         with self._calling(f"downloading blob {digest[:12]}"):
             if size >= MULTIPART_THRESHOLD:
@@ -423,7 +424,7 @@ class S3Store(Store):
                 class Known(BaseSubscriber):  # we just asked; spare s3transfer its own HEAD
                     def on_queued(self, future: Any, **_: Any) -> None:
                         future.meta.provide_transfer_size(size)
-                        future.meta.provide_object_etag(head.get("ETag"))
+                        future.meta.provide_object_etag(etag)
 
                 self._transfer.download(self.bucket, key, _BufferWriter(data), subscribers=[Known()]).result()
             else:

@@ -136,7 +136,7 @@ class TieredStore(Store):
                 order = self._pending[key]
             try:
                 self._replicate(*key)
-            except Exception as error:  # StoreError, or a bug: the thread must live on
+            except Exception as error:  # noqa: BLE001 -- StoreError, or a bug: the thread must live on
                 self.last_error = f"replicating snapshot {key[1]} of session {key[0]!r}: {error}"
                 log.warning("jupyter-spot replication: %s (retrying)", self.last_error)
                 with self._cond:
