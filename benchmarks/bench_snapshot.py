@@ -215,7 +215,7 @@ def main() -> None:
         kishu = None
         if args.kishu_python:
             found = subprocess.run([args.kishu_python, "-c", "import kishu; print(kishu.__version__)"],
-                                   capture_output=True, text=True)
+                                   capture_output=True, text=True, check=False)
             if found.returncode == 0:
                 (work / "kishu").mkdir()
                 kishu = bench_kishu(work / "kishu", args.gb, args.kishu_python)

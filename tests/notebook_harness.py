@@ -70,16 +70,16 @@ class Notebook:
 
 
 class Kernel:
-    """One ipykernel process with a blocking client.
+    """One ipykernel process with a blocking client (use it with ``contextlib.closing``).
 
     The process is spawned at once but waited for only on first use, so a test
     can boot the next kernel while the current one works (kernel start-up is
     most of the cost of a kill/restore cycle).
     """
 
-    def __init__(self, cwd: Path, session: str, extra_env: dict[str, str] | None = None) -> None:
+    def __init__(self, cwd: Path, session: str) -> None:
         cwd.mkdir(parents=True, exist_ok=True)
-        env = {**os.environ, "JUPYTER_SPOT_SESSION": session, **(extra_env or {})}
+        env = {**os.environ, "JUPYTER_SPOT_SESSION": session}
         # Unix sockets, not TCP: no free-port race with the other kernels and servers
         # the suite (and anything else on the machine) starts at the same moment.
         self._sockets = tempfile.mkdtemp(prefix="spot-kernel-")
@@ -160,11 +160,6 @@ class Kernel:
             self.km.cleanup_resources()
         shutil.rmtree(self._sockets, ignore_errors=True)
 
-    def __enter__(self) -> Kernel:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
 
 def restored_execution_count(report: str) -> int:

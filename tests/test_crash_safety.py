@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import random
 import time
+from contextlib import ExitStack, closing
 from pathlib import Path
 
 from notebook_harness import Kernel
@@ -39,9 +40,8 @@ print(gen, marker["gen"],
 """
 
 
-def start(cwd: Path) -> Kernel:
-    """A kernel with the extension loaded and per-cell snapshots off: only %spot snapshot writes."""
-    kernel = Kernel(cwd, SESSION)
+def prepare(kernel: Kernel) -> Kernel:
+    """Load the extension and turn per-cell snapshots off: only %spot snapshot writes."""
     assert kernel.run("%load_ext jupyter_spot", store_history=False).error is None
     kernel.spot("off")
     return kernel
@@ -57,29 +57,36 @@ def generations_in(kernel: Kernel) -> list[int]:
 def test_kill_during_snapshot_always_restores_last_commit(spot_env: Path, tmp_path: Path) -> None:
     rng = random.Random(SEED)
     store = open_store(str(spot_env))
-    kernel = start(tmp_path)
-    assert kernel.run("import numpy as np\n" + MAKE_GENERATION.format(gen=0)).error is None
-    began = time.perf_counter()
-    kernel.spot("snapshot")
-    window = (time.perf_counter() - began) * 2  # kills land before, during and after the commit
     committed = 0
     outcomes = {"kill won": 0, "commit won": 0}
-    for trial in range(1, TRIALS + 1):
-        assert kernel.run(MAKE_GENERATION.format(gen=trial)).error is None
-        kernel.kc.execute("%spot snapshot", store_history=False)
-        time.sleep(rng.uniform(0, window))
-        kernel.kill()
+    with ExitStack() as kernels:
 
-        latest, problems = store.latest_manifest(SESSION)
-        assert latest is not None and not problems, problems
-        kernel = start(tmp_path)
-        report = kernel.spot("restore latest")
-        assert latest["id"] in report, f"trial {trial}: restored something else than {latest['id']}:\n{report}"
-        gen, marker, block, ramp = generations_in(kernel)
-        assert gen == marker == block == ramp, f"trial {trial}: torn state {gen, marker, block, ramp}"
-        assert gen in (committed, trial), f"trial {trial}: restored generation {gen}, last committed {committed}"
-        outcomes["commit won" if gen == trial else "kill won"] += 1
-        committed = gen
-    kernel.close()
+        def boot() -> Kernel:
+            """The next trial's kernel starts while this one works."""
+            return kernels.enter_context(closing(Kernel(tmp_path, SESSION)))
+
+        kernel, booting = prepare(boot()), boot()
+        assert kernel.run("import numpy as np\n" + MAKE_GENERATION.format(gen=0)).error is None
+        began = time.perf_counter()
+        kernel.spot("snapshot")
+        window = (time.perf_counter() - began) * 2  # kills land before, during and after the commit
+        for trial in range(1, TRIALS + 1):
+            assert kernel.run(MAKE_GENERATION.format(gen=trial)).error is None
+            kernel.kc.execute("%spot snapshot", store_history=False)
+            time.sleep(rng.uniform(0, window))
+            kernel.kill()
+
+            latest, problems = store.latest_manifest(SESSION)
+            assert latest is not None and not problems, problems
+            kernel = prepare(booting)
+            if trial < TRIALS:
+                booting = boot()
+            report = kernel.spot("restore latest")
+            assert latest["id"] in report, f"trial {trial}: restored something else than {latest['id']}:\n{report}"
+            gen, marker, block, ramp = generations_in(kernel)
+            assert gen == marker == block == ramp, f"trial {trial}: torn state {gen, marker, block, ramp}"
+            assert gen in (committed, trial), f"trial {trial}: restored generation {gen}, last committed {committed}"
+            outcomes["commit won" if gen == trial else "kill won"] += 1
+            committed = gen
     print(f"crash safety over {TRIALS} kills (window {window:.2f}s): {outcomes}")
     assert outcomes["kill won"] >= 1, "no kill landed before a commit: the delays did not cover the snapshot"

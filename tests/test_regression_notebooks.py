@@ -18,7 +18,7 @@ made it.
 
 from __future__ import annotations
 
-from contextlib import ExitStack
+from contextlib import ExitStack, closing
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -50,7 +50,7 @@ class Mismatch:
 def reference_run(nb: Notebook, cwd: Path) -> list[CellResult]:
     """The notebook run once without interruption (in this test's store and signing key)."""
     if nb.name not in _REFERENCES:
-        with Kernel(cwd, f"{nb.name}-reference") as kernel:
+        with closing(Kernel(cwd, f"{nb.name}-reference")) as kernel:
             reference = [kernel.run(code) for code in nb.cells]
         errors = [(i, r.error) for i, r in enumerate(reference, start=1) if r.error]
         assert not errors, f"the uninterrupted run failed: {errors}"
@@ -122,7 +122,8 @@ def test_every_cut_restores_from_auto_snapshots(path: Path, spot_env: Path, tmp_
     def pair(cut: int) -> tuple[Kernel, Kernel]:
         """Kernel A and kernel B of one cut: same session and directory, booting now."""
         session, cwd = f"{nb.name}-cut{cut}", tmp_path / f"cut{cut}"
-        return kernels.enter_context(Kernel(cwd, session)), kernels.enter_context(Kernel(cwd, session))
+        first = kernels.enter_context(closing(Kernel(cwd, session)))
+        return first, kernels.enter_context(closing(Kernel(cwd, session)))
 
     with ExitStack() as kernels:
         booting = pair(cuts[0])
@@ -143,8 +144,8 @@ def test_every_cut_restores_from_explicit_snapshots(path: Path, spot_env: Path, 
     cwd, session = tmp_path / "chain", f"{nb.name}-chain"
     mismatches = []
     with ExitStack() as kernels:
-        kernel = kernels.enter_context(Kernel(cwd, session))
-        booting = kernels.enter_context(Kernel(cwd, session))
+        kernel = kernels.enter_context(closing(Kernel(cwd, session)))
+        booting = kernels.enter_context(closing(Kernel(cwd, session)))
         reference_run(nb, tmp_path / "reference")
         mismatches += compare(nb, 1, kernel.run(nb.cells[0]), 0, set(), 0)
         for cut in range(1, len(nb.cells)):
@@ -154,7 +155,7 @@ def test_every_cut_restores_from_explicit_snapshots(path: Path, spot_env: Path, 
             kernel.kill()
             kernel = booting
             if cut + 1 < len(nb.cells):
-                booting = kernels.enter_context(Kernel(cwd, session))
+                booting = kernels.enter_context(closing(Kernel(cwd, session)))
             report = restore(kernel)
             assert restored_execution_count(report) == 2 * cut, report
             for name, cell in nb.unstorable.items():
@@ -172,7 +173,7 @@ def store_bytes(store: Path) -> int:
 def test_unchanged_big_arrays_are_not_written_again(spot_env: Path, tmp_path: Path) -> None:
     """After 300 MB of arrays are durable, cells touching small things add only kilobytes."""
     nb = Notebook.read(Path(__file__).parent.parent / "notebooks" / "big_namespace.ipynb")
-    with Kernel(tmp_path, "big") as kernel:
+    with closing(Kernel(tmp_path, "big")) as kernel:
         for code in nb.cells[:4]:
             assert kernel.run(code).error is None
         kernel.wait_until_durable()
@@ -197,7 +198,7 @@ PENDING_CELLS = [
 
 
 def test_kill_with_writes_pending_restores_one_whole_earlier_cell(spot_env: Path, tmp_path: Path) -> None:
-    with Kernel(tmp_path, "pending") as kernel:
+    with closing(Kernel(tmp_path, "pending")) as kernel:
         for code in PENDING_CELLS[:2]:
             assert kernel.run(code).error is None
         kernel.wait_until_durable()
@@ -207,7 +208,7 @@ def test_kill_with_writes_pending_restores_one_whole_earlier_cell(spot_env: Path
 
     latest, problems = open_store(str(spot_env)).latest_manifest("pending")
     assert latest is not None and not problems, problems
-    with Kernel(tmp_path, "pending") as kernel:
+    with closing(Kernel(tmp_path, "pending")) as kernel:
         report = restore(kernel)
         cell = restored_execution_count(report)
         assert latest["id"] in report and latest["execution_count"] == cell, report
