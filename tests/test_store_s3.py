@@ -152,7 +152,11 @@ def test_open_store_picks_s3_and_tiered(s3_url: str, tmp_path: Path, monkeypatch
     tiered = open_store(s3_url)
     assert isinstance(tiered, TieredStore) and tiered.kind == "tiered"
     assert isinstance(tiered.fast, FileStore) and isinstance(tiered.durable, S3Store)
+    assert open_store(s3_url) is tiered  # one replication thread per process, however often opened
     assert tiered.close(deadline=time.time() + 5) == []
+    reopened = open_store(s3_url)
+    assert reopened is not tiered and not reopened.closed
+    reopened.close()
 
 
 def test_contract(s3_url: str) -> None:

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import os
-from typing import Any
+import threading
+from typing import TYPE_CHECKING, Any
 
 from .base import (
     CorruptBlobError,
@@ -18,7 +19,13 @@ from .filesystem import FileStore
 from .manifest import ManifestSigner
 from .retention import GCReport, collect_garbage
 
+if TYPE_CHECKING:
+    from .tiered import TieredStore
+
 CACHE_ENV = "JUPYTER_SPOT_CACHE"
+
+_tiered: dict[tuple[str, str, int], TieredStore] = {}
+_tiered_lock = threading.Lock()
 
 
 def open_store(url: str, signer: Any = None, cache: str | None = None) -> Store:
@@ -31,13 +38,18 @@ def open_store(url: str, signer: Any = None, cache: str | None = None) -> Store:
     if url.startswith("s3://"):
         from .s3 import S3Store  # boto3 is only needed by those who use S3
 
-        durable = S3Store(url, signer=signer)
         cache = cache or os.environ.get(CACHE_ENV)
         if not cache:
-            return durable
+            return S3Store(url, signer=signer)
         from .tiered import TieredStore
 
-        return TieredStore(FileStore(cache, signer=durable.signer), durable)
+        # One replication thread per store and process, however often it is opened.
+        with _tiered_lock:
+            key = (url, os.path.realpath(cache), id(signer))
+            if key not in _tiered or _tiered[key].closed:
+                durable = S3Store(url, signer=signer)
+                _tiered[key] = TieredStore(FileStore(cache, signer=durable.signer), durable)
+            return _tiered[key]
     url = url.removeprefix("file://")
     return FileStore(url, signer=signer)
 

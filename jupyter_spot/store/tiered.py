@@ -180,6 +180,10 @@ class TieredStore(Store):
                 self._cond.wait(left if left is None else min(left, 1.0))
         return self.pending_snapshots()
 
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
     def close(self, deadline: float | None = None) -> list[str]:
         """Flush until ``deadline``, then stop the replication thread."""
         missing = self.flush_replication(deadline)
