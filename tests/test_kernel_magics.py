@@ -247,3 +247,17 @@ def test_notebook_defined_code_survives_restore(session: str) -> None:
     with SpotKernel() as third:
         assert "not restored" not in third.run("%spot restore")
         assert third.value("(favourite is Color.RED, cached(5), calls)") == (True, 10, 2)
+
+
+def test_restore_from_another_session(session: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    with SpotKernel() as kernel:
+        kernel.run("shared_result = {'accuracy': 0.93}")
+    monkeypatch.setenv("JUPYTER_SPOT_SESSION", "other.ipynb")
+    with SpotKernel() as other:
+        assert "auto      after cell 2" in other.run(f"%spot list --session {session}")
+        report = other.run(f"%spot restore latest --session {session}")
+        assert f"of session '{session}'" in report
+        assert other.value("shared_result") == {"accuracy": 0.93}
+        other.run("extra = 1")
+        assert "session: other.ipynb" in other.run("%spot status")  # it keeps writing its own session
+        assert "after cell" in other.run("%spot list")

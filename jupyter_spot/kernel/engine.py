@@ -630,7 +630,9 @@ class SnapshotEngine:
         if count is not None:
             if count < self.shell.execution_count:
                 try:  # IPython's history database refuses a line number twice in one session
-                    self.shell.history_manager.new_session()
+                    history = self.shell.history_manager
+                    history.writeout_cache()  # lines typed so far belong to the old session
+                    history.new_session()
                 except Exception:
                     pass
             # %spot restore runs in a cell, and IPython adds one after it; a silent request
