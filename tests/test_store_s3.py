@@ -601,6 +601,34 @@ def test_tiered_gc_collects_both_tiers_and_keeps_the_latest(s3_url: str, tmp_pat
     tiered.close()
 
 
+EXITING_WRITER = textwrap.dedent(
+    """
+    import hashlib, sys
+    from jupyter_spot.store import open_store
+    store = open_store(sys.argv[1], cache=sys.argv[2])
+    data = bytes(range(256)) * (48 << 12)  # 12 MiB: a multipart upload through s3transfer
+    digest = hashlib.sha256(data).hexdigest()
+    store.put_blob(digest, data)
+    store.commit_manifest({"session": "nb.ipynb", "id": "0001", "blobs": [digest]})
+    print(store.pending_snapshots(), flush=True)
+    """
+)
+
+
+def test_tiered_process_exiting_right_after_a_commit_still_reaches_s3(s3_url: str, tmp_path: Path) -> None:
+    done = subprocess.run(
+        [sys.executable, "-c", EXITING_WRITER, s3_url, str(tmp_path / "cache")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "['nb.ipynb/0001']"  # not yet in S3 when the script ended
+    assert S3Store(s3_url).list_snapshots("nb.ipynb") == ["0001"]  # sent on the way out
+    assert assert_complete(s3_url) == 1
+
+
 def test_tiered_replicates_what_a_previous_process_left_behind(s3_url: str, tmp_path: Path) -> None:
     local = FileStore(tmp_path / "fast")
     manifest = snapshot(local, "nb.ipynb", "0001", [blob(1, 1000)])  # written, then the VM died

@@ -61,10 +61,14 @@ class TieredStore(Store):
         self._scanning = True  # until the fast tier was compared with S3 once
         #: Why the last replication attempt failed, if it did; cleared on success.
         self.last_error: str | None = None
+        #: Snapshots whose local copy is damaged: retried, but not waited for.
+        self._unsendable: set[tuple[str, str]] = set()
         self._pool = ThreadPoolExecutor(upload_workers, thread_name_prefix="spot-replicate-blob")
         self._worker = threading.Thread(target=self._run, name="spot-replicate", daemon=True)
         self._worker.start()
-        atexit.register(self._flush_at_exit)
+        # Before concurrent.futures' own exit hook, which would refuse the
+        # uploads (s3transfer's too); atexit proper runs too late for that.
+        getattr(threading, "_register_atexit", atexit.register)(self._flush_at_exit)
 
     def _flush_at_exit(self) -> None:
         if not self._closed and self.flush_replication(time.time() + EXIT_FLUSH_SECONDS):
@@ -137,19 +141,24 @@ class TieredStore(Store):
             try:
                 self._replicate(*key)
             except Exception as error:  # noqa: BLE001 -- StoreError, or a bug: the thread must live on
-                self.last_error = f"replicating snapshot {key[1]} of session {key[0]!r}: {error}"
-                log.warning("jupyter-spot replication: %s (retrying)", self.last_error)
+                message = f"replicating snapshot {key[1]} of session {key[0]!r}: {error}"
+                log.warning("jupyter-spot replication: %s (retrying)", message)
                 with self._cond:
+                    self.last_error = message
                     if isinstance(error, _Unsendable) and self._pending.get(key) == order:
                         # Behind the others, so one snapshot whose local copy is
-                        # damaged does not hold back the rest.
+                        # damaged does not hold back the rest, nor a flush.
                         self._pending[key] = min(self._pending.values()) - 1
+                        self._unsendable.add(key)
+                        self._cond.notify_all()
                     self._cond.wait(backoff)
                 backoff = min(backoff * 2, 30.0)
                 continue
             backoff = 0.5
-            self.last_error = None
             with self._cond:
+                self._unsendable.discard(key)
+                if not self._unsendable:
+                    self.last_error = None
                 deleted_meanwhile = key not in self._pending
                 if self._pending.get(key) == order:
                     del self._pending[key]
@@ -170,10 +179,12 @@ class TieredStore(Store):
 
         Returns what is still missing from S3 (empty: everything is durable);
         the notice handler calls this with the interruption time as deadline.
+        Snapshots whose local copy is damaged are not waited for (they can
+        only be sent once repaired) but are still listed.
         """
         with self._cond:
             self._cond.notify_all()  # cut a retry backoff short
-            while (self._pending or self._scanning) and not self._closed:
+            while (self._scanning or self._pending.keys() - self._unsendable) and not self._closed:
                 left = None if deadline is None else deadline - time.time()
                 if left is not None and left <= 0:
                     break
@@ -192,7 +203,6 @@ class TieredStore(Store):
             self._cond.notify_all()
         self._worker.join()
         self._pool.shutdown()
-        atexit.unregister(self._flush_at_exit)
         return missing
 
     # -- blobs ---------------------------------------------------------------
@@ -258,6 +268,7 @@ class TieredStore(Store):
     def delete_snapshot(self, session: str, snapshot_id: str) -> None:
         with self._cond:
             self._pending.pop((session, snapshot_id), None)
+            self._unsendable.discard((session, snapshot_id))
         deleted = False
         for tier in (self.fast, self.durable):
             try:
