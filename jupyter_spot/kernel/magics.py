@@ -10,7 +10,7 @@ from IPython.core.magic_arguments import argument, magic_arguments, parse_argstr
 
 from ..store import StoreError
 from .engine import SnapshotEngine
-from .results import human_bytes
+from ..units import human_bytes
 
 COMMANDS = ("snapshot", "restore", "list", "status", "on", "off", "exclude", "gc")
 

@@ -6,13 +6,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
-
-def human_bytes(count: float) -> str:
-    for unit in ("B", "KB", "MB", "GB"):
-        if count < 1000 or unit == "GB":
-            return f"{count:.0f} {unit}" if unit == "B" else f"{count:.1f} {unit}"
-        count /= 1000
-    return f"{count:.1f} TB"
+from ..units import human_bytes
 
 
 @dataclass

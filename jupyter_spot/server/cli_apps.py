@@ -18,15 +18,8 @@ from traitlets import Bool, Int, Unicode
 from .._version import __version__
 from ..config import resolve_store_url
 from ..store import ManifestError, Store, StoreError, collect_garbage, open_store
+from ..units import human_bytes
 from . import catalog
-
-
-def human_size(size: float) -> str:
-    for unit in ("B", "KB", "MB", "GB"):
-        if size < 1024 or unit == "GB":
-            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
-        size /= 1024
-    return f"{size:.1f} TB"
 
 
 class StoreApp(JupyterApp):
@@ -72,7 +65,7 @@ class ListApp(StoreApp):
                 snapshots = catalog.list_snapshot_summaries(store, catalog.check_session_name(self.session))
                 lines = [
                     f"{s['id']}  {s['created']}  {s['kind']:<8} cell {s['execution_count']:<4} "
-                    f"{human_size(s['size']):>9}  {s['variable_count']} vars"
+                    f"{human_bytes(s['size']):>9}  {s['variable_count']} vars"
                     for s in snapshots
                 ]
                 self.emit({"snapshots": snapshots}, "\n".join(lines) or f"no snapshots for {self.session!r}")
@@ -86,7 +79,7 @@ class ListApp(StoreApp):
             flag = "INTERRUPTED" if s["interrupted"] else "closed"
             lines.append(
                 f"{s['id']}\n    {flag}  latest {latest['id']} ({latest['created']}, {latest['kind']}), "
-                f"{human_size(latest['size'])}, {latest['variable_count']} variables"
+                f"{human_bytes(latest['size'])}, {latest['variable_count']} variables"
                 + (f", {len(latest['skipped'])} skipped" if latest["skipped"] else "")
                 + (f"\n    reason: {s['reason']}" if s["reason"] else "")
             )
@@ -127,11 +120,11 @@ class ShowApp(StoreApp):
             f"  created {summary['created']}, kind {summary['kind']}"
             + (f" (taken during cell {summary['during_cell']})" if summary["during_cell"] is not None else "")
             + f", after cell {summary['execution_count']}",
-            f"  {human_size(summary['size'])}, {summary['variable_count']} variables",
+            f"  {human_bytes(summary['size'])}, {summary['variable_count']} variables",
         ]
         for name, info in sorted((manifest.get("variables") or {}).items()):
             info = info if isinstance(info, dict) else {}
-            lines.append(f"    {name:<24} {str(info.get('type', '?')):<32} {human_size(info.get('size') or 0):>9}")
+            lines.append(f"    {name:<24} {str(info.get('type', '?')):<32} {human_bytes(info.get('size') or 0):>9}")
         if summary["skipped"]:
             lines.append("  not stored (recreate them by re-running their cell):")
             for item in summary["skipped"]:
