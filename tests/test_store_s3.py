@@ -680,3 +680,44 @@ def test_kernel_with_a_cache_dir_replicates_to_s3(
     with SpotKernel() as fresh:
         assert "restored snapshot" in fresh.run("%spot restore latest")
         assert fresh.value("float(weights[-1])") == 1_499_999.0
+
+
+def test_kernel_flush_on_a_notice_waits_until_s3_has_the_snapshot(
+    s3_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from spot_kernel import SpotKernel
+
+    monkeypatch.setenv("JUPYTER_SPOT_STORE", s3_url)
+    monkeypatch.setenv("JUPYTER_SPOT_SESSION", "flush.ipynb")
+    monkeypatch.setenv("JUPYTER_SPOT_CACHE", str(tmp_path / "efs"))
+    with SpotKernel() as kernel:
+        kernel.run("import numpy as np\nweights = np.arange(3_000_000, dtype='float64')")
+        kernel.run("import jupyter_spot\nresult = jupyter_spot.flush('test notice')")
+        snapshot_id, missing = kernel.value("(result.id, result.not_replicated)")
+        # Checked the moment flush returned: the local tier alone would not survive the machine.
+        assert snapshot_id in S3Store(s3_url).list_snapshots("flush.ipynb")
+        assert missing == []
+
+
+def test_kernel_writes_again_what_another_process_collected(s3_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    from spot_kernel import SpotKernel
+
+    monkeypatch.setenv("JUPYTER_SPOT_STORE", s3_url)
+    monkeypatch.setenv("JUPYTER_SPOT_SESSION", "gc.ipynb")
+    with SpotKernel() as kernel:
+        kernel.run("import numpy as np\nbig = np.arange(1_000_000, dtype='float64')")
+        assert "snapshot" in kernel.run("%spot snapshot")
+        # Someone else deletes every snapshot and collects every blob, while this
+        # kernel still believes `big` is stored.
+        collector = S3Store(s3_url)
+        for snapshot_id in collector.list_snapshots("gc.ipynb"):
+            collector.delete_snapshot("gc.ipynb", snapshot_id)
+        report = collect_garbage(collector, keep=1, grace_seconds=0)
+        assert report.blobs_deleted > 0
+        kernel.run("small = 1")
+        first = kernel.run("%spot snapshot")
+        second = kernel.run("%spot snapshot") if "failed" in first else first
+        assert "failed" not in second
+    with SpotKernel() as fresh:
+        assert "restored snapshot" in fresh.run("%spot restore latest")
+        assert fresh.value("(float(big[-1]), small)") == (999_999.0, 1)

@@ -36,6 +36,9 @@ MAX_PENDING_COPIES = 2 << 30
 #: one for this long before the next attempt, instead of paying for it every cell.
 RETRY_AFTER_FAILURE = 30.0
 
+#: How long a flush with no deadline (SIGTERM) waits for a tiered store to reach S3.
+NOTICE_REPLICATION_SECONDS = 20.0
+
 #: Functions registered with ``@jupyter_spot.after_restore``.
 AFTER_RESTORE_HOOKS: list[Callable[..., Any]] = []
 _HOOK_MARK = "__jupyter_spot_after_restore__"
@@ -491,10 +494,18 @@ class SnapshotEngine:
             # With automatic snapshots on, only what the running cell can reach
             # changed since the last one: the flush costs what a cell's snapshot costs.
             referenced = self._with_cell(self._unsaved, self._cell_source)
-            return self.snapshot(
+            result = self.snapshot(
                 "mid-cell", referenced=referenced, during_cell=self._in_cell, deadline=until, reason=reason
             )
-        return self.snapshot("notice", deadline=until, reason=reason)
+        else:
+            result = self.snapshot("notice", deadline=until, reason=reason)
+        replicate = getattr(self.store, "flush_replication", None)
+        if replicate is not None and result.durable:
+            # A tiered store has the snapshot on local disk/EFS; the notice is the
+            # last chance to get it to S3 before the machine (and its disk) goes.
+            send_by = time.time() + NOTICE_REPLICATION_SECONDS if deadline is None else deadline.timestamp()
+            result.not_replicated = replicate(send_by)
+        return result
 
     def status(self) -> dict[str, Any]:
         last = self.last_result

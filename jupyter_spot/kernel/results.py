@@ -27,6 +27,8 @@ class SnapshotResult:
     seconds: float = 0.0
     durable: bool = False
     error: str | None = None
+    #: Snapshots (``session/id``) a tiered store had not yet sent to S3 when a flush's deadline came.
+    not_replicated: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -35,6 +37,8 @@ class SnapshotResult:
         if self.error:
             return f"snapshot failed: {self.error}"
         state = "" if self.durable else f" ({human_bytes(self.bytes_pending)} still being written)"
+        if self.not_replicated:
+            state += f"; {len(self.not_replicated)} snapshot(s) not yet in S3"
         return (
             f"snapshot {self.id}: {self.stored} stored, {self.unchanged} unchanged, "
             f"{len(self.skipped)} skipped; {human_bytes(self.bytes_written)} written in {self.seconds:.2f}s{state}"

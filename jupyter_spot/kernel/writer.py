@@ -20,7 +20,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..store import Store, StoreError
+from ..store import MissingBlobError, Store, StoreError
 from .results import SnapshotResult
 
 
@@ -126,6 +126,12 @@ class Writer:
             manifest = job.build_manifest(self.durable)
             manifest["parent"] = self.last_committed
             self.store.commit_manifest(manifest)
+        except MissingBlobError as error:
+            # Another process's GC removed blobs this kernel believed stored:
+            # forget them all, so the next snapshot writes its data again.
+            self.durable.clear()
+            result.error = str(error)
+            self.last_error = result.error
         except StoreError as error:
             result.error = str(error)
             self.last_error = result.error
