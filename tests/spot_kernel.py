@@ -42,7 +42,8 @@ class SpotKernel:
             elif kind == "error":
                 errors.append(f"{content['ename']}: {content['evalue']}\n" + "\n".join(content["traceback"]))
 
-        self.client.execute_interactive(code, output_hook=hook, timeout=timeout)
+        reply = self.client.execute_interactive(code, output_hook=hook, timeout=timeout)
+        self.last_execution_count: int = reply["content"]["execution_count"]
         if errors and not allow_error:
             raise CellError(f"cell failed:\n{code}\n---\n{errors[0]}")
         return "".join(out) + "".join(errors)

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
+import IPython
 import xxhash
 
 from .. import __version__
@@ -35,6 +36,10 @@ MAX_PENDING_COPIES = 2 << 30
 #: After a failed automatic snapshot (store down, disk full), cells run without
 #: one for this long before the next attempt, instead of paying for it every cell.
 RETRY_AFTER_FAILURE = 30.0
+
+#: IPython 9.8 advances ``execution_count`` before a cell runs instead of after
+#: it, so while a cell runs the count already names the next one.
+COUNT_ADVANCES_BEFORE_CELL = IPython.version_info >= (9, 8)
 
 #: How long a flush with no deadline (SIGTERM) waits for a tiered store to reach S3.
 NOTICE_REPLICATION_SECONDS = 20.0
@@ -168,7 +173,7 @@ class SnapshotEngine:
 
     # -- cell hooks ------------------------------------------------------------
     def pre_run_cell(self, info: Any) -> None:
-        self._in_cell = self.shell.execution_count
+        self._in_cell = self.shell.execution_count - COUNT_ADVANCES_BEFORE_CELL
         self._cell_source = getattr(info, "raw_cell", "") or ""
 
     def post_run_cell(self, result: Any) -> None:
@@ -259,9 +264,8 @@ class SnapshotEngine:
         started = time.perf_counter()
         shell = self.shell
         namespace = shell.user_ns
-        # While a cell runs, execution_count is that cell's number; between
-        # cells IPython has already moved it on to the next one.
-        cell = shell.execution_count if self._in_cell is not None else shell.execution_count - 1
+        # Between cells IPython has already moved execution_count on to the next one.
+        cell = self._in_cell if self._in_cell is not None else shell.execution_count - 1
         result = SnapshotResult(id=self._new_id(), session=self.session, kind=kind, execution_count=cell,
                                 during_cell=during_cell)
         self._jobs = [job for job in self._jobs if not job.done.is_set()]
@@ -488,7 +492,7 @@ class SnapshotEngine:
         until = None if deadline is None else time.monotonic() + (deadline - datetime.now(timezone.utc)).total_seconds()
         if self._busy:
             self.writer.wait(deadline=until)
-            return self.last_result or SnapshotResult(None, self.session, "notice", self.shell.execution_count,
+            return self.last_result or SnapshotResult(None, self.session, "notice", self._in_cell or 0,
                                                       error="interrupted a snapshot in progress")
         if self._in_cell is not None:
             # With automatic snapshots on, only what the running cell can reach
@@ -646,9 +650,11 @@ class SnapshotEngine:
                     history.new_session()
                 except Exception:
                     pass
-            # %spot restore runs in a cell, and IPython adds one after it; a silent request
-            # (the server's restore, `jupyter spot run`) does not, so the next cell is count + 1 here.
-            self.shell.execution_count = count if self._in_cell is not None else count + 1
+            # The next cell is count + 1. %spot restore runs in a cell, and IPython before
+            # 9.8 advances the count after it; a silent request (the server's restore,
+            # `jupyter spot run`) and newer IPython do not.
+            advanced_later = self._in_cell is not None and not COUNT_ADVANCES_BEFORE_CELL
+            self.shell.execution_count = count if advanced_later else count + 1
         id_time = _parse_id_time(manifest["id"])
         if id_time is not None and (self._last_id_time is None or id_time > self._last_id_time):
             self._last_id_time = id_time
