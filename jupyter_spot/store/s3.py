@@ -73,15 +73,13 @@ LEASE_SECONDS = 10 * 60
 GC_LOCK_SECONDS = 30
 
 
-class _BufferReader(io.RawIOBase):
-    """A seekable file over a buffer, so s3transfer reads parts without a full copy."""
+class _BufferFile(io.RawIOBase):
+    """A seekable file over a buffer in memory: s3transfer reads and writes
+    parts of it concurrently, by offset, without copying the whole."""
 
     def __init__(self, data: Buffer) -> None:
         self._view = memoryview(data).cast("B")
         self._pos = 0
-
-    def readable(self) -> bool:
-        return True
 
     def seekable(self) -> bool:
         return True
@@ -94,6 +92,13 @@ class _BufferReader(io.RawIOBase):
         self._pos = max(0, base + offset)
         return self._pos
 
+
+class _BufferReader(_BufferFile):
+    """The upload side: parts are read straight from the blob's buffer."""
+
+    def readable(self) -> bool:
+        return True
+
     def readinto(self, target: Any) -> int:
         chunk = self._view[self._pos : self._pos + len(target)]
         target[: len(chunk)] = chunk
@@ -101,26 +106,11 @@ class _BufferReader(io.RawIOBase):
         return len(chunk)
 
 
-class _BufferWriter(io.RawIOBase):
-    """A seekable file over a preallocated bytearray, for parallel ranged downloads."""
-
-    def __init__(self, target: bytearray) -> None:
-        self._view = memoryview(target)
-        self._pos = 0
+class _BufferWriter(_BufferFile):
+    """The download side: ranged parts land in a preallocated bytearray."""
 
     def writable(self) -> bool:
         return True
-
-    def seekable(self) -> bool:
-        return True
-
-    def tell(self) -> int:
-        return self._pos
-
-    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
-        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._pos, io.SEEK_END: len(self._view)}[whence]
-        self._pos = base + offset
-        return self._pos
 
     def write(self, data: Any) -> int:
         chunk = memoryview(data).cast("B")
