@@ -6,14 +6,17 @@ a cell that uses an object no snapshot can hold (a generator, an open file, a DB
 cursor) — and then the restore report must name that object and the cell that
 made it.
 
-- ``auto`` (per-cell snapshots): for every cut k, kernel A runs cells 1..k, waits
-  until ``%spot status`` says nothing is pending and is SIGKILLed; a fresh kernel B
-  runs ``%spot restore latest`` and cells k+1..n.
-- ``explicit`` (``%spot snapshot``): a chain — each kernel restores the previous
-  one's explicit snapshot, runs the next cell, takes ``%spot snapshot`` and is
-  SIGKILLed. Every cut is still a fresh kill and restore, and each snapshot is taken
-  by a kernel that was itself restored (so restore → change → snapshot is covered);
-  it costs n kernels per notebook instead of 2(n-1).
+For every cut k, kernel A runs cells 1..k and is SIGKILLed; a fresh kernel B runs
+``%spot restore latest`` and cells k+1..n. Two ways of making A's state durable:
+
+- ``auto``: per-cell snapshots only; A is killed once ``%spot status`` says
+  nothing is pending.
+- ``explicit``: A turns automatic snapshots off after ``%load_ext`` and runs
+  ``%spot snapshot`` after cell k, which must return only once it is durable; A
+  is killed right after it returns.
+
+Both ``%spot`` lines run outside the history, so execution counts match the
+uninterrupted run's.
 """
 
 from __future__ import annotations
@@ -84,21 +87,28 @@ def compare(nb: Notebook, number: int, got: CellResult, shift: int, lost: set[st
     return []
 
 
-def interrupted_run(nb: Notebook, cut: int, before: Kernel, after: Kernel) -> list[Mismatch]:
-    """Kill ``before`` after cell ``cut`` once its auto-snapshots are durable; restore in ``after``, run the rest."""
+def interrupted_run(nb: Notebook, cut: int, before: Kernel, after: Kernel, mode: str) -> list[Mismatch]:
+    """Kill ``before`` after cell ``cut`` once its state is durable; restore in ``after``, run the rest."""
     reference = _REFERENCES[nb.name]
     try:
-        ran = [before.run(code) for code in nb.cells[:cut]]
+        ran = [before.run(nb.cells[0])]
+        if mode == "explicit":
+            before.spot("off")  # only the explicit snapshot below saves anything
+        ran += [before.run(code) for code in nb.cells[1:cut]]
         assert [r.text for r in ran] == [r.text for r in reference[:cut]], "the run before the cut diverged"
-        before.wait_until_durable()
+        if mode == "explicit":
+            line = before.spot("snapshot")
+            assert line.startswith("snapshot ") and "still being written" not in line, line
+        else:
+            before.wait_until_durable()
     finally:
         before.kill()
 
     report = restore(after)
-    if cut == 1:
-        # only %load_ext ran: an empty namespace is never snapshotted (it would hide a
-        # session's real latest snapshot), so there is nothing to restore — and the
-        # restore cell itself takes a number.
+    if cut == 1 and mode == "auto":
+        # only %load_ext ran: an empty namespace is never snapshotted automatically (it
+        # would hide a session's real latest snapshot), so there is nothing to restore —
+        # and the restore cell itself takes a number.
         assert "has no snapshots" in report, report
         shift = 1
     else:
@@ -113,15 +123,16 @@ def interrupted_run(nb: Notebook, cut: int, before: Kernel, after: Kernel) -> li
     return mismatches
 
 
+@pytest.mark.parametrize("mode", ["auto", "explicit"])
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.stem for p in NOTEBOOKS])
-def test_every_cut_restores_from_auto_snapshots(path: Path, spot_env: Path, tmp_path: Path) -> None:
+def test_every_cut_restores(path: Path, mode: str, spot_env: Path, tmp_path: Path) -> None:
     nb = Notebook.read(path)
     assert 6 <= len(nb.cells) <= 10 and nb.cells[0].strip() == "%load_ext jupyter_spot"
     cuts = range(1, len(nb.cells))
 
     def pair(cut: int) -> tuple[Kernel, Kernel]:
         """Kernel A and kernel B of one cut: same session and directory, booting now."""
-        session, cwd = f"{nb.name}-cut{cut}", tmp_path / f"cut{cut}"
+        session, cwd = f"{nb.name}-{mode}-cut{cut}", tmp_path / f"cut{cut}"
         first = kernels.enter_context(closing(Kernel(cwd, session)))
         return first, kernels.enter_context(closing(Kernel(cwd, session)))
 
@@ -133,36 +144,8 @@ def test_every_cut_restores_from_auto_snapshots(path: Path, spot_env: Path, tmp_
             before, after = booting
             if cut + 1 in cuts:  # the next cut's kernels boot while this one works
                 booting = pair(cut + 1)
-            mismatches += interrupted_run(nb, cut, before, after)
+            mismatches += interrupted_run(nb, cut, before, after, mode)
             after.close()
-    assert not mismatches, "\n".join(map(str, mismatches))
-
-
-@pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.stem for p in NOTEBOOKS])
-def test_every_cut_restores_from_explicit_snapshots(path: Path, spot_env: Path, tmp_path: Path) -> None:
-    nb = Notebook.read(path)
-    cwd, session = tmp_path / "chain", f"{nb.name}-chain"
-    mismatches = []
-    with ExitStack() as kernels:
-        kernel = kernels.enter_context(closing(Kernel(cwd, session)))
-        booting = kernels.enter_context(closing(Kernel(cwd, session)))
-        reference_run(nb, tmp_path / "reference")
-        mismatches += compare(nb, 1, kernel.run(nb.cells[0]), 0, set(), 0)
-        for cut in range(1, len(nb.cells)):
-            # each earlier link added a %spot snapshot cell: cell k runs as In[2k-1], its snapshot is In[2k]
-            line = kernel.run("%spot snapshot").text
-            assert line.startswith("snapshot ") and "still being written" not in line, line
-            kernel.kill()
-            kernel = booting
-            if cut + 1 < len(nb.cells):
-                booting = kernels.enter_context(closing(Kernel(cwd, session)))
-            report = restore(kernel)
-            assert restored_execution_count(report) == 2 * cut, report
-            for name, cell in nb.unstorable.items():
-                if cell == cut:  # alive at this snapshot (earlier ones were lost at earlier cuts)
-                    check_named(report, name, 2 * cell - 1, cut)
-            got = kernel.run(nb.cells[cut])
-            mismatches += compare(nb, cut + 1, got, cut, nb.unstorable_at(cut), cut)
     assert not mismatches, "\n".join(map(str, mismatches))
 
 

@@ -158,6 +158,9 @@ class SnapshotEngine:
         self.last_clean_id: str | None = None
         self._ids: dict[str, int] = {}
         self._born: dict[str, int] = {}
+        # name → (id of value, cell) for values bound by cells no snapshot followed
+        # (`%spot off`, a failing store), so a report still names the cell that made them
+        self._unsnapshotted_births: dict[str, tuple[int, int]] = {}
         self._shared = tracking.SharedObjects()
         self._var_info: dict[str, dict[str, Any]] = {}
         self._groups: dict[frozenset[str], Group] = {}
@@ -166,6 +169,7 @@ class SnapshotEngine:
         self._last_id_time: datetime | None = None
         self._busy = False
         self._in_cell: int | None = None
+        self._count_advances_after_cell = False
         self._cell_source = ""
         self._warned = False
         self._unsaved: set[str] | None = set()  # names cells used since the last snapshot; None: all
@@ -173,26 +177,41 @@ class SnapshotEngine:
 
     # -- cell hooks ------------------------------------------------------------
     def pre_run_cell(self, info: Any) -> None:
-        self._in_cell = self.shell.execution_count - COUNT_ADVANCES_BEFORE_CELL
+        # A cell run with store_history=False (a silent %spot from a client) takes no
+        # number: its state is that of the last numbered cell, and the count stays put.
+        numbered = getattr(info, "store_history", True)
+        self._in_cell = self.shell.execution_count - (COUNT_ADVANCES_BEFORE_CELL if numbered else 1)
+        self._count_advances_after_cell = numbered and not COUNT_ADVANCES_BEFORE_CELL
         self._cell_source = getattr(info, "raw_cell", "") or ""
 
     def post_run_cell(self, result: Any) -> None:
-        self._in_cell = None
+        cell, self._in_cell = self._in_cell, None
+        self._count_advances_after_cell = False
         lines = [line.strip() for line in self._cell_source.splitlines() if line.strip()]
         if all(line.startswith("%spot") for line in lines):
             return  # `%spot …` cells snapshot (or restore) themselves, or only look
         # Remembered until a snapshot covers them: with `%spot off`, or while a
         # failing store is given time, cells still change things in place.
         self._unsaved = self._with_cell(self._unsaved, self._cell_source)
-        if not self.auto or not tracking.user_names(self.shell.user_ns, self.shell.user_ns_hidden):
-            return  # off, or nothing to protect yet (an empty snapshot would hide a session's real latest one)
-        if self._failed_at is not None and time.monotonic() - self._failed_at < RETRY_AFTER_FAILURE:
+        names = tracking.user_names(self.shell.user_ns, self.shell.user_ns_hidden)
+        if not names:
+            return  # nothing to protect yet (an empty snapshot would hide a session's real latest one)
+        failing = self._failed_at is not None and time.monotonic() - self._failed_at < RETRY_AFTER_FAILURE
+        if not self.auto or failing:
+            self._note_births(names, cell)
             return
         try:
             self.snapshot(kind="auto", referenced=self._unsaved, wait=False, quiet=True)
         except Exception as error:  # a snapshot bug must never break the user's cells
             self._failed_at = time.monotonic()
             self._warn(f"snapshot failed: {type(error).__name__}: {error}")
+
+    def _note_births(self, names: list[str], cell: int | None) -> None:
+        """Remember which cell bound each new value until a snapshot records it."""
+        for name in names:
+            value_id = id(self.shell.user_ns[name])
+            if self._ids.get(name) != value_id and self._unsnapshotted_births.get(name, (None,))[0] != value_id:
+                self._unsnapshotted_births[name] = (value_id, cell or 0)
 
     def _with_cell(self, names: set[str] | None, raw_cell: str) -> set[str] | None:
         referenced = self._cell_references(raw_cell)
@@ -284,10 +303,12 @@ class SnapshotEngine:
                 current[name] = value
 
         touched = set(current) if referenced is None else referenced & current.keys()
+        births, self._unsnapshotted_births = self._unsnapshotted_births, {}
         for name, value in current.items():
             if self._ids.get(name) != id(value):
                 touched.add(name)
-                self._born[name] = cell
+                value_id, born = births.get(name, (None, 0))
+                self._born[name] = born if value_id == id(value) and born else cell
         for group in self._groups.values():
             if any(key not in self.durable and key not in in_flight for key in group.keys):
                 touched.update(name for name in group.names if name in current)
@@ -652,9 +673,8 @@ class SnapshotEngine:
                     pass
             # The next cell is count + 1. %spot restore runs in a cell, and IPython before
             # 9.8 advances the count after it; a silent request (the server's restore,
-            # `jupyter spot run`) and newer IPython do not.
-            advanced_later = self._in_cell is not None and not COUNT_ADVANCES_BEFORE_CELL
-            self.shell.execution_count = count if advanced_later else count + 1
+            # `jupyter spot run`), a cell outside the history and newer IPython do not.
+            self.shell.execution_count = count if self._count_advances_after_cell else count + 1
         id_time = _parse_id_time(manifest["id"])
         if id_time is not None and (self._last_id_time is None or id_time > self._last_id_time):
             self._last_id_time = id_time
