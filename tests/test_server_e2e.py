@@ -16,6 +16,7 @@ import sys
 import time
 import urllib.parse
 from collections.abc import Iterator
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -42,7 +43,9 @@ def free_port() -> int:
 class Server:
     """`jupyter server` with jupyter-spot in a subprocess; its own runtime dir, a shared store."""
 
-    def __init__(self, root: Path, home: Path, env: dict[str, str], sources: str = "aws") -> None:
+    def __init__(
+        self, root: Path, home: Path, env: dict[str, str], sources: str = "aws", extra: tuple[str, ...] = ()
+    ) -> None:
         self.root, self.port, self.token = root, free_port(), os.urandom(8).hex()
         self.runtime = home / "runtime"
         self.url = f"http://127.0.0.1:{self.port}/"
@@ -62,6 +65,7 @@ class Server:
                 f"--ServerApp.root_dir={root}",
                 f"--SpotApp.notice_sources={sources}",
                 "--SpotApp.notice_poll_interval=0.2",
+                *extra,
             ],
             env=env,
             stdout=self.log,
@@ -277,3 +281,72 @@ async def test_sigterm_flushes_every_kernel_before_the_server_stops(spot_env: Pa
     # The server shut the kernel down while stopping: that is not the user closing the notebook.
     (described,) = catalog.describe_sessions(store, live=[])
     assert described["interrupted"] is True and "signal interruption notice" in described["reason"]
+
+
+async def test_servers_sharing_a_store_do_not_offer_each_others_live_sessions(spot_env: Path, tmp_path: Path) -> None:
+    """Two servers on one store (one EFS): B lists A's running notebook as live elsewhere, until A is killed."""
+    root = tmp_path / "root"
+    root.mkdir()
+    nbformat.write(nbformat.v4.new_notebook(), root / "shared.ipynb")
+    store = open_store(str(spot_env))
+    record_name = catalog.session_record_name("shared.ipynb")
+    homes = [tmp_path / "a", tmp_path / "b"]
+    for home in homes:
+        home.mkdir()
+    a = Server(root, homes[0], dict(os.environ), sources="signal", extra=("--SpotApp.heartbeat_interval=0.5",))
+    b = Server(root, homes[1], dict(os.environ), sources="signal")
+    try:
+        await asyncio.gather(a.wait_ready(), b.wait_ready())
+        session = await a.fetch(
+            "api/sessions", "POST", {"path": "shared.ipynb", "type": "notebook", "kernel": {"name": "python3"}}
+        )
+        client = await a.kernel_client(session["kernel"]["id"])
+        await run_cell(client, "x = 1")
+        client.stop_channels()
+        deadline = time.monotonic() + 30
+        while not store.list_snapshots("shared.ipynb"):
+            assert time.monotonic() < deadline, "no auto snapshot"
+            await asyncio.sleep(0.1)
+
+        first_beat = store.get_record(record_name)["heartbeat"]
+        deadline = time.monotonic() + 10
+        while store.get_record(record_name)["heartbeat"] == first_beat:
+            assert time.monotonic() < deadline, "server A does not refresh its heartbeat"
+            await asyncio.sleep(0.1)
+
+        (listed,) = (await b.fetch("jupyter-spot/api/sessions?path=shared.ipynb"))["sessions"]
+        assert listed["interrupted"] is False and listed["reason"] is None
+        assert listed["live_elsewhere"]["host"] == socket.gethostname()
+        assert listed["live_elsewhere"]["kernel_id"] == session["kernel"]["id"]
+        (from_cli,) = catalog.describe_sessions(store, live=[])
+        assert from_cli["interrupted"] is False and from_cli["live_elsewhere"] is not None
+        kernel_pid = store.get_record(record_name)["kernel"]["pid"]
+    finally:
+        a.stop()  # SIGKILL: no clean shutdown, no notice, a heartbeat that is still fresh
+    os.kill(kernel_pid, signal.SIGKILL)
+    try:
+        (listed,) = (await b.fetch("jupyter-spot/api/sessions?path=shared.ipynb"))["sessions"]
+        assert listed["interrupted"] is True and listed["live_elsewhere"] is None
+        assert "stopped without a clean shutdown" in listed["reason"]
+    finally:
+        b.stop(signal.SIGTERM)
+
+
+def test_a_heartbeat_from_another_host_counts_until_it_is_stale(spot_env: Path) -> None:
+    """Another machine's server cannot be asked directly: its heartbeat's age decides, and a notice overrides it."""
+    now = catalog.utcnow()
+    record = {"session": "nb.ipynb", "state": "live", "kernel_id": "k1", "host": "other-machine.internal",
+              "server": "http://10.0.0.7:8888/", "server_id": "their-server", "server_pid": 1,
+              "heartbeat_interval": 30.0}
+
+    def beat(seconds_ago: float) -> dict[str, Any]:
+        return {**record, "heartbeat": catalog.isoformat(now - timedelta(seconds=seconds_ago))}
+
+    assert catalog.live_elsewhere(beat(5), "my-server", [], now)["host"] == "other-machine.internal"
+    assert catalog.live_elsewhere(beat(69), "my-server", [], now) is not None
+    assert catalog.live_elsewhere(beat(71), "my-server", [], now) is None  # two intervals + 10 s slack
+    assert catalog.live_elsewhere(beat(5), "their-server", [], now) is None  # our own kernel: not "elsewhere"
+    assert catalog.live_elsewhere({**beat(5), "state": "closed"}, "my-server", [], now) is None
+    told_to_go = [{"notice": {"source": "aws", "action": "terminate"}, "at": catalog.isoformat(now),
+                   "kernels": [{"session": "nb.ipynb", "kernel_id": "k1", "status": "done"}]}]
+    assert catalog.live_elsewhere(beat(5), "my-server", told_to_go, now) is None

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -68,11 +69,18 @@ class SpotApp(ExtensionApp):
         0.05, help="Seconds between store checks while waiting for a kernel's flush (a listing, cheap even on S3)."
     ).tag(config=True)
     restore_timeout = Float(300.0, help="Seconds a restore into a kernel may take.").tag(config=True)
+    heartbeat_interval = Float(
+        30.0,
+        help="Seconds between this server's 'still running' marks on its sessions' records, so servers "
+        "sharing a store (EFS, S3) do not offer each other's live notebooks for restore. 0: no marks.",
+    ).tag(config=True)
 
     store_url = Unicode("")
+    server_id = Unicode("", help="This server process's id in session records (set at start).")
 
     def initialize_settings(self) -> None:
         self.store_url = resolve_store_url(self.store)
+        self.server_id = uuid.uuid4().hex
         self.snapshot_store: Store = open_store(self.store_url)
         self._writable: tuple[float, bool, str | None] = (0.0, False, None)
         logger = self.serverapp.event_logger
@@ -83,6 +91,7 @@ class SpotApp(ExtensionApp):
         watcher, provider = self._make_watcher()
         self.notices = NoticeCoordinator(self, watcher, provider)
         self._gc_task: asyncio.Task[None] | None = None
+        self._heartbeat_task: asyncio.Task[None] | None = None
         self.log.info(
             "jupyter-spot: store %s (%s); watcher: %s",
             self.store_url,
@@ -104,11 +113,16 @@ class SpotApp(ExtensionApp):
     async def _start_jupyter_server_extension(self, serverapp: Any) -> None:
         if self.keep > 0 and self.gc_interval > 0:
             self._gc_task = asyncio.ensure_future(self._collect_garbage_periodically())
+        if self.heartbeat_interval > 0:
+            self._heartbeat_task = asyncio.ensure_future(self._beat_periodically())
 
     async def stop_extension(self) -> None:
         self.kernels.stopping = True  # the shutdowns that follow are the server's, not the user's
-        if self._gc_task is not None:
-            self._gc_task.cancel()
+        for task in (self._gc_task, self._heartbeat_task):
+            if task is not None:
+                task.cancel()
+        if self.heartbeat_interval > 0:  # other servers may offer these sessions for restore at once
+            await self.kernels.heartbeat(beating=False)
         if self.notices.watcher is not None:
             await asyncio.to_thread(self.notices.watcher.stop)
 
@@ -121,10 +135,19 @@ class SpotApp(ExtensionApp):
             except StoreError as error:
                 self.log.warning("jupyter-spot: garbage collection failed: %s", error)
 
+    async def _beat_periodically(self) -> None:
+        while True:
+            await asyncio.sleep(self.heartbeat_interval)
+            await self.kernels.heartbeat()
+
     async def session_is_interrupted(self, session: str) -> bool:
         try:
             described = await asyncio.to_thread(
-                catalog.describe_session, self.snapshot_store, session, self.kernels.live_kernels()
+                catalog.describe_session,
+                self.snapshot_store,
+                session,
+                self.kernels.live_kernels(),
+                server_id=self.server_id,
             )
         except StoreError as error:
             self.log.warning("jupyter-spot: cannot read session %r: %s", session, error)

@@ -14,7 +14,12 @@ and nobody chose to throw away. Concretely, all of:
    the same notebook is still "interrupted" until it restores or writes anew);
 3. the session was not closed cleanly after that snapshot — a user shutting
    the kernel down (kernel or session DELETE) writes a ``closed`` session record;
-   a server stopping, a notice, SIGKILL or a lost machine do not.
+   a server stopping, a notice, SIGKILL or a lost machine do not;
+4. its kernel is not alive under another server sharing the store: that server
+   refreshes a ``heartbeat`` in the session record, and the session counts as
+   live elsewhere while the heartbeat is fresh (two of the writer's intervals
+   plus slack), the server's process still exists when it is on this host, and
+   no notice named the kernel (a machine that was told to go is going).
 
 The ``reason`` comes from the records: the notice record that named the
 session's last kernel, else the session record of a kernel that never shut
@@ -24,7 +29,9 @@ down cleanly, else "written by a kernel outside this server".
 from __future__ import annotations
 
 import hashlib
+import os
 import re
+import socket
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any
@@ -34,6 +41,10 @@ from ..store import ManifestError, Store, StoreError
 NOTICE_RECORD_PREFIX = "notice-"
 SESSION_RECORD_PREFIX = "session-"
 _BAD_COMPONENT = re.compile(r"[\x00-\x1f\x7f\\]")
+#: A heartbeat older than this many of its writer's intervals (plus the slack, for
+#: clocks and slow stores) is from a server that is gone.
+HEARTBEAT_MISSES = 2
+HEARTBEAT_SLACK_SECONDS = 10.0
 
 
 class BadId(ValueError):
@@ -159,13 +170,51 @@ def _notice_reason(notices: list[dict[str, Any]], session: str, kernel_id: str |
     return None
 
 
+def _process_exists(pid: Any) -> bool:
+    if not isinstance(pid, int) or pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process: it exists
+        return True
+    return True
+
+
+def live_elsewhere(
+    record: dict[str, Any], server_id: str | None, notices: list[dict[str, Any]], now: datetime | None = None
+) -> dict[str, Any] | None:
+    """Where the session's kernel still runs under another server, from its session record; None if not."""
+    if record.get("state") != "live" or not record.get("server_id") or record.get("server_id") == server_id:
+        return None
+    beat = parse_time(record.get("heartbeat"))
+    interval = record.get("heartbeat_interval")
+    if beat is None or not isinstance(interval, (int, float)) or interval <= 0:
+        return None
+    age = ((now or utcnow()) - beat).total_seconds()
+    if age > HEARTBEAT_MISSES * interval + HEARTBEAT_SLACK_SECONDS:
+        return None
+    if record.get("host") == socket.gethostname() and not _process_exists(record.get("server_pid")):
+        return None
+    kernel_id = record.get("kernel_id")
+    if kernel_id and _notice_reason(notices, str(record.get("session")), kernel_id):
+        return None
+    return {"host": record.get("host"), "server": record.get("server"), "kernel_id": kernel_id,
+            "heartbeat": isoformat(beat)}
+
+
 def describe_session(
     store: Store,
     session: str,
     live: list[LiveKernel],
     notices: list[dict[str, Any]] | None = None,
+    server_id: str | None = None,
 ) -> dict[str, Any] | None:
-    """The API's Session object, or None when the session has no loadable snapshot."""
+    """The API's Session object, or None when the session has no loadable snapshot.
+
+    ``server_id`` is the asking server's (None for the CLI, which runs no kernels).
+    """
     manifest, _problems = store.latest_manifest(session)
     if manifest is None:
         return None
@@ -178,7 +227,11 @@ def describe_session(
     caught_up = any(k.restored is not None or k.started <= created for k in mine)
     closed_at = parse_time(record.get("closed_at")) if record.get("state") == "closed" else None
     closed = closed_at is not None and closed_at >= created
-    interrupted = not caught_up and not closed
+    elsewhere = None
+    if not caught_up and not closed and record.get("state") == "live" and record.get("heartbeat"):
+        notices = notice_records(store) if notices is None else notices
+        elsewhere = live_elsewhere(record, server_id, notices)
+    interrupted = not caught_up and not closed and elsewhere is None
 
     reason = None
     if interrupted:
@@ -196,15 +249,19 @@ def describe_session(
         "id": session,
         "interrupted": interrupted,
         "live_kernel": live_kernel,
+        "live_elsewhere": elsewhere,
         "reason": reason,
         "latest": latest,
     }
 
 
-def describe_sessions(store: Store, live: list[LiveKernel], only: str | None = None) -> list[dict[str, Any]]:
+def describe_sessions(
+    store: Store, live: list[LiveKernel], only: str | None = None, server_id: str | None = None
+) -> list[dict[str, Any]]:
     """Every session with a loadable snapshot (or just ``only``), newest activity first."""
     names = [only] if only is not None else store.list_sessions()
     notices = notice_records(store)
-    sessions = [s for s in (describe_session(store, name, live, notices) for name in names) if s is not None]
+    described = (describe_session(store, name, live, notices, server_id) for name in names)
+    sessions = [s for s in described if s is not None]
     sessions.sort(key=lambda s: s["latest"]["created"] or "", reverse=True)
     return sessions

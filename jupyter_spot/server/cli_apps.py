@@ -76,7 +76,12 @@ class ListApp(StoreApp):
         lines = []
         for s in sessions:
             latest = s["latest"]
-            flag = "INTERRUPTED" if s["interrupted"] else "closed"
+            elsewhere = s["live_elsewhere"]
+            flag = (
+                "INTERRUPTED" if s["interrupted"]
+                else f"live on {elsewhere['host']} ({elsewhere['server']})" if elsewhere
+                else "closed"
+            )
             lines.append(
                 f"{s['id']}\n    {flag}  latest {latest['id']} ({latest['created']}, {latest['kind']}), "
                 f"{human_bytes(latest['size'])}, {latest['variable_count']} variables"

@@ -86,7 +86,9 @@ class SessionsHandler(SpotHandler):
         path = self.get_query_argument("path", None)
         only = self.session_arg(path.lstrip("/")) if path is not None else None
         live = self.spot.kernels.live_kernels()
-        sessions = await self.in_thread(catalog.describe_sessions, self.spot.snapshot_store, live, only)
+        sessions = await self.in_thread(
+            catalog.describe_sessions, self.spot.snapshot_store, live, only, self.spot.server_id
+        )
         self.finish({"sessions": sessions})
 
 

@@ -101,6 +101,8 @@ class SpotKernels:
         self.stopping = False
         self.host = socket.gethostname()
         self.notice_dir = Path(jupyter_runtime_dir()) / "jupyter_spot"
+        # One writer at a time: a heartbeat must not land after a kernel's "closed" record.
+        self._record_lock = asyncio.Lock()
         self._start = self.km.start_kernel
         self.km.start_kernel = self.start_kernel
 
@@ -194,7 +196,12 @@ class SpotKernels:
             "pid": getattr(getattr(kernel, "provisioner", None), "pid", None),
         }
 
-    async def _write_session_record(self, kernel_id: str, state: str) -> None:
+    async def _write_session_record(self, kernel_id: str, state: str, *, beating: bool = True) -> None:
+        """The session's record; ``beating=False`` (server stopping) drops the heartbeat at once."""
+        async with self._record_lock:
+            await self._put_session_record(kernel_id, state, beating)
+
+    async def _put_session_record(self, kernel_id: str, state: str, beating: bool) -> None:
         live = self.live.get(kernel_id)
         if live is None:
             return
@@ -204,15 +211,27 @@ class SpotKernels:
             "kernel_id": kernel_id,
             "host": self.host,
             "server": self.app.serverapp.connection_url,
+            "server_id": self.app.server_id,
+            "server_pid": os.getpid(),
             "started": isoformat(live.started),
             "kernel": self.kernel_info(kernel_id) if kernel_id in self.km else None,
         }
+        if state == "live" and beating and self.app.heartbeat_interval > 0:
+            record["heartbeat"] = isoformat(utcnow())
+            record["heartbeat_interval"] = self.app.heartbeat_interval
         if state == "closed":
             record["closed_at"] = isoformat(utcnow())
         try:
             await asyncio.to_thread(self.app.snapshot_store.put_record, session_record_name(live.session), record)
         except StoreError as error:
             self.app.log.warning("jupyter-spot: could not record session %r: %s", live.session, error)
+
+    async def heartbeat(self, *, beating: bool = True) -> None:
+        """Mark every live kernel's session as still running here (servers sharing the store read it)."""
+        for kernel in self.live_kernels():
+            async with self._record_lock:
+                if kernel.kernel_id in self.live:  # not shut down while we waited
+                    await self._put_session_record(kernel.kernel_id, "live", beating)
 
     async def on_kernel_action(self, logger: Any, schema_id: str, data: dict[str, Any]) -> None:
         """Listener for jupyter_server's kernel_actions events: restarts and clean shutdowns."""
