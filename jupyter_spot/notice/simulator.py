@@ -3,10 +3,12 @@
 What AWS's amazon-ec2-metadata-mock does, in Python and for three clouds:
 ``jupyter spot simulate aws|gcp|azure`` serves the provider's protocol on
 127.0.0.1 and fires an interruption notice when told (after N seconds, or at
-once via ``POST /__simulator/notice`` or :meth:`Simulator.fire`). It also
-reproduces the failure modes real clients trip over: IMDSv2-only (401 without
-a valid token), short-lived tokens, a token PUT that never answers (a
-container behind hop limit 1), and HTML 404 bodies.
+once via ``POST /__simulator/notice`` or :meth:`Simulator.fire`); on GCP the
+notice is a preemption or a host-maintenance event. It also reproduces the
+failure modes real clients trip over: IMDSv2-only (401 without a valid token),
+short-lived tokens, a token PUT that never answers (a container behind hop
+limit 1), HTML 404 bodies, and a GCE metadata server without
+``maintenance-event``.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import threading
 import time
 import urllib.parse
 import uuid
+from collections.abc import Callable
 from datetime import datetime, timezone
 from email.utils import format_datetime
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -31,6 +34,11 @@ from .model import deadline_in
 
 PROVIDERS = ("aws", "gcp", "azure")
 LEAD_TIME = {"aws": 120.0, "gcp": 30.0, "azure": 30.0}  # seconds from notice to the end, as the clouds give
+# GCP's host-maintenance actions and the maintenance-event value each one shows.
+GCP_MAINTENANCE = {
+    "terminate-on-host-maintenance": gcp.TERMINATE_ON_HOST_MAINTENANCE,
+    "migrate-on-host-maintenance": gcp.MIGRATE_ON_HOST_MAINTENANCE,
+}
 CONTROL = "/__simulator/"
 VM_NAME = "spot-simulated-vm"
 HTML_404 = (
@@ -53,9 +61,11 @@ class Simulator:
         imdsv2_only: bool = False,
         token_ttl: int | None = None,
         hang_token_put: bool = False,
+        maintenance_event: bool = True,
     ) -> None:
         if provider not in PROVIDERS:
             raise ValueError(f"provider must be one of {PROVIDERS}, not {provider!r}")
+        _check_action(provider, action)
         self.provider = provider
         self.host = host
         self.port = port
@@ -65,9 +75,11 @@ class Simulator:
         self.imdsv2_only = imdsv2_only
         self.token_ttl = token_ttl
         self.hang_token_put = hang_token_put
+        self.serves_maintenance_event = maintenance_event  # False: 404, as a metadata server without the key
         # State, guarded by _cond (GCP's hanging GET waits on it).
         self._cond = threading.Condition()
         self.notice: dict[str, Any] | None = None
+        self.gcp_maintenance_event = gcp.NO_MAINTENANCE
         self.rebalance_notice: dict[str, Any] | None = None
         self.maintenance_events: list[dict[str, Any]] = []
         self.tokens: dict[str, float] = {}  # token -> monotonic expiry
@@ -127,8 +139,15 @@ class Simulator:
 
     # -- scenario --------------------------------------------------------------
     def fire(self, action: str | None = None, lead_time: float | None = None) -> dict[str, Any]:
-        """Post the interruption notice now; returns what the metadata service will show."""
+        """Post the interruption notice now; returns what the metadata service will show.
+
+        On GCP, ``terminate-on-host-maintenance`` and ``migrate-on-host-maintenance``
+        set ``maintenance-event`` instead of ``preempted``; a migration is over
+        (back to NONE) after ``lead_time`` seconds (60 by default).
+        """
         action = action or self.default_action
+        if action in GCP_MAINTENANCE:
+            return self._gcp_maintenance(action, gcp.MAINTENANCE_LEAD_TIME if lead_time is None else lead_time)
         deadline = deadline_in(LEAD_TIME[self.provider] if lead_time is None else lead_time)
         with self._cond:
             if self.provider == "aws":
@@ -140,6 +159,25 @@ class Simulator:
                 self._incarnation += 1
             self._cond.notify_all()
             return dict(self.notice)
+
+    def _gcp_maintenance(self, action: str, lead_time: float) -> dict[str, Any]:
+        _check_action(self.provider, action)
+        value = GCP_MAINTENANCE[action]
+        with self._cond:
+            self.gcp_maintenance_event = value
+            self._cond.notify_all()
+        if value == gcp.MIGRATE_ON_HOST_MAINTENANCE:  # the VM lives on: the event ends with the migration
+            timer = threading.Timer(lead_time, self._maintenance_over, args=(value,))
+            timer.daemon = True
+            timer.start()
+            self._timers.append(timer)
+        return {"maintenance-event": value}
+
+    def _maintenance_over(self, value: str) -> None:
+        with self._cond:
+            if self.gcp_maintenance_event == value:
+                self.gcp_maintenance_event = gcp.NO_MAINTENANCE
+                self._cond.notify_all()
 
     def rebalance(self) -> None:
         """AWS's rebalance recommendation: interruption risk is up, no deadline yet."""
@@ -172,14 +210,22 @@ class Simulator:
 
     def state(self) -> dict[str, Any]:
         with self._cond:
+            maintenance = self.gcp_maintenance_event if self.gcp_maintenance_event != gcp.NO_MAINTENANCE else None
             return {
                 "provider": self.provider,
                 "notice": self.notice,
+                "maintenance_event": maintenance,
                 "rebalance": self.rebalance_notice,
                 "token_puts": self.token_puts,
                 "acks": list(self.acks),
                 "requests": len(self.requests),
             }
+
+
+def _check_action(provider: str, action: str | None) -> None:
+    """Host-maintenance events exist on GCP only; elsewhere they would serve a notice no client knows."""
+    if action in GCP_MAINTENANCE and provider != "gcp":
+        raise ValueError(f"{action} is a GCP host-maintenance event: simulate gcp to fire it, not {provider}")
 
 
 def _azure_event(event_type: str, not_before: datetime) -> dict[str, Any]:
@@ -251,7 +297,10 @@ class _Handler(BaseHTTPRequestHandler):
                 options = json.loads(self._body() or b"{}")
             except ValueError:
                 return self._json(400, {"error": 'body must be JSON, e.g. {"action": "stop"}'})
-            return self._json(200, sim.fire(options.get("action"), options.get("lead_time")))
+            try:
+                return self._json(200, sim.fire(options.get("action"), options.get("lead_time")))
+            except ValueError as e:
+                return self._json(400, {"error": str(e)})
         if method == "POST" and what == "rebalance":
             sim.rebalance()
             return self._json(200, sim.state())
@@ -308,11 +357,12 @@ class _Handler(BaseHTTPRequestHandler):
             return self._send(403, "Missing Metadata-Flavor:Google header.", **flavor)
         if method != "GET":
             return self._send(405, "", **flavor)
-        if path != gcp.PREEMPTED_PATH:
+        keys: dict[str, Callable[[], str]] = {gcp.PREEMPTED_PATH: lambda: "TRUE" if sim.notice else "FALSE"}
+        if sim.serves_maintenance_event:
+            keys[gcp.MAINTENANCE_PATH] = lambda: sim.gcp_maintenance_event
+        value = keys.get(path)
+        if value is None:
             return self._send(404, HTML_404, "text/html", **flavor)
-
-        def value() -> str:
-            return "TRUE" if sim.notice else "FALSE"
 
         def etag(v: str) -> str:
             return "etag-" + v.lower()
@@ -375,14 +425,16 @@ class SimulateApp(JupyterApp):
         "jupyter spot simulate aws --notice-after 60\n"
         "jupyter spot simulate aws --imdsv2-only --rebalance-after 10 --notice-after 40\n"
         "jupyter spot simulate gcp --port 8081\n"
+        "jupyter spot simulate gcp --notice-after 30 --action terminate-on-host-maintenance\n"
     )
     port = Int(1338, help="Port on 127.0.0.1 (1338 like amazon-ec2-metadata-mock; 0: any free port).").tag(config=True)
     notice_after = Float(-1.0, help="Seconds until the interruption notice (<0: only on request).").tag(config=True)
     rebalance_after = Float(-1.0, help="AWS: seconds until a rebalance recommendation (<0: never).").tag(config=True)
     action = Enum(
-        ["", "terminate", "stop", "hibernate", "preempt"],
+        ["", "terminate", "stop", "hibernate", "preempt", *GCP_MAINTENANCE],
         "",
-        help="What the notice announces (default: terminate on AWS, preempt on GCP/Azure).",
+        help="What the notice announces (default: terminate on AWS, preempt on GCP/Azure; "
+        "GCP also: terminate-on-host-maintenance, migrate-on-host-maintenance).",
     ).tag(config=True)
     imdsv2_only = Bool(False, help="AWS: refuse requests without a valid IMDSv2 token (401).").tag(config=True)
     token_ttl = Int(0, help="AWS: cap on token lifetime in seconds (0: as requested).").tag(config=True)
@@ -408,16 +460,20 @@ class SimulateApp(JupyterApp):
         if len(self.extra_args) != 1 or self.extra_args[0] not in PROVIDERS:
             self.log.critical("Say which cloud to simulate: jupyter spot simulate aws|gcp|azure")
             self.exit(2)
-        sim = Simulator(
-            self.extra_args[0],
-            port=self.port,
-            notice_after=self.notice_after if self.notice_after >= 0 else None,
-            action=self.action or None,
-            rebalance_after=self.rebalance_after if self.rebalance_after >= 0 else None,
-            imdsv2_only=self.imdsv2_only,
-            token_ttl=self.token_ttl or None,
-            hang_token_put=self.hang_token_put,
-        )
+        try:
+            sim = Simulator(
+                self.extra_args[0],
+                port=self.port,
+                notice_after=self.notice_after if self.notice_after >= 0 else None,
+                action=self.action or None,
+                rebalance_after=self.rebalance_after if self.rebalance_after >= 0 else None,
+                imdsv2_only=self.imdsv2_only,
+                token_ttl=self.token_ttl or None,
+                hang_token_put=self.hang_token_put,
+            )
+        except ValueError as e:
+            self.log.critical("%s", e)
+            self.exit(2)
         try:
             sim.start()
         except OSError as e:
@@ -427,22 +483,22 @@ class SimulateApp(JupyterApp):
         print(f"Simulating {sim.provider} metadata at {sim.url}. In the shell that starts Jupyter:\n")
         print(f"    export {name}={value}\n")
         if sim.notice_after is not None:
-            print(f"The interruption notice comes in {sim.notice_after:g} s.")
+            print(f"The {sim.default_action} notice comes in {sim.notice_after:g} s.")
         print(f"Fire it now with:  curl -X POST {sim.url}{CONTROL}notice")
+        if sim.provider == "gcp":
+            body = json.dumps({"action": "terminate-on-host-maintenance"})
+            print(f"A host-maintenance event instead:  curl -X POST {sim.url}{CONTROL}notice -d '{body}'")
         print("Ctrl-C stops the simulator.", flush=True)
         shown: Any = None
+        fields = ("notice", "maintenance_event", "rebalance", "acks")
         try:
             while True:
                 time.sleep(0.5)
                 state = sim.state()
-                if (state["notice"], state["rebalance"], state["acks"]) != shown:
-                    shown = (state["notice"], state["rebalance"], state["acks"])
+                if tuple(state[k] for k in fields) != shown:
+                    shown = tuple(state[k] for k in fields)
                     if any(shown):
-                        print(
-                            "now serving:",
-                            json.dumps({k: state[k] for k in ("notice", "rebalance", "acks")}),
-                            flush=True,
-                        )
+                        print("now serving:", json.dumps({k: state[k] for k in fields}), flush=True)
         except KeyboardInterrupt:
             pass
         finally:
