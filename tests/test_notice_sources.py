@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import logging
 import socket
+import subprocess
+import sys
 import threading
 import time
 from datetime import timedelta
@@ -207,13 +209,146 @@ def test_gcp_wait_for_change_sees_preemption_at_once() -> None:
     assert latency < 1.0
 
 
-def test_gcp_no_preemption_returns_none_after_wait() -> None:
+def test_gcp_quiet_vm_answers_at_once_then_waits() -> None:
     with Simulator("gcp") as sim:
         source = GCPSource(f"127.0.0.1:{sim.port}", wait=1)
         started = time.monotonic()
-        assert source.poll() is None
-        assert 0.9 < time.monotonic() - started < 3
+        assert source.poll() is None  # last_etag=0: the current values, at once
+        assert time.monotonic() - started < 0.5
+        durations = []
+        for _ in range(2):  # then both keys hang until a change or the wait is over
+            started = time.monotonic()
+            assert source.poll() is None
+            durations.append(time.monotonic() - started)
+        flavor = {"Metadata-Flavor": "Google"}
+        maintenance = request(sim.url, "GET", "/computeMetadata/v1/instance/maintenance-event", headers=flavor)
         assert request(sim.url, "GET", "/computeMetadata/v1/instance/preempted").status == 403  # no flavor header
+    assert 0.9 < max(durations) < 3, durations
+    assert (maintenance.status, maintenance.text()) == (200, "NONE")
+
+
+def test_gcp_preemption_standing_at_start_is_seen_at_once() -> None:
+    with Simulator("gcp") as sim:
+        sim.fire()
+        rec = Recorder()
+        started = time.monotonic()
+        with NoticeWatcher([GCPSource(f"127.0.0.1:{sim.port}", wait=10)], [rec]):
+            assert rec.event.wait(5)
+    assert rec.times[0] - started < 1.0
+    assert rec.notices[0].action == "preempt"
+
+
+def test_gcp_terminate_on_host_maintenance_seen_within_one_wait_then_preemption() -> None:
+    with Simulator("gcp") as sim:
+        rec = Recorder()
+        with NoticeWatcher([GCPSource(f"127.0.0.1:{sim.port}", wait=10)], [rec]):
+            time.sleep(0.3)  # both keys are hanging in wait_for_change now
+            fired = [time.monotonic()]
+            sim.fire("terminate-on-host-maintenance")
+            assert wait_for(lambda: len(rec.notices) == 1)
+            fired.append(time.monotonic())
+            sim.fire()  # the preemption watch runs on beside it
+            assert wait_for(lambda: len(rec.notices) == 2)
+    latencies = [seen - at for seen, at in zip(rec.times, fired, strict=True)]
+    maintenance, preemption = rec.notices
+    assert (maintenance.kind, maintenance.action, maintenance.source) == ("maintenance", "stop", "gcp")
+    assert maintenance.detail == "TERMINATE_ON_HOST_MAINTENANCE"
+    assert 55 < maintenance.seconds_left() <= 60
+    assert (preemption.kind, preemption.action) == ("interruption", "preempt")
+    assert max(latencies) < 1.0, latencies
+
+
+def test_gcp_live_migration_is_logged_once_and_no_notice(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="jupyter_spot.notice")
+    with Simulator("gcp") as sim:
+        rec = Recorder()
+        with NoticeWatcher([GCPSource(f"127.0.0.1:{sim.port}", wait=1)], [rec]):
+            time.sleep(0.3)
+            sim.fire("migrate-on-host-maintenance", lead_time=2.5)  # served through two waits that time out
+            assert wait_for(lambda: sim.state()["maintenance_event"] is None, timeout=5)
+            time.sleep(0.3)
+            assert rec.notices == []
+            sim.fire("terminate-on-host-maintenance")  # the next event after the migration still counts
+            assert rec.event.wait(5)
+    migrations = [r for r in caplog.records if "live-migrate" in r.getMessage()]
+    assert len(migrations) == 1 and migrations[0].levelno == logging.INFO
+    assert [(n.kind, n.action) for n in rec.notices] == [("maintenance", "stop")]
+
+
+def test_gcp_unknown_maintenance_value_is_a_warning_once(caplog: pytest.LogCaptureFixture) -> None:
+    with Simulator("gcp") as sim:
+        sim.gcp_maintenance_event = "SOMETHING_NEW_ON_HOST_MAINTENANCE"
+        source = GCPSource(f"127.0.0.1:{sim.port}", wait=1)
+        results = [source.poll() for _ in range(4)]  # the first answers at once, later ones repeat it per wait
+        served = sum(path.startswith("/computeMetadata/v1/instance/maintenance-event") for _, path in sim.requests)
+    assert results == [None] * 4
+    assert served >= 2
+    warnings = [r for r in caplog.records if "SOMETHING_NEW" in r.getMessage()]
+    assert len(warnings) == 1 and warnings[0].levelno == logging.WARNING
+
+
+def test_gcp_metadata_without_maintenance_event_still_delivers_preemption(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.DEBUG, logger="jupyter_spot.notice")
+    with Simulator("gcp", maintenance_event=False) as sim:
+        flavor = {"Metadata-Flavor": "Google"}
+        assert request(sim.url, "GET", "/computeMetadata/v1/instance/maintenance-event", headers=flavor).status == 404
+        rec = Recorder()
+        with NoticeWatcher([GCPSource(f"127.0.0.1:{sim.port}", wait=10)], [rec]):
+            time.sleep(0.3)
+            fired = time.monotonic()
+            sim.fire()
+            assert rec.event.wait(5)
+        asked = [path for _, path in sim.requests if "maintenance-event" in path]
+    assert rec.times[0] - fired < 1.0
+    assert [(n.kind, n.action) for n in rec.notices] == [("interruption", "preempt")]
+    assert len(asked) == 2  # ours above, then the source's one: a 404 turns that watch off
+    records = [r for r in caplog.records if r.name == "jupyter_spot.notice" and "maintenance" in r.getMessage()]
+    assert [r.levelno for r in records] == [logging.INFO], [r.getMessage() for r in records]
+
+
+def test_gcp_simulate_command_fires_host_maintenance() -> None:
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "from jupyter_spot.cli import main; main()",
+            "simulate",
+            "gcp",
+            "--port",
+            "0",
+            "--notice-after",
+            "0.5",
+            "--action",
+            "terminate-on-host-maintenance",
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        host = None
+        for line in proc.stdout:  # type: ignore[union-attr]
+            if "export GCE_METADATA_HOST=" in line:
+                host = line.split("=", 1)[1].strip()
+                break
+        assert host and host.startswith("127.0.0.1:")
+        rec = Recorder()
+        with NoticeWatcher([GCPSource(host, wait=10)], [rec]):
+            assert rec.event.wait(15)
+    finally:
+        proc.terminate()
+        proc.wait(10)
+    assert [(n.kind, n.action) for n in rec.notices] == [("maintenance", "stop")]
+
+
+def test_host_maintenance_actions_are_gcp_only() -> None:
+    with pytest.raises(ValueError, match="simulate gcp"):
+        Simulator("aws", action="terminate-on-host-maintenance")
+    with Simulator("azure") as sim:
+        answer = request(sim.url, "POST", "/__simulator/notice", body=b'{"action": "migrate-on-host-maintenance"}')
+        assert answer.status == 400 and "simulate gcp" in answer.text()
+        assert sim.notice is None
 
 
 # -- Azure ------------------------------------------------------------------------------
