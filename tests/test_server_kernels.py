@@ -263,3 +263,49 @@ async def test_auto_load_can_be_turned_off(jp_fetch: Any, jp_serverapp: Any, not
         "print('jupyter_spot' in loaded, os.environ['JUPYTER_SPOT_SESSION'])",
     )
     assert out.split() == ["False", notebook]  # no extension, but %load_ext would still snapshot to the notebook
+
+
+async def latest_variables(store: Any, session: str, wanted: set[str]) -> set[str]:
+    """Wait until the session's latest snapshot holds ``wanted``; its variable names."""
+    deadline = time.monotonic() + 30
+    while True:
+        ids = store.list_snapshots(session)
+        names = set(store.load_manifest(session, ids[-1])["variables"]) if ids else set()
+        if wanted <= names:
+            return names
+        assert time.monotonic() < deadline, f"{session}: latest snapshot has {sorted(names)}, not {sorted(wanted)}"
+        await asyncio.sleep(0.1)
+
+
+async def test_a_renamed_notebook_snapshots_under_its_new_path(
+    jp_fetch: Any, jp_serverapp: Any, notebook: str, spot_env: Path, spot_fetch: Any
+) -> None:
+    store = open_store(str(spot_env))
+    kernel_id = await open_notebook(jp_fetch, notebook)
+    km = jp_serverapp.kernel_manager
+    await execute(km, kernel_id, "x = 41")
+    await wait_for_snapshots(store, notebook)
+
+    renamed = "work/renamed.ipynb"
+    await jp_fetch("api", "contents", "work", "model.ipynb", method="PATCH", body=json.dumps({"path": renamed}))
+    await latest_variables(store, renamed, {"x"})  # the state so far, under the new name at once
+    await execute(km, kernel_id, "y = x + 1")
+    await latest_variables(store, renamed, {"x", "y"})
+    sessions = {s["id"]: s for s in json.loads((await spot_fetch("jupyter-spot/api/sessions")).body)["sessions"]}
+    assert (sessions[renamed]["interrupted"], sessions[renamed]["live_kernel"]) == (False, kernel_id)
+    assert (sessions[notebook]["interrupted"], sessions[notebook]["live_kernel"]) == (False, None)
+    old_record = store.get_record(session_record_name(notebook))
+    assert (old_record["state"], old_record["renamed_to"]) == ("closed", renamed)
+
+    # A restart keeps the new name (the kernel comes back with the environment it was launched with).
+    await jp_fetch("api", "kernels", kernel_id, "restart", method="POST", body="{}")
+    deadline = time.monotonic() + 30
+    while renamed not in (seen := await execute(km, kernel_id, "print(__import__('jupyter_spot').status()['session'])")):
+        assert time.monotonic() < deadline, f"the restarted kernel went back to its launch session: {seen}"
+        await asyncio.sleep(0.2)
+
+    # Moving the folder that holds the notebook moves the session too.
+    await execute(km, kernel_id, "z = 3")
+    await latest_variables(store, renamed, {"z"})
+    await jp_fetch("api", "contents", "work", method="PATCH", body=json.dumps({"path": "project"}))
+    await latest_variables(store, "project/renamed.ipynb", {"z"})

@@ -548,6 +548,20 @@ class SnapshotEngine:
             "excluded": sorted(self.excluded),
         }
 
+    def rename_session(self, session: str) -> str | None:
+        """Snapshot under ``session`` from now on (its notebook was renamed or moved).
+
+        The state so far is snapshotted under the new name at once; blobs belong
+        to the whole store, so that snapshot writes little more than a manifest.
+        Returns its id (None when there is nothing to snapshot yet).
+        """
+        if session == self.session:
+            return None
+        self.session = session
+        if not tracking.user_names(self.shell.user_ns, self.shell.user_ns_hidden):
+            return None
+        return self.snapshot(kind="auto", referenced=self._unsaved, wait=False, quiet=True).id
+
     def wait_until_durable(self, timeout: float | None = None) -> bool:
         return self.writer.wait(deadline=None if timeout is None else time.monotonic() + timeout)
 

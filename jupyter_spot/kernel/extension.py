@@ -56,6 +56,11 @@ def unload(shell: Any) -> None:
     ENGINE = None
 
 
+def rename_session(session: str) -> str | None:
+    """The server's call when a notebook is renamed: a kernel without the extension has nothing to move."""
+    return None if ENGINE is None else ENGINE.rename_session(session)
+
+
 def current() -> SnapshotEngine:
     """The loaded engine, or load it into the running IPython shell."""
     if ENGINE is not None:

@@ -21,7 +21,7 @@ from ..config import resolve_store_url
 from ..store import Store, StoreError, collect_garbage, open_store
 from . import catalog
 from .handlers import handlers
-from .kernels import KERNEL_ACTIONS_SCHEMA, SpotKernels
+from .kernels import CONTENTS_SCHEMA, KERNEL_ACTIONS_SCHEMA, SpotKernels
 from .notices import NoticeCoordinator, build_sources
 
 EVENTS_DIR = Path(__file__).parent / "events"
@@ -88,6 +88,7 @@ class SpotApp(ExtensionApp):
             logger.register_event_schema(schema)
         self.kernels = SpotKernels(self)
         logger.add_listener(schema_id=KERNEL_ACTIONS_SCHEMA, listener=self.kernels.on_kernel_action)
+        logger.add_listener(schema_id=CONTENTS_SCHEMA, listener=self.kernels.on_contents_action)
         watcher, provider = self._make_watcher()
         self.notices = NoticeCoordinator(self, watcher, provider)
         self._gc_task: asyncio.Task[None] | None = None

@@ -121,6 +121,15 @@ def session_record_name(session: str) -> str:
     return SESSION_RECORD_PREFIX + hashlib.sha256(session.encode()).hexdigest()[:40]
 
 
+def renamed_session(session: str, old: str, new: str) -> str | None:
+    """The session's name once ``old`` (its notebook, or a folder holding it) is renamed to ``new``."""
+    if session == old:
+        return new
+    if session.startswith(old + "/"):
+        return new + session[len(old):]
+    return None
+
+
 def list_snapshot_summaries(store: Store, session: str) -> list[dict[str, Any]]:
     """The session's snapshots that load, newest first (bad ones are left out, not deleted)."""
     summaries = []

@@ -34,7 +34,15 @@ from tornado import web
 
 from ..config import NOTEBOOK_PATH_ENV, SESSION_ENV, STORE_ENV
 from ..store import StoreError
-from .catalog import LiveKernel, isoformat, session_record_name, skipped_list, snapshot_summary, utcnow
+from .catalog import (
+    LiveKernel,
+    isoformat,
+    renamed_session,
+    session_record_name,
+    skipped_list,
+    snapshot_summary,
+    utcnow,
+)
 
 if TYPE_CHECKING:
     from .app import SpotApp
@@ -42,6 +50,9 @@ if TYPE_CHECKING:
 SERVER_WATCHES_ENV = "JUPYTER_SPOT_SERVER_WATCHES"
 NOTICE_FILE_ENV = "JUPYTER_SPOT_NOTICE_FILE"
 KERNEL_ACTIONS_SCHEMA = "https://events.jupyter.org/jupyter_server/kernel_actions/v1"
+CONTENTS_SCHEMA = "https://events.jupyter.org/jupyter_server/contents_service/v1"
+#: A busy kernel takes the rename when its running cell ends; one busier than this keeps the old name.
+RENAME_TIMEOUT = 3600.0
 
 
 class KernelRestoreError(Exception):
@@ -58,6 +69,11 @@ def restore_expression(snapshot: str, session: str) -> str:
         "__import__('json').dumps(__import__('jupyter_spot').restore("
         f"{snapshot!r}, session={session!r}).to_dict(), default=str)"
     )
+
+
+def rename_expression(session: str) -> str:
+    """Python evaluated inside the kernel: snapshot under ``session`` from now on."""
+    return f"__import__('jupyter_spot.kernel.extension', fromlist=['_']).rename_session({session!r})"
 
 
 async def evaluate(client: Any, expression: str, timeout: float | None) -> Any:
@@ -196,12 +212,16 @@ class SpotKernels:
             "pid": getattr(getattr(kernel, "provisioner", None), "pid", None),
         }
 
-    async def _write_session_record(self, kernel_id: str, state: str, *, beating: bool = True) -> None:
+    async def _write_session_record(
+        self, kernel_id: str, state: str, *, beating: bool = True, renamed_to: str | None = None
+    ) -> None:
         """The session's record; ``beating=False`` (server stopping) drops the heartbeat at once."""
         async with self._record_lock:
-            await self._put_session_record(kernel_id, state, beating)
+            await self._put_session_record(kernel_id, state, beating, renamed_to)
 
-    async def _put_session_record(self, kernel_id: str, state: str, beating: bool) -> None:
+    async def _put_session_record(
+        self, kernel_id: str, state: str, beating: bool, renamed_to: str | None = None
+    ) -> None:
         live = self.live.get(kernel_id)
         if live is None:
             return
@@ -221,6 +241,8 @@ class SpotKernels:
             record["heartbeat_interval"] = self.app.heartbeat_interval
         if state == "closed":
             record["closed_at"] = isoformat(utcnow())
+        if renamed_to is not None:
+            record["renamed_to"] = renamed_to
         try:
             await asyncio.to_thread(self.app.snapshot_store.put_record, session_record_name(live.session), record)
         except StoreError as error:
@@ -248,6 +270,40 @@ class SpotKernels:
             notice_file = self.notice_files.pop(kernel_id, None)
             if notice_file is not None:
                 notice_file.unlink(missing_ok=True)
+
+    async def on_contents_action(self, logger: Any, schema_id: str, data: dict[str, Any]) -> None:
+        """Listener for contents events: a renamed or moved notebook's kernel snapshots under its new path."""
+        old, new = (str(data.get(key) or "").strip("/") for key in ("source_path", "path"))
+        if data.get("action") != "rename" or not old or not new:
+            return
+        for kernel in self.live_kernels():
+            session = renamed_session(kernel.session, old, new)
+            if session is not None:
+                await self._move_session(kernel.kernel_id, session)
+
+    async def _move_session(self, kernel_id: str, session: str) -> None:
+        """Switch the kernel first; then close the old name's record (no restore offered) and open the new."""
+        if not await self._tell_kernel_its_session(kernel_id, session) or kernel_id not in self.live:
+            return
+        old = self.live[kernel_id].session
+        # A restart launches the kernel again with the arguments it was started with.
+        launch = getattr(self.km.get_kernel(kernel_id), "_launch_args", None)
+        if isinstance(launch, dict) and isinstance(launch.get("env"), dict):
+            launch["env"][SESSION_ENV] = session
+        await self._write_session_record(kernel_id, "closed", renamed_to=session)
+        self.live[kernel_id].session = session
+        await self._write_session_record(kernel_id, "live")
+        self.app.log.info("jupyter-spot: kernel %s now snapshots as %r (was %r)", kernel_id, session, old)
+
+    async def _tell_kernel_its_session(self, kernel_id: str, session: str) -> bool:
+        try:
+            await evaluate_in_kernel(self.km.get_kernel(kernel_id), rename_expression(session), RENAME_TIMEOUT)
+        except (KeyError, KernelRestoreError, TimeoutError, RuntimeError) as error:
+            self.app.log.warning(
+                "jupyter-spot: kernel %s could not switch its snapshots to %r: %s", kernel_id, session, error
+            )
+            return False
+        return True
 
     async def restore(self, session: str, snapshot: str, kernel_id: str | None) -> dict[str, Any]:
         """Load a snapshot into ``kernel_id``, the session's live kernel, or a new kernel."""
