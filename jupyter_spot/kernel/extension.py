@@ -22,6 +22,7 @@ def load(shell: Any) -> SnapshotEngine:
     global ENGINE, NOTICES
     if ENGINE is not None and ENGINE.shell is shell:
         return ENGINE
+    from ..jobs.watch import load as load_jobs
     from ..notice.kernel_watch import start_kernel_watch
     from ..store import StoreError
     from .magics import SpotMagics
@@ -34,6 +35,7 @@ def load(shell: Any) -> SnapshotEngine:
     shell.events.register("pre_run_cell", engine.pre_run_cell)
     shell.events.register("post_run_cell", engine.post_run_cell)
     shell.register_magics(SpotMagics(shell, engine))
+    load_jobs(shell, engine)
     NOTICES = start_kernel_watch(
         engine.flush, watch=engine.settings.watch_notices, poll_interval=engine.settings.notice_poll_interval
     )
@@ -44,6 +46,8 @@ def load(shell: Any) -> SnapshotEngine:
 
 def unload(shell: Any) -> None:
     global ENGINE, NOTICES
+    from ..jobs.watch import unload as unload_jobs
+
     engine = ENGINE
     if engine is None or engine.shell is not shell:
         return
@@ -52,6 +56,7 @@ def unload(shell: Any) -> None:
         NOTICES = None
     shell.events.unregister("pre_run_cell", engine.pre_run_cell)
     shell.events.unregister("post_run_cell", engine.post_run_cell)
+    unload_jobs(shell)
     engine.wait_until_durable(timeout=60)
     ENGINE = None
 

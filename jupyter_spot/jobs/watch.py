@@ -1,0 +1,289 @@
+"""The kernel's side of jobs: start them, notice them finishing, bring their outputs in.
+
+Outputs are put into the namespace only between cells (``pre_run_cell``) or
+while ``%spot_job wait`` runs — never from a thread while a cell runs — so a
+cell sees a job's outputs either all or none, and the snapshot after that cell
+holds them. A restore looks the session's jobs up again: outputs a snapshot
+does not hold yet are collected, live jobs watched, lost ones re-run.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from ..kernel.engine import AFTER_RESTORE_HOOKS, SnapshotEngine, register_after_restore
+from ..store import StoreError
+from . import pack, record, submit
+
+#: A cancelled runner gets this long after SIGTERM before SIGKILL.
+CANCEL_GRACE_SECONDS = 5.0
+#: ``%spot_job wait`` polls this often and prints progress this often.
+WAIT_POLL_SECONDS = 0.1
+WAIT_PROGRESS_SECONDS = 10.0
+
+
+def _parse(stamp: str) -> datetime:
+    return datetime.fromisoformat(stamp)
+
+
+def _snapshot_time(snapshot_id: str) -> datetime:
+    return datetime.strptime(snapshot_id.split("-")[0], "%Y%m%dT%H%M%S.%fZ").replace(tzinfo=timezone.utc)
+
+
+def _log_tail(path: str | None) -> str:
+    try:
+        lines = Path(path or "").read_text(errors="replace").strip().splitlines()
+    except OSError:
+        return ""
+    return lines[-1] if lines else ""
+
+
+def elapsed(job: dict[str, Any]) -> str:
+    start = job.get("started") or job.get("created")
+    end = job.get("finished") or datetime.now(timezone.utc).isoformat()
+    return f"{(_parse(end) - _parse(start)).total_seconds():.1f}s" if start else "?"
+
+
+class JobWatcher:
+    """This kernel's jobs: the runners it started and the records it watches."""
+
+    def __init__(self, shell: Any, engine: SnapshotEngine) -> None:
+        self.shell = shell
+        self.engine = engine
+        self.processes: dict[str, subprocess.Popen[bytes]] = {}  # runners started here (reaped here)
+        self.watching: set[str] = set()
+
+    @property
+    def store(self) -> Any:
+        return self.engine.store
+
+    # -- starting ----------------------------------------------------------------
+    def submit(self, cell: str, name: str | None, outputs: str | None) -> dict[str, Any]:
+        """Store the cell's inputs and start it; ValueError or pack.CannotSend if it cannot be a job."""
+        source, inputs, assigned = submit.analyse(self.shell, cell, self.engine.excluded)
+        wanted = [output.strip() for output in outputs.split(",") if output.strip()] if outputs else assigned
+        values = {name_: self.shell.user_ns[name_] for name_ in inputs}
+        job = submit.create(self.store, self.engine.session, name, source, values, wanted, outputs is not None)
+        self._start(job["id"], os.getcwd())
+        return job
+
+    def _start(self, job_id: str, cwd: str | None) -> None:
+        self.processes[job_id] = submit.launch(self.engine.store_url, job_id, cwd)
+        self.watching.add(job_id)
+
+    def rerun(self, job: dict[str, Any]) -> dict[str, Any]:
+        """Run a job again from its record: same source, same inputs, its checkpoint."""
+        spec = record.spec(self.store, job)  # refuse before starting anything we did not sign
+        job = record.update(self.store, job["id"], state="queued", attempt=job.get("attempt", 1) + 1,
+                            host=record.host(), pid=None, log=str(submit.log_path(job["id"])), started=None,
+                            finished=None, heartbeat=None, error=None, traceback=None)
+        self._start(job["id"], spec.get("cwd"))
+        return job
+
+    # -- finding -----------------------------------------------------------------
+    def jobs(self) -> list[dict[str, Any]]:
+        return record.session_jobs(self.store, self.engine.session)
+
+    def find(self, name: str) -> dict[str, Any]:
+        """The session's newest job with this name (or id)."""
+        matches = [job for job in self.jobs() if name in (job["name"], job["id"])]
+        if not matches:
+            raise record.JobError(f"no job {name!r} in session {self.engine.session!r} (`%spot_job list`)")
+        return matches[-1]
+
+    def progress(self, job_id: str) -> str | None:
+        saved = self.store.get_record(record.checkpoint_name(job_id))
+        return None if saved is None else saved.get("progress")
+
+    # -- finishing ---------------------------------------------------------------
+    def pre_run_cell(self, info: Any = None) -> None:
+        for line in self.poll():
+            print(line)
+
+    def poll(self) -> list[str]:
+        """One line per watched job that finished since the last look (its outputs collected)."""
+        lines = []
+        for job_id in sorted(self.watching):
+            try:
+                line = self._check(job_id)
+            except (StoreError, record.JobError) as error:
+                self.watching.discard(job_id)
+                line = f"jupyter-spot: job {job_id} cannot be checked any more: {error}"
+            if line:
+                lines.append(line)
+        return lines
+
+    def _check(self, job_id: str) -> str | None:
+        process = self.processes.get(job_id)
+        exit_code = None if process is None else process.poll()
+        job = record.read(self.store, job_id)
+        if job["state"] in record.ACTIVE:
+            if process is not None:
+                gone = exit_code is not None
+            else:
+                gone = job.get("host") == record.host() and not record.process_alive(job.get("pid"), job_id)
+            if not gone:
+                return None
+            job = record.read(self.store, job_id)  # it may have finished between the two reads
+            if job["state"] in record.ACTIVE:
+                how = (f"killed by signal {-exit_code}" if exit_code is not None and exit_code < 0
+                       else f"exit code {exit_code}" if exit_code is not None else "its process is gone")
+                tail = _log_tail(job.get("log"))
+                job = record.update(self.store, job_id, state="failed", finished=record.now(),
+                                    error=f"the runner ended without finishing ({how})" + (f": {tail}" if tail else ""))
+        self.watching.discard(job_id)
+        self.processes.pop(job_id, None)
+        return "jupyter-spot: " + self._outcome(job)
+
+    def _outcome(self, job: dict[str, Any]) -> str:
+        name = job["name"]
+        if job["state"] == "done":
+            return self.collect(job)
+        if job["state"] == "failed":
+            return f"job {name} failed: {job.get('error')} (`%spot_job status {name}`)"
+        return f"job {name} {job['state']}"
+
+    def collect(self, job: dict[str, Any]) -> str:
+        """Put a finished job's outputs into the namespace; the line that says so."""
+        name = job["name"]
+        try:
+            result = record.result(self.store, job)
+            values = pack.load(self.store, result["outputs"], self.shell.user_ns)
+        except Exception as error:  # a damaged blob, an output class the kernel cannot import, …
+            return f"job {name} finished but its outputs cannot be loaded: {type(error).__name__}: {error}"
+        self.shell.user_ns.update(values)
+        record.update(self.store, job["id"], collected_at=record.now())
+        line = f"job {name} done in {elapsed(job)}: {', '.join(values) or 'no outputs'}"
+        line += " now in the namespace" if values else ""
+        if result["skipped"]:
+            line += "; not returned: " + ", ".join(f"{key} ({why})" for key, why in result["skipped"].items())
+        return line
+
+    def wait(self, name: str, timeout: float | None) -> None:
+        """Block until the job finishes (printing progress), then collect it."""
+        job = self.find(name)
+        job_id = job["id"]
+        if job["state"] not in record.ACTIVE:
+            if job["state"] == "done" and job.get("collected_at"):
+                print(f"jupyter-spot: job {name} finished; its outputs were collected at {job['collected_at']}")
+            else:
+                self.watching.discard(job_id)
+                print("jupyter-spot: " + self._outcome(job))
+            return
+        self.watching.add(job_id)
+        started = time.monotonic()
+        shown = started
+        print(f"jupyter-spot: waiting for job {name} ({job['state']}; Interrupt stops waiting, not the job)")
+        try:
+            while True:
+                line = self._check(job_id)
+                if line:
+                    print(line)
+                    return
+                now = time.monotonic()
+                if timeout is not None and now - started >= timeout:
+                    print(f"jupyter-spot: job {name} still running after {timeout:g}s; its outputs arrive at the "
+                          "next cell after it finishes")
+                    return
+                if now - shown >= WAIT_PROGRESS_SECONDS:
+                    shown = now
+                    progress = self.progress(job_id)
+                    print(f"  … {now - started:.0f}s" + (f", checkpoint at {progress}" if progress else ""))
+                time.sleep(WAIT_POLL_SECONDS)
+        except KeyboardInterrupt:
+            print(f"jupyter-spot: stopped waiting; job {name} keeps running")
+
+    def cancel(self, name: str) -> str:
+        job = self.find(name)
+        if job["state"] not in record.ACTIVE:
+            return f"job {job['name']} is {job['state']}: nothing to cancel"
+        if job.get("host") != record.host():
+            raise record.JobError(f"job {job['name']} runs on {job.get('host')} (pid {job.get('pid')}): "
+                                  "it can only be cancelled there")
+        process = self.processes.pop(job["id"], None)
+        pid = job.get("pid") or (process.pid if process else None)
+        if record.process_alive(pid, job["id"]):
+            os.killpg(pid, signal.SIGTERM)  # the runner leads its own process group: its children go too
+            deadline = time.monotonic() + CANCEL_GRACE_SECONDS
+            while record.process_alive(pid, job["id"]) and time.monotonic() < deadline:
+                if process is not None and process.poll() is not None:
+                    break
+                time.sleep(0.05)
+            if record.process_alive(pid, job["id"]):
+                os.killpg(pid, signal.SIGKILL)
+        if process is not None:
+            process.wait(timeout=CANCEL_GRACE_SECONDS)
+        record.update(self.store, job["id"], state="cancelled", finished=record.now(), error="cancelled")
+        self.watching.discard(job["id"])
+        return f"job {job['name']} cancelled"
+
+    # -- after a restore ---------------------------------------------------------
+    def after_restore(self, report: Any) -> None:
+        """Pick the restored session's jobs up again; one note each in the restore report."""
+        if report.snapshot_id is None:
+            return
+        taken = _snapshot_time(report.snapshot_id)
+        for job in record.session_jobs(self.store, report.session):
+            try:
+                note = self._pick_up(job, taken)
+            except (StoreError, record.JobError, OSError) as error:
+                note = f"job {job['name']} cannot be picked up: {error}"
+            if note:
+                report.notes.append(note)
+
+    def _pick_up(self, job: dict[str, Any], taken: datetime) -> str | None:
+        name, state = job["name"], job["state"]
+        if state == "done":
+            collected = job.get("collected_at")
+            if collected and _parse(collected) <= taken:
+                return None  # the restored snapshot already holds its outputs
+            return self.collect(job)
+        if state not in record.ACTIVE:
+            return None
+        where = job.get("host")
+        if where == record.host():
+            alive = record.process_alive(job.get("pid"), job["id"])
+        else:
+            beat = job.get("heartbeat")
+            alive = bool(beat) and (datetime.now(timezone.utc) - _parse(beat)).total_seconds() < \
+                3 * record.HEARTBEAT_SECONDS
+        if alive:
+            self.watching.add(job["id"])
+            return f"job {name} is still running (pid {job.get('pid')} on {where}): its outputs arrive when it finishes"
+        job = self.rerun(job)
+        progress = self.progress(job["id"])
+        resume = f", resuming from its checkpoint at {progress}" if progress else ""
+        return f"job {name} was {state} on {where}, whose process is gone: re-running it (attempt {job['attempt']}{resume})"
+
+
+#: The watcher of the shell the extension is loaded in.
+WATCHER: JobWatcher | None = None
+
+
+def load(shell: Any, engine: SnapshotEngine) -> JobWatcher:
+    """Hook jobs into a shell the snapshot engine is loaded in: magics, cell boundary, restore."""
+    global WATCHER
+    from .magics import JobMagics
+
+    watcher = JobWatcher(shell, engine)
+    shell.events.register("pre_run_cell", watcher.pre_run_cell)
+    register_after_restore(watcher.after_restore)
+    shell.register_magics(JobMagics(shell, watcher))
+    WATCHER = watcher
+    return watcher
+
+
+def unload(shell: Any) -> None:
+    global WATCHER
+    watcher = WATCHER
+    if watcher is None or watcher.shell is not shell:
+        return
+    shell.events.unregister("pre_run_cell", watcher.pre_run_cell)
+    AFTER_RESTORE_HOOKS[:] = [hook for hook in AFTER_RESTORE_HOOKS if hook != watcher.after_restore]
+    WATCHER = None
