@@ -20,6 +20,8 @@ from typing import Any
 import pytest
 from notebook_harness import Kernel
 
+from jupyter_spot.store import collect_garbage, open_store
+
 DEADLINE = 30.0
 
 
@@ -140,6 +142,9 @@ def test_lost_job_is_rerun_and_resumes_from_its_checkpoint(store: Path, tmp_path
     kernel.kill()
     os.killpg(pid, signal.SIGKILL)
     _until("the job's process to go", lambda: not _runners(store))
+    # garbage collection with no grace period keeps what the job's records pin: inputs and checkpoint
+    collected = collect_garbage(open_store(str(store)), keep=1, grace_seconds=0)
+    assert collected.blobs_kept >= len(_job(store, "loop")["blobs"]) > 0
     go.touch()
     with contextlib.closing(_kernel(tmp_path)) as fresh:
         report = fresh.run("%spot restore latest")

@@ -101,6 +101,12 @@ def pack(store: Store, values: dict[str, Any]) -> dict[str, Any]:
     return write(store, dump(values))
 
 
+def blob_keys(packed: dict[str, Any]) -> list[str]:
+    """Every blob a packed description names: a record lists them under ``blobs`` so GC keeps them."""
+    parts = [*packed["definitions"].values(), *([packed["data"]] if packed["data"] else [])]
+    return [digest for part in parts for digest in [part["blob"], *part["buffers"]]]
+
+
 def names(packed: dict[str, Any]) -> list[str]:
     """Every name a packed description holds (without loading anything)."""
     return [*packed["modules"], *packed["definitions"], *packed["data_names"]]

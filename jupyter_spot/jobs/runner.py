@@ -118,7 +118,7 @@ def run(store_url: str, job_id: str) -> int:
         code = 1
     else:
         heartbeat.finish(state="done", result=record.sign(store, result), outputs_stored=pack.names(result["outputs"]),
-                         skipped=skipped)
+                         skipped=skipped, blobs=pack.blob_keys(spec["inputs"]) + pack.blob_keys(result["outputs"]))
         print(f"done; outputs: {', '.join(pack.names(result['outputs'])) or '(none)'}", flush=True)
         code = 0
     replicate = getattr(store, "flush_replication", None)

@@ -117,15 +117,16 @@ def create(store: Store, session: str, name: str | None, source: str, values: di
     dumped = pack.dump(values)
     job_id = record.new_id()
     name = name or job_id
+    inputs = pack.write(store, dumped)
     spec = {
-        "id": job_id, "session": session, "name": name, "source": source, "inputs": pack.write(store, dumped),
+        "id": job_id, "session": session, "name": name, "source": source, "inputs": inputs,
         "outputs": outputs, "explicit_outputs": explicit_outputs, "cwd": os.getcwd(), "sys_path": list(sys.path),
     }
     job = {
         "id": job_id, "session": session, "name": name, "inputs": list(values), "outputs": outputs,
         "spec": record.sign(store, spec), "state": "queued", "attempt": 1, "created": record.now(),
         "host": record.host(), "pid": None, "log": str(log_path(job_id)), "started": None, "finished": None, "heartbeat": None,
-        "error": None, "traceback": None, "collected_at": None,
+        "error": None, "traceback": None, "collected_at": None, "blobs": pack.blob_keys(inputs),
     }
     record.write(store, job)
     return job

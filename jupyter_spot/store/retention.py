@@ -46,6 +46,20 @@ def referenced_blobs(store: Store, session: str, snapshot_id: str) -> set[str] |
         return None
 
 
+def pinned_blobs(store: Store) -> set[str]:
+    """Blobs records hold on to through their ``blobs`` list (a job's inputs, outputs, checkpoint)."""
+    pinned: set[str] = set()
+    for name in store.list_records():
+        try:
+            record = store.get_record(name)
+        except StoreError:
+            continue
+        blobs = record.get("blobs") if isinstance(record, dict) else None
+        if isinstance(blobs, list):
+            pinned.update(digest for digest in blobs if isinstance(digest, str))
+    return pinned
+
+
 def collect_garbage(
     store: Store, keep: int, session: str | None = None, grace_seconds: float = GRACE_SECONDS
 ) -> GCReport:
@@ -73,6 +87,7 @@ def collect_garbage(
                 blobs = referenced_blobs(store, name, snapshot_id)
                 if blobs is not None:
                     in_use |= blobs
+        in_use |= pinned_blobs(store)
         for digest in list(store.iter_blobs()):
             if digest in in_use or store.blob_age(digest) < grace_seconds:
                 report.blobs_kept += 1
