@@ -12,6 +12,7 @@ import contextlib
 import json
 import os
 import signal
+import socket
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -20,6 +21,7 @@ from typing import Any
 import pytest
 from notebook_harness import Kernel
 
+from jupyter_spot.jobs.record import active_on_host
 from jupyter_spot.store import collect_garbage, open_store
 
 DEADLINE = 30.0
@@ -105,6 +107,9 @@ def test_job_outlives_a_killed_kernel_and_a_restore_collects_it(store: Path, tmp
                          "    time.sleep(0.02)\ntripled = x * 3")
     assert started.error is None, started
     _until("the job to start", lambda: _job(store, "slow")["state"] == "running")
+    # what a notice record lists as lost with this machine
+    (active,) = active_on_host(open_store(str(store)), socket.gethostname())
+    assert (active["name"], active["state"], active["pid"]) == ("slow", "running", _job(store, "slow")["pid"])
     kernel.wait_until_durable()
     kernel.kill()
     assert _job(store, "slow")["state"] == "running" and _runners(store)  # the kernel's death did not stop it

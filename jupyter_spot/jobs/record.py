@@ -103,6 +103,17 @@ def session_jobs(store: Store, session: str) -> list[dict[str, Any]]:
     return sorted(jobs, key=lambda record: record["id"])
 
 
+def active_on_host(store: Store, on_host: str) -> list[dict[str, Any]]:
+    """Jobs queued or running on ``on_host``, in brief: what a notice record lists as about to be lost."""
+    found = []
+    for name in store.list_records():
+        if name.startswith(PREFIX) and not name.endswith(CHECKPOINT_SUFFIX):
+            job = store.get_record(name)
+            if job is not None and job.get("state") in ACTIVE and job.get("host") == on_host:
+                found.append({key: job.get(key) for key in ("id", "name", "session", "state", "pid", "attempt")})
+    return sorted(found, key=lambda job: job["id"])
+
+
 def process_alive(pid: int | None, job_id: str) -> bool:
     """Whether ``pid`` on this machine is still this job's runner (not a zombie, not a reused pid)."""
     if not pid:

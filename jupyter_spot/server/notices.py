@@ -19,6 +19,7 @@ import asyncio
 import time
 from typing import TYPE_CHECKING, Any
 
+from ..jobs.record import active_on_host
 from ..store import StoreError
 from .catalog import NOTICE_RECORD_PREFIX, isoformat
 
@@ -101,13 +102,17 @@ class NoticeCoordinator:
         for entry, newest in zip(entries, before, strict=True):
             entry["snapshot_before"] = newest
         await asyncio.gather(*(self._flush(notice, entry) for entry in entries))
+        try:  # they die with the machine; a restore elsewhere re-runs them from their checkpoints
+            jobs = await asyncio.to_thread(active_on_host, self.app.snapshot_store, kernels.host)
+        except StoreError:
+            jobs = []
         record = {
             "at": isoformat(notice.seen_at),
             "host": kernels.host,
             "server": self.app.serverapp.connection_url,
             "notice": notice_event(notice),
             "kernels": [{k: v for k, v in e.items() if k != "snapshot_before"} for e in entries],
-            "jobs": [],
+            "jobs": jobs,
         }
         name = f"{NOTICE_RECORD_PREFIX}{notice.seen_at.strftime('%Y%m%dT%H%M%S.%f')}-{kernels.host}"[:128]
         try:
