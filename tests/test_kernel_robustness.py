@@ -3,13 +3,16 @@ snapshots, manifests signed by someone else, a kill while writes are pending."""
 
 from __future__ import annotations
 
+import os
 import time
 from pathlib import Path
 
 import pytest
 from spot_kernel import SpotKernel
 
-from jupyter_spot.store import FileStore
+from jupyter_spot.kernel.results import SnapshotResult
+from jupyter_spot.kernel.writer import Job, Writer
+from jupyter_spot.store import FileStore, ManifestSigner, StoreError, digest_of
 
 SESSION = "robust.ipynb"
 
@@ -128,3 +131,42 @@ def test_kill_with_writes_pending_restores_an_earlier_consistent_snapshot(store:
         report = fresh.run("%spot restore")
         assert "state after cell 2" in report
         assert fresh.value("(marker, 'big' in globals())") == ("before", False)
+
+
+def test_a_blob_failing_beside_others_stops_the_commit_and_is_not_believed_stored(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The writer stores a snapshot's blobs two at a time: one that fails must still
+    leave no manifest behind, and the next snapshot must write it again."""
+    store = FileStore(tmp_path / "store", signer=ManifestSigner(b"unit-test-key"))
+    blobs = [(f"key{n}", os.urandom(size)) for n, size in enumerate([3 << 20, 2 << 20, 1 << 20, 100, 200])]
+    add_blob = store.add_blob
+
+    def disk_fills_on_the_second(data: memoryview) -> tuple[str, int]:
+        if data.nbytes == 2 << 20:
+            raise StoreError("store is full (test)")
+        return add_blob(data)
+
+    durable: dict[str, str] = {}
+    writer = Writer(store, durable, on_commit=lambda manifest: None, parent=None)
+
+    def snapshot(snapshot_id: str) -> SnapshotResult:
+        result = SnapshotResult(id=snapshot_id, session="nb", kind="explicit", execution_count=1)
+        job = Job(result=result, blobs=list(blobs),
+                  build_manifest=lambda known: {"session": "nb", "id": snapshot_id, "blobs": sorted(known.values())})
+        writer.submit(job)
+        assert writer.wait(job, deadline=time.monotonic() + 60)
+        return result
+
+    monkeypatch.setattr(store, "add_blob", disk_fills_on_the_second)
+    failed = snapshot("20261129T000001.000000Z-aaaa")
+    assert failed.error == "store is full (test)" and not failed.durable
+    assert store.list_snapshots("nb") == [] and "key1" not in durable
+    assert (writer.pending_blobs, writer.pending_bytes, failed.bytes_pending) == (0, 0, 0)
+    stored_before = set(durable)
+
+    monkeypatch.setattr(store, "add_blob", add_blob)
+    done = snapshot("20261129T000002.000000Z-bbbb")
+    assert done.durable and done.error is None and store.list_snapshots("nb") == ["20261129T000002.000000Z-bbbb"]
+    assert durable == {key: digest_of(data) for key, data in blobs}
+    assert done.bytes_written == sum(len(data) for key, data in blobs if key not in stored_before)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 from pathlib import Path
@@ -18,8 +19,9 @@ from jupyter_spot.store import (
     StoreError,
     collect_garbage,
     digest_of,
+    filesystem,
 )
-from jupyter_spot.store.filesystem import MMAP_THRESHOLD
+from jupyter_spot.store.filesystem import HASH_ASIDE_MIN, MMAP_THRESHOLD
 
 
 @pytest.fixture
@@ -47,6 +49,38 @@ def test_blobs_round_trip_deduplicate_and_verify(store: FileStore) -> None:
     store.delete_blob(digest)
     with pytest.raises(MissingBlobError, match=f"blob {digest[:12]} is missing"):
         store.get_blob(digest)
+
+
+def test_a_blob_takes_its_name_only_once_its_bytes_hash_to_it(
+    store: FileStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Small chunks so the big blob is written (and handed to the disk) piece by piece.
+    monkeypatch.setattr(filesystem, "WRITE_CHUNK", 1 << 16)
+    monkeypatch.setattr(filesystem, "WRITEBACK_EVERY", 1 << 18)
+    big = os.urandom(HASH_ASIDE_MIN + 12345)  # hashed on a second thread while it is written
+    for data in (b"small blob", big):
+        digest = digest_of(data)
+        assert store.add_blob(data) == (digest, len(data))
+        assert store.add_blob(data) == (digest, 0)  # already stored: the new copy is dropped
+        assert bytes(store.get_blob(digest)) == data
+
+    # An address that is not the bytes' SHA-256 is refused, and nothing takes that name.
+    wrong = digest_of(b"what the caller thought it had")
+    with pytest.raises(CorruptBlobError, match=f"blob {wrong[:12]} not stored: the bytes given hash to"):
+        store.put_blob(wrong, big[::-1])
+    assert not store.has_blob(wrong) and not store.has_blob(digest_of(big[::-1]))
+
+    # A write that fails half-way (a full disk) leaves neither a blob nor its temporary file.
+    def half_then_full(fd: int, data: memoryview) -> None:
+        os.write(fd, data[: len(data) // 2])
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(filesystem, "_write_all", half_then_full)
+    with pytest.raises(StoreError, match="is full"):
+        store.add_blob(big[1:])
+    assert not store.has_blob(digest_of(big[1:]))
+    assert list((store.root / "blobs").rglob("*.tmp")) == []
+    assert sorted(store.iter_blobs()) == sorted([digest_of(b"small blob"), digest_of(big)])
 
 
 def test_big_blobs_come_back_writable_without_touching_the_file(store: FileStore) -> None:

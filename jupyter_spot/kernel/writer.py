@@ -1,4 +1,4 @@
-"""The one thread that writes blobs and commits manifests, in snapshot order.
+"""The one thread that writes blobs (with helpers) and commits manifests, in snapshot order.
 
 A snapshot's manifest is committed only after every blob it names is durable,
 so a kernel killed mid-write leaves the previous snapshot as the latest one —
@@ -13,7 +13,6 @@ handler that interrupted the main thread anywhere.
 from __future__ import annotations
 
 import collections
-import hashlib
 import threading
 import time
 from collections.abc import Callable
@@ -22,6 +21,12 @@ from typing import Any
 
 from ..store import MissingBlobError, Store, StoreError
 from .results import SnapshotResult
+
+#: Blobs of one snapshot stored at once. A FileStore hashes a big blob on a
+#: second thread while writing it, so two blobs keep two cores busy and one's
+#: fsync overlaps the other's hashing (measured: 1 GB in 3 arrays, 0.65 s with
+#: one at a time, 0.57 s with two); beyond that the disk is the limit.
+BLOB_WORKERS = 2
 
 
 @dataclass
@@ -113,16 +118,59 @@ class Writer:
             self.pending_blobs -= blobs
             self.pending_bytes -= nbytes
 
+    def _store(self, job: Job, blobs: list[tuple[str, memoryview]]) -> None:
+        """Store new blobs ``BLOB_WORKERS`` at a time; raise the first failure.
+
+        This thread and its helpers each take the next blob, biggest first so
+        they finish together, until none is left or one failed. Plain threads,
+        not a concurrent.futures pool: those refuse work once the interpreter
+        begins to exit, and the kernel's exit flush still writes then.
+        """
+        pending = iter(sorted(blobs, key=lambda item: -item[1].nbytes))
+        lock = threading.Lock()
+        failures: list[Exception] = []
+
+        def work() -> None:
+            while True:
+                with lock:
+                    item = None if failures else next(pending, None)
+                if item is None:
+                    return
+                key, view = item
+                try:
+                    digest, written = self.store.add_blob(view)
+                except Exception as error:
+                    failures.append(error)
+                    return
+                with lock:
+                    job.result.bytes_written += written
+                    self.durable[key] = digest
+                self._settle(job, 1, view.nbytes)
+
+        helpers = [
+            threading.Thread(target=work, name="jupyter-spot-blob", daemon=True)
+            for _ in range(min(BLOB_WORKERS, len(blobs)) - 1)
+        ]
+        for helper in helpers:
+            helper.start()
+        try:
+            work()
+        finally:
+            for helper in helpers:
+                helper.join()
+        if failures:
+            raise failures[0]
+
     def _write(self, job: Job) -> None:
         result = job.result
         try:
+            new = []
             for key, data in job.blobs:
-                view = memoryview(data)
-                if key not in self.durable:
-                    digest = hashlib.sha256(view).hexdigest()
-                    result.bytes_written += self.store.put_blob(digest, view)
-                    self.durable[key] = digest
-                self._settle(job, 1, view.nbytes)
+                if key in self.durable:
+                    self._settle(job, 1, memoryview(data).nbytes)
+                else:
+                    new.append((key, memoryview(data)))
+            self._store(job, new)
             manifest = job.build_manifest(self.durable)
             manifest["parent"] = self.last_committed
             self.store.commit_manifest(manifest)

@@ -117,6 +117,16 @@ class Store(ABC):
         Returns the number of bytes written: 0 when the store already had it.
         """
 
+    def add_blob(self, data: Buffer) -> tuple[str, int]:
+        """Store ``data`` under its SHA-256, computed here; durable when this returns.
+
+        Returns (digest, bytes written). This default hashes first because
+        ``put_blob`` needs the address up front (S3 sends it as the checksum);
+        a store that can hash while it writes overrides it (FileStore).
+        """
+        digest = digest_of(data)
+        return digest, self.put_blob(digest, data)
+
     @abstractmethod
     def get_blob(self, digest: str) -> Buffer:
         """The blob's bytes, verified against ``digest``, as a *writable* buffer.

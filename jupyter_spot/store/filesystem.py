@@ -3,10 +3,13 @@
 Only operations that are atomic on NFS are used: write a temporary file in the
 target directory, fsync it, then ``rename`` (blobs, records) or ``link``
 (manifests, so a commit never replaces another writer's). No SQLite, no locks.
+A blob is hashed while it is written, so its temporary file is staged in
+``blobs/`` and renamed into its shard once its address is known.
 
 Layout under the root::
 
     blobs/ab/abcdef…            content-addressed bytes
+    blobs/.<random>.tmp          a blob being written (never listed as a blob)
     sessions/<session>/<id>.json one signed manifest per snapshot
     records/<name>.json          the server's records
 """
@@ -18,7 +21,8 @@ import json
 import mmap
 import os
 import secrets
-from collections.abc import Iterator
+import threading
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +46,21 @@ from .base import (
 #: front, pages come in as the unpickler touches them, and arrays stay writable.
 MMAP_THRESHOLD = 1 << 20
 
+#: Blobs at least this big are hashed on a second thread while this one writes
+#: them; below it a thread costs more than the overlap saves.
+HASH_ASIDE_MIN = 1 << 20
+
+#: Bytes per ``write`` call. Measured on ext4 in a Linux 6.18 VM: a 333 MB array
+#: in one call often took 0.7-1.1 s, in 1 MiB calls 0.08-0.1 s every time.
+WRITE_CHUNK = 1 << 20
+
+#: While a big file is written, every this many bytes are sent to the disk at
+#: once instead of all at the final fsync, so the disk works while the rest is
+#: hashed and written. ``posix_fadvise(DONTNEED)`` starts that writeback on
+#: Linux (PostgreSQL's ``*_flush_after`` falls back to the same call); pages
+#: still being written stay cached, and the fsync remains the guarantee.
+WRITEBACK_EVERY = 16 << 20
+
 
 def _fsync_dir(path: Path) -> None:
     try:
@@ -56,15 +75,54 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def _write_all(fd: int, data: Buffer) -> None:
+    """Write ``data`` to a new file from its start, handing it to the disk as it goes."""
+    view = memoryview(data).cast("B")
+    written = sent = 0
+    while written < view.nbytes:
+        written += os.write(fd, view[written : written + WRITE_CHUNK])
+        if written - sent >= WRITEBACK_EVERY and hasattr(os, "posix_fadvise"):
+            os.posix_fadvise(fd, sent, written - sent, os.POSIX_FADV_DONTNEED)
+            sent = written
+
+
+def _sha256_during(view: memoryview, work: Callable[[], None]) -> str:
+    """The SHA-256 of ``view``, computed on a second thread while ``work()`` runs.
+
+    hashlib releases the GIL on big buffers and ``os.write`` always does, so
+    hashing a blob while writing it costs the longer of the two, not their sum.
+    A plain thread, not a concurrent.futures pool: those refuse work once the
+    interpreter begins to exit, and the kernel's exit flush writes blobs then.
+    """
+    if view.nbytes < HASH_ASIDE_MIN:
+        work()
+        return digest_of(view)
+    found: list[str | BaseException] = []
+
+    def hash_view() -> None:
+        try:
+            found.append(digest_of(view))
+        except BaseException as error:  # raised on the caller's thread below
+            found.append(error)
+
+    hasher = threading.Thread(target=hash_view, name="jupyter-spot-sha256", daemon=True)
+    hasher.start()
+    try:
+        work()
+    finally:
+        hasher.join()
+    outcome = found[0]
+    if isinstance(outcome, BaseException):
+        raise outcome
+    return outcome
+
+
 def _write_durably(target: Path, data: Buffer) -> Path:
     """Write ``data`` to a fresh temporary file beside ``target``; fsynced."""
     tmp = target.with_name(f".{target.name}.{secrets.token_hex(6)}.tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     try:
-        view = memoryview(data).cast("B")
-        while view:
-            written = os.write(fd, view)
-            view = view[written:]
+        _write_all(fd, data)
         os.fsync(fd)
     except BaseException:
         os.close(fd)
@@ -110,24 +168,60 @@ class FileStore(Store):
         return self._blob_path(digest).is_file()
 
     def put_blob(self, digest: str, data: Buffer) -> int:
-        path = self._blob_path(digest)
-        size = memoryview(data).nbytes
+        """Store ``data``, refusing it (CorruptBlobError) if it does not hash to ``digest``."""
+        if self._already_stored(self._blob_path(digest), memoryview(data).nbytes):
+            return 0
+        return self._write_blob(data, expected=digest)[1]
+
+    def add_blob(self, data: Buffer) -> tuple[str, int]:
+        return self._write_blob(data)
+
+    def _already_stored(self, path: Path, size: int) -> bool:
+        """Whether the blob at ``path`` is stored already; if so, mark it used."""
         try:
             if path.stat().st_size == size:
                 os.utime(path)  # tells a concurrent GC this blob is in use again
-                return 0
+                return True
         except FileNotFoundError:
             pass
         except OSError as error:  # e.g. ENOTDIR: the store's path runs through a regular file
-            raise self._wrap(error, f"writing blob {digest[:12]}") from error
-        self._ensure_dir(path.parent)
+            raise self._wrap(error, f"writing blob {path.name[:12]}") from error
+        return False
+
+    def _write_blob(self, data: Buffer, expected: str | None = None) -> tuple[str, int]:
+        """Write ``data`` to a temporary file while hashing it, and give the file its
+        address only once every byte is written, the hash matches ``expected`` (when
+        given) and the file is fsynced. (digest, bytes written) like :meth:`add_blob`.
+
+        The temporary file sits in ``blobs/`` because the shard is known only at
+        the end; fsyncing the shard after the rename makes the name durable (the
+        rename is one journalled operation; on NFS the server commits it).
+        """
+        view = memoryview(data).cast("B")
+        staging = self.root / "blobs"
+        self._ensure_dir(staging)
+        tmp = staging / f".{secrets.token_hex(8)}.tmp"
+        what = f"writing blob {expected[:12]}" if expected else f"writing a blob of {view.nbytes} bytes"
         try:
-            tmp = _write_durably(path, data)
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            try:
+                digest = _sha256_during(view, lambda: _write_all(fd, view))
+                if expected is not None and digest != expected:
+                    raise CorruptBlobError(f"blob {expected[:12]} not stored: the bytes given hash to {digest[:12]}")
+                path = self._blob_path(digest)
+                if self._already_stored(path, view.nbytes):
+                    return digest, 0  # this copy goes; the finally below removes it
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            self._ensure_dir(path.parent)
             os.replace(tmp, path)
         except OSError as error:
-            raise self._wrap(error, f"writing blob {digest[:12]}") from error
+            raise self._wrap(error, what) from error
+        finally:
+            tmp.unlink(missing_ok=True)  # gone already once renamed
         _fsync_dir(path.parent)
-        return size
+        return digest, view.nbytes
 
     def get_blob(self, digest: str) -> Buffer:
         path = self._blob_path(digest)

@@ -220,6 +220,9 @@ class TieredStore(Store):
     def put_blob(self, digest: str, data: Buffer) -> int:
         return self.fast.put_blob(digest, data)
 
+    def add_blob(self, data: Buffer) -> tuple[str, int]:
+        return self.fast.add_blob(data)
+
     def get_blob(self, digest: str) -> Buffer:
         try:
             return self.fast.get_blob(digest)
