@@ -18,7 +18,7 @@ from pathlib import Path
 
 from notebook_harness import Kernel
 
-from jupyter_spot.store import open_store
+from jupyter_spot.store import collect_garbage, open_store
 
 SESSION = "crash-safety"
 TRIALS = 20
@@ -90,3 +90,11 @@ def test_kill_during_snapshot_always_restores_last_commit(spot_env: Path, tmp_pa
             committed = gen
     print(f"crash safety over {TRIALS} kills (window {window:.2f}s): {outcomes}")
     assert outcomes["kill won"] >= 1, "no kill landed before a commit: the delays did not cover the snapshot"
+
+    # What the kills left half-written goes with the next collection; the last commit stays whole.
+    report = collect_garbage(store, keep=1, grace_seconds=0)
+    assert not list(spot_env.rglob(".*.tmp")), report
+    latest, problems = store.latest_manifest(SESSION)
+    assert latest is not None and not problems, problems
+    for digest in latest["blobs"]:
+        store.get_blob(digest)  # verified against its address

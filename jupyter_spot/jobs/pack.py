@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..kernel import serialize
-from ..store import Store, digest_of
+from ..store import Store
 
 
 class CannotSend(Exception):
@@ -33,9 +33,7 @@ def _is_definition(value: Any) -> bool:
 
 def _put(store: Store, pickled: serialize.Pickled) -> dict[str, Any]:
     def put(data: Any) -> str:
-        digest = digest_of(data)
-        store.put_blob(digest, data)
-        return digest
+        return store.add_blob(data)[0]
 
     return {"serializer": pickled.serializer, "blob": put(pickled.payload),
             "buffers": [put(buffer) for buffer in pickled.buffers], "size": pickled.size}

@@ -259,6 +259,23 @@ class FileStore(Store):
         except FileNotFoundError:
             return float("inf")
 
+    def remove_stale_temporaries(self, older_than: float) -> int:
+        """Delete ``.*.tmp`` files a killed writer left behind (older than ``older_than`` seconds)."""
+        import time
+
+        removed = 0
+        cutoff = time.time() - older_than
+        for path in self.root.rglob(".*.tmp"):
+            try:
+                if path.is_file() and path.stat().st_mtime < cutoff:
+                    path.unlink()
+                    removed += 1
+            except FileNotFoundError:  # its writer finished (renamed it) or another GC took it
+                continue
+            except OSError as error:
+                raise self._wrap(error, f"removing {path.name}") from error
+        return removed
+
     def delete_blob(self, digest: str) -> None:
         self._blob_path(digest).unlink(missing_ok=True)
 

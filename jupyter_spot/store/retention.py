@@ -20,6 +20,8 @@ class GCReport:
     blobs_kept: int = 0
     #: True when a writer was storing a snapshot, so blobs were left for next time.
     blobs_deferred: bool = False
+    #: Half-written files that killed writers left behind (a filesystem store's).
+    temporaries_deleted: int = 0
 
     def __str__(self) -> str:
         if self.blobs_deferred:
@@ -27,8 +29,9 @@ class GCReport:
                 f"deleted {len(self.snapshots_deleted)} snapshot(s) and {self.blobs_deleted} blob(s); "
                 "the rest are left for the next run because another writer is storing a snapshot"
             )
+        swept = f", {self.temporaries_deleted} half-written file(s) of killed writers" if self.temporaries_deleted else ""
         return (
-            f"deleted {len(self.snapshots_deleted)} snapshot(s) and {self.blobs_deleted} blob(s); "
+            f"deleted {len(self.snapshots_deleted)} snapshot(s) and {self.blobs_deleted} blob(s){swept}; "
             f"{self.blobs_kept} blob(s) still referenced or too recent"
         )
 
@@ -76,6 +79,9 @@ def collect_garbage(
     # A store shared by writers on other machines (S3) says whether blobs may
     # go: its guard is held from before the scan of references to the end, and
     # it says no as soon as a writer is storing a snapshot.
+    sweep = getattr(store, "remove_stale_temporaries", None)
+    if sweep is not None:
+        report.temporaries_deleted = sweep(grace_seconds)
     guard = getattr(store, "blob_gc_guard", None)
     with guard() if guard else contextlib.nullcontext(lambda: True) as may_delete:
         if not may_delete():
