@@ -46,10 +46,19 @@ export interface ISnapshot {
   skipped: ISkipped[];
 }
 
+/** Another server sharing the store runs the session's kernel right now. */
+export interface ILiveElsewhere {
+  host: string;
+  server: string;
+  kernel_id: string;
+  heartbeat: string;
+}
+
 export interface ISession {
   id: string;
   interrupted: boolean;
   live_kernel: string | null;
+  live_elsewhere: ILiveElsewhere | null;
   reason: string | null;
   latest: ISnapshot;
 }

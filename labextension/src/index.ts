@@ -1,6 +1,7 @@
 /**
- * jupyter-spot in JupyterLab: the interruption warning, the restore banner and the
- * snapshot status item, all fed by the server extension's REST API and events.
+ * jupyter-spot in JupyterLab: the interruption warning, the restore banner (or, for a
+ * notebook running on another server, a note saying so) and the snapshot status item,
+ * all fed by the server extension's REST API and events.
  */
 import { JupyterFrontEnd, JupyterFrontEndPlugin } from '@jupyterlab/application';
 import { ICommandPalette } from '@jupyterlab/apputils';
@@ -11,6 +12,7 @@ import { IStatusBar } from '@jupyterlab/statusbar';
 import { Signal } from '@lumino/signaling';
 
 import { FLUSH_SCHEMA, IFlush, INotice, NOTICE_SCHEMA, SpotApi } from './api';
+import { LiveElsewhereBanner } from './elsewhere';
 import { NoticeBanner } from './notice';
 import { RestoreBanner } from './restore';
 import { SnapshotStatus, SnapshotsPanel, sessionName } from './status';
@@ -101,13 +103,11 @@ const plugin: JupyterFrontEndPlugin<void> = {
       tracker.currentChanged.connect(() => settingsChanged.emit());
     }
 
-    // The restore banner: offered once per notebook opened while its session is interrupted.
+    // On open, a notebook whose session is interrupted is offered a restore (once); one
+    // whose kernel runs on another server sharing the store gets a note saying so.
     const banners = new Map<NotebookPanel, RestoreBanner>();
-    const offerRestore = async (nb: NotebookPanel): Promise<void> => {
+    const checkSession = async (nb: NotebookPanel): Promise<void> => {
       await nb.context.ready;
-      if (!settings.showRestoreBanner && !settings.autoRestore) {
-        return;
-      }
       let session;
       try {
         session = await api.session(sessionName(nb));
@@ -115,7 +115,14 @@ const plugin: JupyterFrontEndPlugin<void> = {
         console.warn('jupyter-spot: cannot ask the server about this notebook', error);
         return;
       }
-      if (!session?.interrupted || banners.has(nb) || nb.isDisposed) {
+      if (!session || nb.isDisposed) {
+        return;
+      }
+      if (session.live_elsewhere) {
+        nb.contentHeader.addWidget(new LiveElsewhereBanner(session.live_elsewhere));
+        return;
+      }
+      if (!session.interrupted || banners.has(nb) || (!settings.showRestoreBanner && !settings.autoRestore)) {
         return;
       }
       const banner = new RestoreBanner(api, nb, session);
@@ -127,7 +134,7 @@ const plugin: JupyterFrontEndPlugin<void> = {
       }
       status.cellExecuted();
     };
-    tracker.widgetAdded.connect((_, nb) => void offerRestore(nb));
+    tracker.widgetAdded.connect((_, nb) => void checkSession(nb));
 
     app.commands.addCommand(CommandIDs.openSnapshots, {
       label: 'Show Snapshots of This Notebook',
