@@ -8,13 +8,21 @@ state land in tests/screenshots/ (docs/screenshots/ holds a committed set).
 
 from __future__ import annotations
 
+import json
+import os
 import re
+import signal
+import socket
 import time
+import urllib.error
+import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 from urllib.parse import quote
 
 import pytest
+from jupyter_client import BlockingKernelClient
 from lab_harness import (
     CHROMIUM,
     CHROMIUM_ARGS,
@@ -24,6 +32,7 @@ from lab_harness import (
     write_notebook,
 )
 from playwright.sync_api import Browser, Locator, Page, expect, sync_playwright
+from test_server_e2e import Server
 
 from jupyter_spot.notice.simulator import Simulator
 
@@ -212,3 +221,81 @@ def test_status_bar_age_changes_after_running_a_cell(page: Page, lab_factory: Ca
     expect(rows).to_have_count(1, timeout=10_000)
     expect(rows.first).to_have_attribute("data-snapshot-id", first or "")
     assert len(lab.api(f"jupyter-spot/api/sessions/{quote(NOTEBOOK, safe='')}/snapshots")["snapshots"]) == 1
+
+
+def call(server: Server, path: str, method: str = "GET", body: Any = None) -> Any:
+    """The sync twin of ``Server.fetch`` (Playwright's sync API runs no asyncio loop)."""
+    request = urllib.request.Request(
+        server.url + path,
+        method=method,
+        headers={"Authorization": f"token {server.token}"},
+        data=None if body is None else json.dumps(body).encode(),
+    )
+    with urllib.request.urlopen(request, timeout=60) as response:
+        return json.loads(response.read() or b"null")
+
+
+def run_in_kernel(server: Server, kernel_id: str, code: str) -> str:
+    """Execute ``code`` in one of ``server``'s kernels through its connection file; return its stdout."""
+    client = BlockingKernelClient(connection_file=str(server.runtime / f"kernel-{kernel_id}.json"))
+    client.load_connection_file()
+    client.start_channels(hb=False)
+    try:
+        client.wait_for_ready(timeout=60)
+        chunks: list[str] = []
+
+        def hook(msg: dict[str, Any]) -> None:
+            if msg["msg_type"] == "stream":
+                chunks.append(msg["content"]["text"])
+
+        reply = client.execute_interactive(code, timeout=90, output_hook=hook)
+        assert reply["content"]["status"] == "ok", reply["content"]
+        return "".join(chunks)
+    finally:
+        client.stop_channels()
+
+
+def test_notebook_running_on_another_server_is_noted_not_offered(
+    page: Page, lab_factory: Callable[..., Lab], tmp_path: Path
+) -> None:
+    """Server A (plain `jupyter server`) runs the notebook; Lab on server B, same store, opens it."""
+    lab = lab_factory()
+    (tmp_path / "a").mkdir()
+    # A beats every second: B's own kernel, started when Lab opens the notebook, writes the
+    # session's record as B's until A's next beat (one record per session, last writer wins).
+    a = Server(lab.root, tmp_path / "a", dict(os.environ), sources="signal", extra=("--SpotApp.heartbeat_interval=1",))
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            assert a.proc.poll() is None, Path(a.log.name).read_text()
+            try:
+                call(a, "jupyter-spot/api/status")
+                break
+            except (urllib.error.URLError, ConnectionError):
+                assert time.monotonic() < deadline, Path(a.log.name).read_text()
+                time.sleep(0.25)
+        session = call(a, "api/sessions", "POST", {"path": NOTEBOOK, "type": "notebook", "kernel": {"name": "python3"}})
+        kernel_id = session["kernel"]["id"]
+        assert "hello-from-cell 42" in run_in_kernel(a, kernel_id, CELLS[0])
+
+        deadline = time.monotonic() + 30
+        while not (listed := lab.api(f"jupyter-spot/api/sessions?path={quote(NOTEBOOK, safe='')}")["sessions"]):
+            assert time.monotonic() < deadline, "A took no snapshot after its cell"
+            time.sleep(0.2)
+        assert listed[0]["live_elsewhere"]["kernel_id"] == kernel_id and not listed[0]["interrupted"]
+
+        open_notebook(page, lab)
+        note = page.get_by_role("status", name="Notebook also running on another server")
+        expect(note).to_be_visible(timeout=30_000)
+        expect(note).to_contain_text(
+            re.compile(rf"This notebook is also open on {re.escape(socket.gethostname())} \({re.escape(a.url)}\), "
+                       r"where its kernel last checked in \d+ s ago\. .*the newest one wins\.")
+        )
+        expect(page.locator(".jp-spot-restore")).to_have_count(0)
+        shot(page, "live-elsewhere")
+
+        note.get_by_role("button", name="Dismiss").click()
+        expect(note).to_have_count(0)
+        expect(page.locator(".jp-spot-restore")).to_have_count(0)
+    finally:
+        a.stop(signal.SIGTERM)  # a clean stop: its kernel goes with it
