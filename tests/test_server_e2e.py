@@ -308,9 +308,12 @@ async def test_servers_sharing_a_store_do_not_offer_each_others_live_sessions(sp
             assert time.monotonic() < deadline, "no auto snapshot"
             await asyncio.sleep(0.1)
 
-        first_beat = store.get_record(record_name)["heartbeat"]
+        def beats() -> list[str]:
+            return [h["heartbeat"] for h in store.get_record(record_name)["holders"].values()]
+
+        first_beats = beats()
         deadline = time.monotonic() + 10
-        while store.get_record(record_name)["heartbeat"] == first_beat:
+        while beats() == first_beats:
             assert time.monotonic() < deadline, "server A does not refresh its heartbeat"
             await asyncio.sleep(0.1)
 
@@ -321,13 +324,21 @@ async def test_servers_sharing_a_store_do_not_offer_each_others_live_sessions(sp
         (from_cli,) = catalog.describe_sessions(store, live=[])
         assert from_cli["interrupted"] is False and from_cli["live_elsewhere"] is not None
         kernel_pid = store.get_record(record_name)["kernel"]["pid"]
+
+        # B opens the same notebook: its own kernel's record entry does not hide A's.
+        opened = await b.fetch(
+            "api/sessions", "POST", {"path": "shared.ipynb", "type": "notebook", "kernel": {"name": "python3"}}
+        )
+        (listed,) = (await b.fetch("jupyter-spot/api/sessions?path=shared.ipynb"))["sessions"]
+        assert (listed["interrupted"], listed["live_kernel"]) == (False, opened["kernel"]["id"])
+        assert listed["live_elsewhere"]["kernel_id"] == session["kernel"]["id"]
     finally:
         a.stop()  # SIGKILL: no clean shutdown, no notice, a heartbeat that is still fresh
     os.kill(kernel_pid, signal.SIGKILL)
     try:
         (listed,) = (await b.fetch("jupyter-spot/api/sessions?path=shared.ipynb"))["sessions"]
         assert listed["interrupted"] is True and listed["live_elsewhere"] is None
-        assert "stopped without a clean shutdown" in listed["reason"]
+        assert opened["kernel"]["id"] not in listed["reason"], listed["reason"]  # B's kernel did not stop
     finally:
         b.stop(signal.SIGTERM)
 
@@ -335,18 +346,19 @@ async def test_servers_sharing_a_store_do_not_offer_each_others_live_sessions(sp
 def test_a_heartbeat_from_another_host_counts_until_it_is_stale(spot_env: Path) -> None:
     """Another machine's server cannot be asked directly: its heartbeat's age decides, and a notice overrides it."""
     now = catalog.utcnow()
-    record = {"session": "nb.ipynb", "state": "live", "kernel_id": "k1", "host": "other-machine.internal",
-              "server": "http://10.0.0.7:8888/", "server_id": "their-server", "server_pid": 1,
-              "heartbeat_interval": 30.0}
+    holder = {"kernel_id": "k1", "host": "other-machine.internal", "server": "http://10.0.0.7:8888/",
+              "server_pid": 1, "heartbeat_interval": 30.0}
 
-    def beat(seconds_ago: float) -> dict[str, Any]:
-        return {**record, "heartbeat": catalog.isoformat(now - timedelta(seconds=seconds_ago))}
+    def beat(seconds_ago: float, **changes: Any) -> dict[str, Any]:
+        entry = {**holder, "heartbeat": catalog.isoformat(now - timedelta(seconds=seconds_ago)), **changes}
+        return {"session": "nb.ipynb", "state": "live", "holders": {"their-server": entry}}
 
     assert catalog.live_elsewhere(beat(5), "my-server", [], now)["host"] == "other-machine.internal"
     assert catalog.live_elsewhere(beat(69), "my-server", [], now) is not None
     assert catalog.live_elsewhere(beat(71), "my-server", [], now) is None  # two intervals + 10 s slack
     assert catalog.live_elsewhere(beat(5), "their-server", [], now) is None  # our own kernel: not "elsewhere"
-    assert catalog.live_elsewhere({**beat(5), "state": "closed"}, "my-server", [], now) is None
+    same_host_dead = beat(5, host=socket.gethostname(), server_pid=2**22 + 7)
+    assert catalog.live_elsewhere(same_host_dead, "my-server", [], now) is None  # its server process is gone
     told_to_go = [{"notice": {"source": "aws", "action": "terminate"}, "at": catalog.isoformat(now),
                    "kernels": [{"session": "nb.ipynb", "kernel_id": "k1", "status": "done"}]}]
     assert catalog.live_elsewhere(beat(5), "my-server", told_to_go, now) is None

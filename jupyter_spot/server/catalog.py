@@ -15,11 +15,12 @@ and nobody chose to throw away. Concretely, all of:
 3. the session was not closed cleanly after that snapshot — a user shutting
    the kernel down (kernel or session DELETE) writes a ``closed`` session record;
    a server stopping, a notice, SIGKILL or a lost machine do not;
-4. its kernel is not alive under another server sharing the store: that server
-   refreshes a ``heartbeat`` in the session record, and the session counts as
-   live elsewhere while the heartbeat is fresh (two of the writer's intervals
-   plus slack), the server's process still exists when it is on this host, and
-   no notice named the kernel (a machine that was told to go is going).
+4. its kernel is not alive under another server sharing the store: each server
+   running a kernel of the session keeps an entry in the record's ``holders``
+   with a ``heartbeat`` it refreshes, and the session counts as live elsewhere
+   while another server's heartbeat is fresh (two of its intervals plus slack),
+   that server's process still exists when it is on this host, and no notice
+   named its kernel (a machine that was told to go is going).
 
 The ``reason`` comes from the records: the notice record that named the
 session's last kernel, else the session record of a kernel that never shut
@@ -191,26 +192,42 @@ def _process_exists(pid: Any) -> bool:
     return True
 
 
+def fresh_holders(record: dict[str, Any], now: datetime | None = None) -> dict[str, dict[str, Any]]:
+    """The record's ``holders`` (server id → its live kernel) whose heartbeat is still fresh."""
+    holders = record.get("holders")
+    if not isinstance(holders, dict):
+        return {}
+    moment = now or utcnow()
+    fresh = {}
+    for server_id, holder in holders.items():
+        beat = parse_time(holder.get("heartbeat")) if isinstance(holder, dict) else None
+        interval = holder.get("heartbeat_interval") if isinstance(holder, dict) else None
+        if beat is None or not isinstance(interval, (int, float)) or interval <= 0:
+            continue
+        if (moment - beat).total_seconds() <= HEARTBEAT_MISSES * interval + HEARTBEAT_SLACK_SECONDS:
+            fresh[server_id] = holder
+    return fresh
+
+
 def live_elsewhere(
     record: dict[str, Any], server_id: str | None, notices: list[dict[str, Any]], now: datetime | None = None
 ) -> dict[str, Any] | None:
-    """Where the session's kernel still runs under another server, from its session record; None if not."""
-    if record.get("state") != "live" or not record.get("server_id") or record.get("server_id") == server_id:
-        return None
-    beat = parse_time(record.get("heartbeat"))
-    interval = record.get("heartbeat_interval")
-    if beat is None or not isinstance(interval, (int, float)) or interval <= 0:
-        return None
-    age = ((now or utcnow()) - beat).total_seconds()
-    if age > HEARTBEAT_MISSES * interval + HEARTBEAT_SLACK_SECONDS:
-        return None
-    if record.get("host") == socket.gethostname() and not _process_exists(record.get("server_pid")):
-        return None
-    kernel_id = record.get("kernel_id")
-    if kernel_id and _notice_reason(notices, str(record.get("session")), kernel_id):
-        return None
-    return {"host": record.get("host"), "server": record.get("server"), "kernel_id": kernel_id,
-            "heartbeat": isoformat(beat)}
+    """Where the session's kernel still runs under another server, from its session record; None if not.
+
+    Every server running a kernel of the session keeps its own entry in the
+    record's ``holders``, so two servers on one notebook do not hide each other.
+    """
+    for holder_id, holder in sorted(fresh_holders(record, now).items()):
+        if holder_id == server_id:
+            continue
+        if holder.get("host") == socket.gethostname() and not _process_exists(holder.get("server_pid")):
+            continue
+        kernel_id = holder.get("kernel_id")
+        if kernel_id and _notice_reason(notices, str(record.get("session")), kernel_id):
+            continue  # that machine was told to go
+        return {"host": holder.get("host"), "server": holder.get("server"), "kernel_id": kernel_id,
+                "heartbeat": holder.get("heartbeat")}
+    return None
 
 
 def describe_session(
@@ -237,7 +254,7 @@ def describe_session(
     closed_at = parse_time(record.get("closed_at")) if record.get("state") == "closed" else None
     closed = closed_at is not None and closed_at >= created
     elsewhere = None
-    if not caught_up and not closed and record.get("state") == "live" and record.get("heartbeat"):
+    if not caught_up and record.get("holders"):
         notices = notice_records(store) if notices is None else notices
         elsewhere = live_elsewhere(record, server_id, notices)
     interrupted = not caught_up and not closed and elsewhere is None
@@ -246,11 +263,13 @@ def describe_session(
     if interrupted:
         notices = notice_records(store) if notices is None else notices
         last_kernel = record.get("kernel_id")
+        if last_kernel in {k.kernel_id for k in mine}:
+            last_kernel = None  # our own new kernel wrote the record last: it is not the one that stopped
         reason = _notice_reason(notices, session, last_kernel) if last_kernel else None
         where = record.get("host") or "another machine"
         if reason is None and record.get("state") == "running":
             reason = f"`jupyter spot run` on {where} did not finish; run it again to resume"
-        if reason is None and record.get("state") == "live":
+        if reason is None and record.get("state") == "live" and last_kernel:
             reason = f"kernel {last_kernel} on {where} stopped without a clean shutdown"
         if reason is None:
             reason = _notice_reason(notices, session, None) or "written by a kernel no server here is running"

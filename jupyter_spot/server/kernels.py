@@ -36,6 +36,7 @@ from ..config import NOTEBOOK_PATH_ENV, SESSION_ENV, STORE_ENV
 from ..store import StoreError
 from .catalog import (
     LiveKernel,
+    fresh_holders,
     isoformat,
     renamed_session,
     session_record_name,
@@ -225,26 +226,38 @@ class SpotKernels:
         live = self.live.get(kernel_id)
         if live is None:
             return
+        store, name = self.app.snapshot_store, session_record_name(live.session)
+        try:
+            previous = await asyncio.to_thread(store.get_record, name) or {}
+        except StoreError:
+            previous = {}
+        # Other servers' live kernels of this session keep their entries; ours is replaced.
+        holders = {k: v for k, v in fresh_holders(previous).items() if k != self.app.server_id}
+        if state == "live" and beating and self.app.heartbeat_interval > 0:
+            holders[self.app.server_id] = {
+                "kernel_id": kernel_id,
+                "host": self.host,
+                "server": self.app.serverapp.connection_url,
+                "server_pid": os.getpid(),
+                "heartbeat": isoformat(utcnow()),
+                "heartbeat_interval": self.app.heartbeat_interval,
+            }
         record = {
             "session": live.session,
             "state": state,
             "kernel_id": kernel_id,
             "host": self.host,
             "server": self.app.serverapp.connection_url,
-            "server_id": self.app.server_id,
-            "server_pid": os.getpid(),
             "started": isoformat(live.started),
             "kernel": self.kernel_info(kernel_id) if kernel_id in self.km else None,
+            "holders": holders,
         }
-        if state == "live" and beating and self.app.heartbeat_interval > 0:
-            record["heartbeat"] = isoformat(utcnow())
-            record["heartbeat_interval"] = self.app.heartbeat_interval
         if state == "closed":
             record["closed_at"] = isoformat(utcnow())
         if renamed_to is not None:
             record["renamed_to"] = renamed_to
         try:
-            await asyncio.to_thread(self.app.snapshot_store.put_record, session_record_name(live.session), record)
+            await asyncio.to_thread(store.put_record, name, record)
         except StoreError as error:
             self.app.log.warning("jupyter-spot: could not record session %r: %s", live.session, error)
 
