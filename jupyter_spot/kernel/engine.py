@@ -23,6 +23,7 @@ import IPython
 import xxhash
 
 from .. import __version__
+from ..faults import fault_point
 from ..config import SpotSettings, resolve_session, resolve_store_url
 from ..store import ManifestError, Store, StoreError, collect_garbage, open_store
 from . import environment, serialize, tracking
@@ -511,6 +512,7 @@ class SnapshotEngine:
         queued; if it interrupted a running cell, the snapshot is a mid-cell one.
         """
         until = None if deadline is None else time.monotonic() + (deadline - datetime.now(timezone.utc)).total_seconds()
+        fault_point("notice-flush")
         if self._busy:
             self.writer.wait(deadline=until)
             return self.last_result or SnapshotResult(None, self.session, "notice", self._in_cell or 0,
@@ -610,6 +612,7 @@ class SnapshotEngine:
                 continue
             loaded = manifest, blobs
             break
+        fault_point("restore")
         if loaded is None:
             report.error = f"no usable snapshot of session {session!r} in {self.store.url}"
             return report

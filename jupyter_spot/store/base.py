@@ -22,6 +22,8 @@ from abc import ABC, abstractmethod
 from collections.abc import Iterator
 from typing import Any, Union
 
+from ..faults import fault_point
+
 Buffer = Union[bytes, bytearray, memoryview]
 
 _DIGEST = re.compile(r"^[0-9a-f]{64}$")
@@ -175,6 +177,7 @@ class Store(ABC):
         snapshot_id = check_snapshot_id(manifest["id"])
         for digest in manifest.get("blobs", []):
             check_digest(digest)
+        fault_point("manifest-commit")
         self._write_manifest(session, snapshot_id, self.signer.encode(manifest))
 
     def load_manifest(self, session: str, snapshot_id: str) -> dict[str, Any]:

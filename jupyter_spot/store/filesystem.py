@@ -26,6 +26,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+from ..faults import fault_point
 from .base import (
     Buffer,
     CorruptBlobError,
@@ -211,6 +212,7 @@ class FileStore(Store):
                 path = self._blob_path(digest)
                 if self._already_stored(path, view.nbytes):
                     return digest, 0  # this copy goes; the finally below removes it
+                fault_point("blob-write")
                 os.fsync(fd)
             finally:
                 os.close(fd)

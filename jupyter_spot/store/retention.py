@@ -6,6 +6,7 @@ import contextlib
 import json
 from dataclasses import dataclass, field
 
+from ..faults import fault_point
 from .base import ManifestError, Store, StoreError
 
 #: A blob younger than this is never collected: a snapshot being written right
@@ -101,6 +102,7 @@ def collect_garbage(
                 report.blobs_deferred = True
                 break
             else:
+                fault_point("gc-delete")
                 store.delete_blob(digest)
                 report.blobs_deleted += 1
     return report

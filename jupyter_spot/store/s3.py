@@ -45,6 +45,7 @@ from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timezone
 from typing import Any
 
+from ..faults import fault_point
 from .base import (
     Buffer,
     CorruptBlobError,
@@ -359,6 +360,7 @@ class S3Store(Store):
             return 0
         size = memoryview(data).nbytes
         if size < ASK_FIRST_SIZE:
+            fault_point("blob-write")
             # Our address *is* the SHA-256, so S3 verifies the bytes for free.
             checksum = base64.b64encode(bytes.fromhex(digest)).decode()
             stored = self._put_if_absent(
@@ -369,6 +371,7 @@ class S3Store(Store):
             head = self._head(key)
             written = 0 if head is not None and head["ContentLength"] == size else size
             if written:
+                fault_point("blob-write")
                 with self._calling(f"uploading blob {digest[:12]} ({size} bytes)"):
                     # botocore adds its default CRC32 to every part; the SHA-256
                     # of the whole blob is checked on every read.

@@ -23,6 +23,7 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
+from ..faults import fault_point
 from .base import (
     Buffer,
     CorruptBlobError,
@@ -107,6 +108,7 @@ class TieredStore(Store):
 
         # list() re-raises the first failed upload; the manifest is then not sent.
         list(self._pool.map(send, manifest.get("blobs", [])))
+        fault_point("replicate")
         try:
             self.durable.commit_manifest(manifest)
         except SnapshotExistsError:
