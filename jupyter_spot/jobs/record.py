@@ -21,7 +21,7 @@ import subprocess
 from datetime import datetime, timezone
 from typing import Any
 
-from ..store import ManifestError, Store
+from ..store import ManifestError, Store, StoreError
 from ..store.manifest import JOB_RESULT, JOB_RUNNER, JOB_SPEC, job_place
 
 PREFIX = "job-"
@@ -136,11 +136,14 @@ def runner(store: Store, record: dict[str, Any]) -> dict[str, Any] | None:
 def session_jobs(store: Store, session: str, problems: list[str] | None = None) -> list[dict[str, Any]]:
     """The session's job records, oldest first; records that are not job records are left out (and named in ``problems``)."""
     jobs = []
-    for name in store.list_records():
-        if name.startswith(PREFIX) and not name.endswith(CHECKPOINT_SUFFIX):
+    for name in _job_record_names(store):
+        try:
             record = store.get_record(name)
-            if record is None:
-                continue
+        except StoreError as error:  # one unreadable record must not hide the session's other jobs
+            if problems is not None:
+                problems.append(f"{error}; left out")
+            continue
+        if record is not None:
             problem = malformed(record, name[len(PREFIX):])
             if problem:
                 if problems is not None and isinstance(record, dict) and record.get("session") == session:
@@ -150,14 +153,20 @@ def session_jobs(store: Store, session: str, problems: list[str] | None = None) 
     return sorted(jobs, key=lambda record: record["id"])
 
 
+def _job_record_names(store: Store) -> list[str]:
+    return [name for name in store.list_records() if name.startswith(PREFIX) and not name.endswith(CHECKPOINT_SUFFIX)]
+
+
 def active_on_host(store: Store, on_host: str) -> list[dict[str, Any]]:
     """Jobs queued or running on ``on_host``, in brief: what a notice record lists as about to be lost."""
     found = []
-    for name in store.list_records():
-        if name.startswith(PREFIX) and not name.endswith(CHECKPOINT_SUFFIX):
+    for name in _job_record_names(store):
+        try:
             job = store.get_record(name)
-            if job is not None and job.get("state") in ACTIVE and job.get("host") == on_host:
-                found.append({key: job.get(key) for key in ("id", "name", "session", "state", "pid", "attempt")})
+        except StoreError:
+            continue  # not a record anyone can read: nothing to list
+        if not malformed(job, name[len(PREFIX):]) and job["state"] in ACTIVE and job.get("host") == on_host:
+            found.append({key: job.get(key) for key in ("id", "name", "session", "state", "pid", "attempt")})
     return sorted(found, key=lambda job: job["id"])
 
 

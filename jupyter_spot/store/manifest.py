@@ -95,8 +95,13 @@ def unverified_body(data: bytes) -> dict[str, Any]:
 
     Raises ValueError, KeyError or TypeError if it is not a signed document.
     """
-    envelope = json.loads(data)
-    body = json.loads(envelope["body"] if envelope.get("format") == FORMAT else envelope["manifest"])
+    try:
+        envelope = json.loads(data)
+        if not isinstance(envelope, dict):
+            raise TypeError("not a signed document")
+        body = json.loads(envelope["body"] if envelope.get("format") == FORMAT else envelope["manifest"])
+    except RecursionError:  # nested deeper than the parser goes
+        raise ValueError("nested too deeply") from None
     if not isinstance(body, dict):
         raise TypeError("the body is not a JSON object")
     return body
@@ -142,7 +147,7 @@ class ManifestSigner:
         where = where or f"{kind} of {describe(place)}"
         try:
             envelope = json.loads(data)
-        except (ValueError, TypeError) as error:  # TypeError: not bytes at all
+        except (ValueError, TypeError, RecursionError) as error:  # TypeError: not bytes; RecursionError: too deep
             raise ManifestError(f"{where}: {kind} is truncated or not valid JSON ({error})") from None
         if not isinstance(envelope, dict):
             raise ManifestError(f"{where}: {kind} is not a signed document (a JSON {type(envelope).__name__})")
@@ -176,7 +181,7 @@ class ManifestSigner:
     def _body(body: str, kind: str, where: str) -> dict[str, Any]:
         try:
             document = json.loads(body)
-        except ValueError as error:
+        except (ValueError, RecursionError) as error:
             raise ManifestError(f"{where}: {kind} body is not valid JSON ({error})") from None
         if not isinstance(document, dict):
             raise ManifestError(f"{where}: {kind} body is not a JSON object")
