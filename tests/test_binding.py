@@ -206,3 +206,23 @@ def test_cancel_stops_a_real_runner_from_a_fresh_kernel(
         assert "job forever cancelled" in fresh.run("%spot_job cancel forever")
     _until("the runner to go", lambda: job["pid"] not in _runners(store))
     assert _job(store, "forever")["state"] == "cancelled"
+
+
+# -- another local user ------------------------------------------------------------
+def test_a_local_store_and_the_key_file_are_private_to_their_owner(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from jupyter_spot.store import FileStore, ManifestSigner, digest_of
+
+    monkeypatch.delenv("JUPYTER_SPOT_SIGNING_KEY", raising=False)
+    monkeypatch.setenv("JUPYTER_SPOT_SIGNING_KEY_FILE", str(tmp_path / "keys" / "signing.key"))
+    signer = ManifestSigner.default()  # a fresh machine: the key is made here
+    store = FileStore(tmp_path / "store", signer=signer)
+    data = b"pickled variables"
+    store.put_blob(digest_of(data), data)
+    store.commit_manifest({"session": "nb.ipynb", "id": "20261129T000001.000000Z-aaaa", "blobs": [digest_of(data)]})
+    store.put_record("job-20261129T000000-abcd", {"id": "20261129T000000-abcd"})
+    files = [path for path in (tmp_path / "store").rglob("*") if path.is_file()]
+    assert len(files) == 3
+    for path in [*files, tmp_path / "keys" / "signing.key"]:
+        assert path.stat().st_mode & 0o077 == 0, f"{path} is readable by others: {oct(path.stat().st_mode)}"
