@@ -152,7 +152,7 @@ def documents(genuine: dict[str, bytes], rng: random.Random) -> Iterator[Documen
         elif move == 4:
             envelope["kind"] = rng.choice(["manifest", "job spec", "job result", "job checkpoint", "?", ""])
         else:
-            envelope["signature"] = rng.choice(["", "0" * 64, "zz", "A" * 10_000])
+            envelope["signature"] = rng.choice(["", "0" * 64, "zz", "A" * 10_000, "\u00e9" * 64, "\0"])
         yield Document("wrong shape", json.dumps(envelope).encode())
     for _ in range(250):  # tampered: the body changed under a signature that no longer covers it
         envelope = dict(rng.choice(envelopes))

@@ -226,3 +226,21 @@ def test_a_local_store_and_the_key_file_are_private_to_their_owner(
     assert len(files) == 3
     for path in [*files, tmp_path / "keys" / "signing.key"]:
         assert path.stat().st_mode & 0o077 == 0, f"{path} is readable by others: {oct(path.stat().st_mode)}"
+
+
+def test_a_signature_that_is_not_ascii_is_refused_like_any_bad_signature(store: Path) -> None:
+    """hmac.compare_digest raises TypeError on non-ASCII text: that must be a refusal, not a crash of the restore."""
+    from jupyter_spot.store import FileStore
+
+    snapshots = FileStore(store)
+    good, planted = "20261129T000001.000000Z-aaaa", "20261129T000002.000000Z-bbbb"
+    snapshots.commit_manifest({"session": "nb.ipynb", "id": good, "blobs": []})
+    snapshots.commit_manifest({"session": "nb.ipynb", "id": planted, "blobs": []})
+    path = snapshots._manifest_path("nb.ipynb", planted)
+    envelope = json.loads(path.read_bytes())
+    envelope["signature"] = "\u00e9" * 64
+    path.write_text(json.dumps(envelope))
+    with pytest.raises(ManifestError, match="not signed by this machine's key"):
+        snapshots.load_manifest("nb.ipynb", planted)
+    manifest, problems = snapshots.latest_manifest("nb.ipynb")
+    assert manifest is not None and manifest["id"] == good and planted in problems[0]

@@ -131,7 +131,13 @@ class ManifestSigner:
         return cls(_load_or_create_key(path), key_source=str(path))
 
     def _sign(self, message: bytes) -> str:
+        """The signature of ``message`` with the signing key (the one place a key is chosen to sign)."""
         return hmac.new(self._key, message, hashlib.sha256).hexdigest()
+
+    def _verifies(self, envelope: dict[str, Any], message: bytes) -> bool:
+        """Whether the envelope's signature is ``message`` signed with a key we trust (the one place keys are chosen to verify)."""
+        signature = envelope["signature"]
+        return signature.isascii() and hmac.compare_digest(signature, self._sign(message))  # non-ASCII: TypeError
 
     def encode(self, document: dict[str, Any], kind: str, place: Place) -> bytes:
         """``document`` signed as a ``kind`` that belongs at ``place``."""
@@ -160,7 +166,7 @@ class ManifestSigner:
         if not (isinstance(signed_kind, str) and isinstance(signed_place, dict) and isinstance(body, str)
                 and isinstance(signature, str)):
             raise ManifestError(f"{where}: {kind} is missing its kind, place, body or signature")
-        if not hmac.compare_digest(signature, self._sign(_message(signed_kind, signed_place, body))):
+        if not self._verifies(envelope, _message(signed_kind, signed_place, body)):
             self._refuse_unsigned(kind, where)
         if signed_kind != kind:
             raise ManifestError(f"{where}: this is a signed {signed_kind[:40]}, not a {kind}; refusing it "
@@ -202,7 +208,7 @@ class ManifestSigner:
         body, signature = envelope.get("manifest"), envelope.get("signature")
         if not isinstance(body, str) or not isinstance(signature, str):
             raise ManifestError(f"{where}: manifest is missing its body or signature")
-        if not hmac.compare_digest(signature, self._sign(body.encode())):
+        if not self._verifies(envelope, body.encode()):
             self._refuse_unsigned(kind, where)
         manifest = self._body(body, kind, where)
         if not (isinstance(manifest.get("groups"), dict) and isinstance(manifest.get("variables"), dict)):
