@@ -82,6 +82,7 @@ def _job(store: Path, name: str) -> dict[str, Any]:
 def _forge(store: Path, job_id: str, **fields: Any) -> None:
     """Write a job record as someone with write access but no key would."""
     path = _record_path(store, job_id)
+    path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps({"id": job_id, "inputs": [], "outputs": [], "attempt": 1,
                                 "created": "2026-11-29T00:00:00+00:00", **fields}))
 
@@ -244,3 +245,77 @@ def test_a_signature_that_is_not_ascii_is_refused_like_any_bad_signature(store: 
         snapshots.load_manifest("nb.ipynb", planted)
     manifest, problems = snapshots.latest_manifest("nb.ipynb")
     assert manifest is not None and manifest["id"] == good and planted in problems[0]
+
+
+# -- kinds, and the old format -------------------------------------------------------
+def test_a_signature_for_one_kind_never_verifies_another(store: Path) -> None:
+    from jupyter_spot.store import FileStore
+    from jupyter_spot.store.manifest import KINDS, job_place
+
+    signer = FileStore(store).signer
+    place = job_place("nb.ipynb", "20261129T000000-abcd")
+    for signed_as in KINDS:
+        data = signer.encode({"id": "20261129T000000-abcd", "session": "nb.ipynb"}, signed_as, place)
+        assert signer.decode(data, signed_as, place)["session"] == "nb.ipynb"
+        for read_as in KINDS - {signed_as}:
+            with pytest.raises(ManifestError, match=f"this is a signed {signed_as}, not a {read_as}"):
+                signer.decode(data, read_as, place)
+
+
+def _old_format(body: dict[str, Any]) -> bytes:
+    """What versions before the binding wrote (jupyter-spot-manifest/1: only the body signed)."""
+    import hashlib
+    import hmac
+
+    text = json.dumps(body, sort_keys=True, separators=(",", ":"))
+    key = os.environ["JUPYTER_SPOT_SIGNING_KEY"].encode()
+    signature = hmac.new(key, text.encode(), hashlib.sha256).hexdigest()
+    return json.dumps({"format": "jupyter-spot-manifest/1", "signature": signature, "manifest": text}).encode()
+
+
+def test_old_format_manifests_load_only_where_their_body_says_and_old_job_documents_not_at_all(store: Path) -> None:
+    from jupyter_spot.jobs import record
+    from jupyter_spot.store import FileStore
+
+    snapshots = FileStore(store)
+    old_id = "20261129T000001.000000Z-aaaa"
+    manifest = {"session": "c.ipynb", "id": old_id, "groups": {}, "variables": {}, "blobs": []}
+    path = snapshots._manifest_path("c.ipynb", old_id)
+    path.parent.mkdir(parents=True)
+    path.write_bytes(_old_format(manifest))
+    assert snapshots.load_manifest("c.ipynb", old_id) == manifest  # an upgrade costs no snapshot
+    for session, snapshot_id in [("d.ipynb", old_id), ("c.ipynb", NEWER_ID)]:
+        copy = snapshots._manifest_path(session, snapshot_id)
+        copy.parent.mkdir(parents=True, exist_ok=True)
+        copy.write_bytes(path.read_bytes())
+        with pytest.raises(ManifestError, match=f"signed for snapshot {old_id} of session 'c.ipynb'"):
+            snapshots.load_manifest(session, snapshot_id)
+    # an old job spec, planted as a manifest at the place its body names: not a manifest
+    job_id = "20261129T000000-abcd"
+    spec = {"id": job_id, "session": "c.ipynb", "source": "print('x')", "inputs": {}}
+    planted = snapshots._manifest_path("c.ipynb", job_id)
+    planted.write_bytes(_old_format(spec))
+    with pytest.raises(ManifestError, match="not a manifest"):
+        snapshots.load_manifest("c.ipynb", job_id)
+    with pytest.raises(record.JobError, match="old format"):
+        record.spec(snapshots, {"id": job_id, "session": "c.ipynb", "spec": _old_format(spec).decode()})
+
+
+def test_the_runner_refuses_a_record_carrying_another_jobs_spec(store: Path, tmp_path: Path) -> None:
+    import sys
+
+    from jupyter_spot.jobs import record
+    from jupyter_spot.store import FileStore
+    from jupyter_spot.store.manifest import JOB_SPEC
+
+    snapshots = FileStore(store)
+    marker = tmp_path / "ran"
+    spec = {"id": "20261129T000000-aaaa", "session": "c.ipynb", "name": "x", "source": f"open({str(marker)!r}, 'w')",
+            "inputs": {"modules": {}, "definitions": {}, "data_names": [], "data": None}, "outputs": [],
+            "explicit_outputs": False}
+    signed = record.sign(snapshots, spec, JOB_SPEC, "c.ipynb", spec["id"])
+    _forge(store, "20261129T000000-bbbb", session="c.ipynb", name="copy", state="queued", spec=signed)
+    ran = subprocess.run([sys.executable, "-m", "jupyter_spot.jobs.runner", str(store), "20261129T000000-bbbb"],
+                         capture_output=True, text=True, timeout=60)
+    assert ran.returncode == 2 and "signed for job 20261129T000000-aaaa of session 'c.ipynb'" in ran.stderr
+    assert not marker.exists() and _job(store, "copy")["state"] == "queued"

@@ -9,6 +9,7 @@ appear), and the good snapshot planted first must still restore.
 from __future__ import annotations
 
 import json
+import os
 import random
 import subprocess
 import urllib.parse
@@ -36,7 +37,7 @@ def _bad_id(index: int) -> str:
 
 
 def _corpus(store: Any, marker: Path) -> list[Document]:
-    key = store.signer._key
+    key = os.environ["JUPYTER_SPOT_SIGNING_KEY"].encode()  # the spot_env key, which the store signs with
     return list(documents(genuine_documents(store, key, marker), random.Random(SEED)))
 
 
