@@ -192,11 +192,15 @@ def test_cancel_of_a_forged_record_never_signals_a_process_that_is_not_its_runne
         victim.wait()
 
 
-def test_cancel_stops_a_real_runner_from_a_fresh_kernel(
+def test_cancel_stops_a_real_runner_from_its_kernel_and_from_a_fresh_kernel(
     store: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     kernel = _kernel(monkeypatch, "d.ipynb")
     kernel.run(f"never = {str(tmp_path / 'never')!r}")
+    kernel.run("%%spot_job --name mine\nimport os, time\nwhile not os.path.exists(never):\n    time.sleep(0.02)")
+    mine = _until("the job to run", lambda: (j := _job(store, "mine"))["state"] == "running" and j)
+    assert "job mine cancelled" in kernel.run("%spot_job cancel mine")  # the runner this kernel started
+    assert mine["pid"] not in _runners(store) and _job(store, "mine")["state"] == "cancelled"
     kernel.run("%%spot_job --name forever\nimport os, time\nwhile not os.path.exists(never):\n    time.sleep(0.02)")
     job = _until("the job to run", lambda: (j := _job(store, "forever"))["state"] == "running" and j)
     kernel.run("%spot snapshot")
