@@ -79,7 +79,8 @@ def _save(context: _Context, progress: str | None = None) -> None:
     packed = pack.pack(context.store, {"state": state})
     context.store.put_record(record.checkpoint_name(context.job_id), {
         "id": context.job_id, "saved": record.now(), "progress": progress,
-        "state": record.sign(context.store, packed, JOB_CHECKPOINT, context.session, context.job_id), "blobs": pack.blob_keys(packed),
+        "state": record.sign(context.store, packed, JOB_CHECKPOINT, context.session, context.job_id),
+        "blobs": pack.blob_keys(packed),
     })
 
 

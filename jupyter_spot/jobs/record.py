@@ -134,7 +134,10 @@ def runner(store: Store, record: dict[str, Any]) -> dict[str, Any] | None:
 
 
 def session_jobs(store: Store, session: str, problems: list[str] | None = None) -> list[dict[str, Any]]:
-    """The session's job records, oldest first; records that are not job records are left out (and named in ``problems``)."""
+    """The session's job records, oldest first.
+
+    Records that cannot be read or are not job records are left out, and named in ``problems``.
+    """
     jobs = []
     for name in _job_record_names(store):
         try:

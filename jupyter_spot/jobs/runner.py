@@ -121,8 +121,8 @@ def run(store_url: str, job_id: str) -> int:
                          traceback=trace)
         code = 1
     else:
-        heartbeat.finish(state="done", result=record.sign(store, result, JOB_RESULT, session, job_id), outputs_stored=pack.names(result["outputs"]),
-                         skipped=skipped, blobs=pack.blob_keys(spec["inputs"]) + pack.blob_keys(result["outputs"]))
+        heartbeat.finish(state="done", result=record.sign(store, result, JOB_RESULT, session, job_id),
+                         outputs_stored=pack.names(result["outputs"]), skipped=skipped, blobs=pack.blob_keys(spec["inputs"]) + pack.blob_keys(result["outputs"]))
         print(f"done; outputs: {', '.join(pack.names(result['outputs'])) or '(none)'}", flush=True)
         code = 0
     replicate = getattr(store, "flush_replication", None)

@@ -91,8 +91,8 @@ class JobWatcher:
         """Run a job again from its record: same source, same inputs, its checkpoint."""
         spec = record.spec(self.store, job)  # refuse before starting anything we did not sign
         job = record.update(self.store, job["id"], state="queued", attempt=job.get("attempt", 1) + 1,
-                            host=record.host(), pid=None, runner=None, log=str(submit.log_path(job["id"])), started=None,
-                            finished=None, heartbeat=None, error=None, traceback=None)
+                            host=record.host(), pid=None, runner=None, log=str(submit.log_path(job["id"])),
+                            started=None, finished=None, heartbeat=None, error=None, traceback=None)
         self._start(job["id"], spec.get("cwd"))
         return job
 
@@ -225,9 +225,9 @@ class JobWatcher:
             return f"job {job['name']} is {job['state']}: nothing to cancel"
         process = self.processes.pop(job["id"], None)
         if process is not None and process.poll() is None:
-            identity = record.process_identity(process.pid)
-            target = identity if identity and identity["cmdline"] == [str(arg) for arg in process.args] else None
-            pid = process.pid
+            pid = process.pid  # our child, not yet reaped: the pid cannot have been reused
+            identity = record.process_identity(pid)
+            target = identity if identity and record.is_runner_command(identity["cmdline"], job["id"]) else None
         else:
             signed = record.runner(self.store, job)
             if signed is None and job.get("pid"):
@@ -296,7 +296,7 @@ class JobWatcher:
         if state not in record.ACTIVE:
             return None
         signed = record.runner(self.store, job)  # the only trusted word on where it runs
-        where = signed["host"] if signed else "a machine it never signed for"
+        where = signed["host"] if signed else f"{str(job.get('host'))[:200]} (no runner signed in)"  # shown only
         if signed is None:
             alive = False
         elif where == record.host():

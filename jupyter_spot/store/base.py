@@ -180,7 +180,8 @@ class Store(ABC):
         from .manifest import MANIFEST, snapshot_place
 
         fault_point("manifest-commit")
-        self._write_manifest(session, snapshot_id, self.signer.encode(manifest, MANIFEST, snapshot_place(session, snapshot_id)))
+        data = self.signer.encode(manifest, MANIFEST, snapshot_place(session, snapshot_id))
+        self._write_manifest(session, snapshot_id, data)
 
     def load_manifest(self, session: str, snapshot_id: str) -> dict[str, Any]:
         """The verified manifest, signed for exactly this session and id; ManifestError names the snapshot if not."""

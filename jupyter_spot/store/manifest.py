@@ -135,7 +135,8 @@ class ManifestSigner:
         return hmac.new(self._key, message, hashlib.sha256).hexdigest()
 
     def _verifies(self, envelope: dict[str, Any], message: bytes) -> bool:
-        """Whether the envelope's signature is ``message`` signed with a key we trust (the one place keys are chosen to verify)."""
+        """Whether the envelope's signature is ``message`` signed with a key we trust
+        (the one place keys are chosen to verify)."""
         signature = envelope["signature"]
         return signature.isascii() and hmac.compare_digest(signature, self._sign(message))  # non-ASCII: TypeError
 
