@@ -1,5 +1,6 @@
-"""About 1,300 generated malformed documents thrown at the store, the catalog, the REST API,
-restore in a real kernel and the job paths (seeded: every run throws the same ones).
+"""About 1,300 generated malformed documents thrown at the store (a directory and S3), the
+catalog, the REST API, restore in a real kernel and the job paths (seeded: every run throws
+the same ones).
 
 Each must be refused with a clear error or skipped with a warning; none may
 answer 500, none may get a pickle loaded or a job run (a marker file would
@@ -13,6 +14,7 @@ import os
 import random
 import subprocess
 import urllib.parse
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -126,6 +128,11 @@ def test_store_catalog_and_job_paths_refuse_every_fuzzed_document(spot_env: Path
             record.result(store, job)
         assert record.runner(store, job) is None
     for job_id in planted:
+        for name in (record.record_name(job_id), record.checkpoint_name(job_id)):
+            try:
+                store.get_record(name)  # any JSON it holds, or a StoreError naming it
+            except StoreError as error:
+                assert name in str(error)
         try:
             record.read(store, job_id)
         except (record.JobError, StoreError):
@@ -141,6 +148,55 @@ def test_store_catalog_and_job_paths_refuse_every_fuzzed_document(spot_env: Path
     # garbage collection copes, and nothing already in the store is lost
     collect_garbage(store, keep=10_000, grace_seconds=0)
     assert store.load_manifest(SESSION, GOOD_ID)["id"] == GOOD_ID and store.get_blob(good_blob)
+    assert not marker.exists()
+
+
+# -- an S3 store (moto's server) --------------------------------------------------------
+@pytest.fixture
+def s3_store(spot_env: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Any]:
+    import boto3
+    from s3_server import MotoServer
+
+    server = MotoServer()
+    for name, value in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+                        "AWS_DEFAULT_REGION": "us-east-1", "AWS_ENDPOINT_URL": server.url,
+                        "AWS_CONFIG_FILE": str(spot_env.parent / "no-aws-config"),
+                        "AWS_SHARED_CREDENTIALS_FILE": str(spot_env.parent / "no-aws-credentials"),
+                        "AWS_EC2_METADATA_DISABLED": "true"}.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.delenv("AWS_PROFILE", raising=False)
+    monkeypatch.delenv("JUPYTER_SPOT_CACHE", raising=False)
+    try:
+        boto3.client("s3").create_bucket(Bucket="fuzz")
+        yield open_store("s3://fuzz/spot")
+    finally:
+        server.stop()
+
+
+def test_an_s3_store_refuses_fuzzed_manifests_and_records(s3_store: Any, tmp_path: Path) -> None:
+    marker = tmp_path / "unpickled"
+    corpus = _corpus(s3_store, marker)
+    sample = random.Random(SEED + 2).sample(corpus, 120) + [d for d in corpus if d.category == "huge"]
+    _plant_good_snapshot(s3_store)
+    ids = []
+    for index, document in enumerate(sample, start=1):
+        ids.append(_bad_id(index))
+        s3_store.client.put_object(Bucket=s3_store.bucket, Key=s3_store._manifest_key(SESSION, ids[-1]),
+                                   Body=document.data)
+        s3_store.client.put_object(Bucket=s3_store.bucket, Key=s3_store._record_key(f"job-20261129T000000-{index:04x}"),
+                                   Body=document.data)
+    for snapshot_id in ids:
+        with pytest.raises(ManifestError, match=snapshot_id):
+            s3_store.load_manifest(SESSION, snapshot_id)
+    manifest, problems = s3_store.latest_manifest(SESSION)
+    assert manifest is not None and manifest["id"] == GOOD_ID and len(problems) == len(ids)
+    for name in s3_store.list_records():
+        try:
+            s3_store.get_record(name)
+        except StoreError as error:
+            assert name in str(error)
+    problems = []
+    assert record.session_jobs(s3_store, SESSION, problems) == []
     assert not marker.exists()
 
 
