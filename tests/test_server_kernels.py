@@ -184,7 +184,7 @@ async def test_restore_of_a_tampered_snapshot_falls_back_and_says_so(
     for snapshot_id in set(store.list_snapshots(notebook)) - good:  # every snapshot holding a = 2
         (manifest,) = (spot_env / "sessions").glob(f"*/{snapshot_id}.json")
         envelope = json.loads(manifest.read_text())
-        envelope["manifest"] = envelope["manifest"].replace('"a"', '"b"')  # still JSON, no longer signed
+        envelope["body"] = envelope["body"].replace('"a"', '"b"')  # still JSON, no longer signed
         manifest.write_text(json.dumps(envelope))
     reply = json.loads((await spot_fetch(api_path(notebook, "restore"), method="POST", body="{}")).body)
     assert reply["report"]["snapshot"]["id"] != newest

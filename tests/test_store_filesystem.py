@@ -123,7 +123,7 @@ def test_tampered_truncated_and_foreign_manifests_are_refused(store: FileStore, 
     commit(store, "nb", bad, [])
     path = store._manifest_path("nb", bad)
     envelope = json.loads(path.read_bytes())
-    envelope["manifest"] = envelope["manifest"].replace('"blobs":[]', '"blobs":[],"evil":1')
+    envelope["body"] = envelope["body"].replace('"blobs":[]', '"blobs":[],"evil":1')
     path.write_text(json.dumps(envelope))
     with pytest.raises(ManifestError, match="not signed by this machine's key"):
         store.load_manifest("nb", bad)

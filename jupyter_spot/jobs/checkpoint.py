@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..store import Store
+from ..store.manifest import JOB_CHECKPOINT
 from . import pack, record
 
 
@@ -44,6 +45,7 @@ class _Loop:
 @dataclass
 class _Context:
     store: Store
+    session: str
     job_id: str
     state: dict[str, Any] | None = None  # {"value": … once saved, "ranges": {key: (next step, kept globals)}}
     loops: list[_Loop] = field(default_factory=list)  # checkpoint.range loops running, outermost first
@@ -53,10 +55,10 @@ class _Context:
 _context: _Context | None = None
 
 
-def attach(store: Store, job_id: str) -> None:
-    """The runner's call: checkpoints of this process belong to ``job_id``."""
+def attach(store: Store, session: str, job_id: str) -> None:
+    """The runner's call: checkpoints of this process belong to ``job_id`` of ``session``."""
     global _context
-    _context = _Context(store, job_id)
+    _context = _Context(store, session, job_id)
 
 
 def _state(context: _Context) -> dict[str, Any]:
@@ -65,7 +67,8 @@ def _state(context: _Context) -> dict[str, Any]:
         if saved is None:
             context.state = {"ranges": {}}
         else:
-            packed = record.verify(context.store, saved["state"], f"checkpoint of job {context.job_id}")
+            packed = record.verify(context.store, saved.get("state") if isinstance(saved, dict) else None,
+                                   JOB_CHECKPOINT, context.session, context.job_id)
             namespace = sys.modules["__main__"].__dict__  # the job's: its classes resolve there
             context.state = pack.load(context.store, packed, namespace)["state"]
     return context.state
@@ -76,7 +79,8 @@ def _save(context: _Context, progress: str | None = None) -> None:
     packed = pack.pack(context.store, {"state": state})
     context.store.put_record(record.checkpoint_name(context.job_id), {
         "id": context.job_id, "saved": record.now(), "progress": progress,
-        "state": record.sign(context.store, packed), "blobs": pack.blob_keys(packed),
+        "state": record.sign(context.store, packed, JOB_CHECKPOINT, context.session, context.job_id),
+        "blobs": pack.blob_keys(packed),
     })
 
 

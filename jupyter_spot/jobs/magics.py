@@ -81,7 +81,7 @@ class JobMagics(Magics):
         print(f"  inputs: {', '.join(job['inputs']) or '-'}")
         print(f"  outputs: {', '.join(job['outputs']) or '-'}")
         print(f"  host: {job.get('host')}, pid {job.get('pid')}")
-        print(f"  created {job['created']}, started {job.get('started')}, finished {job.get('finished')} "
+        print(f"  created {job.get('created')}, started {job.get('started')}, finished {job.get('finished')} "
               f"({elapsed(job)})")
         progress = self.watcher.progress(job["id"])
         if progress:

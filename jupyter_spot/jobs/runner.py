@@ -20,6 +20,7 @@ import types
 from typing import Any
 
 from ..store import Store, open_store
+from ..store.manifest import JOB_RESULT, JOB_RUNNER
 from . import checkpoint, pack, record
 
 #: How long a finished job waits for a tiered store to copy its record and outputs to S3.
@@ -81,9 +82,12 @@ class _Heartbeat(threading.Thread):
 def run(store_url: str, job_id: str) -> int:
     store = open_store(store_url)
     job = record.read(store, job_id)
-    spec = record.spec(store, job)
-    job = record.update(store, job_id, state="running", pid=os.getpid(), host=record.host(), started=record.now(),
-                        heartbeat=record.now(), finished=None, error=None, traceback=None)
+    spec = record.spec(store, job)  # signed for this job of the record's session, or nothing runs
+    session = job["session"]
+    attempt = job.get("attempt", 1)
+    claim = record.sign(store, record.claim(job_id, attempt), JOB_RUNNER, session, job_id)
+    job = record.update(store, job_id, state="running", pid=os.getpid(), host=record.host(), runner=claim,
+                        started=record.now(), heartbeat=record.now(), finished=None, error=None, traceback=None)
     print(f"jupyter-spot job {job_id} ({spec['name']}), attempt {job.get('attempt', 1)}, "
           f"pid {os.getpid()} on {record.host()}", flush=True)
     heartbeat = _Heartbeat(store, job_id)
@@ -102,7 +106,7 @@ def run(store_url: str, job_id: str) -> int:
         if spec.get("cwd") and os.path.isdir(spec["cwd"]):
             os.chdir(spec["cwd"])
         namespace.update(pack.load(store, spec["inputs"], namespace))
-        checkpoint.attach(store, job_id)
+        checkpoint.attach(store, session, job_id)
         try:
             exec(compile(source, filename, "exec"), namespace)
         except SystemExit as exit_:  # sys.exit() / sys.exit(0): the job ends early, successfully
@@ -117,8 +121,8 @@ def run(store_url: str, job_id: str) -> int:
                          traceback=trace)
         code = 1
     else:
-        heartbeat.finish(state="done", result=record.sign(store, result), outputs_stored=pack.names(result["outputs"]),
-                         skipped=skipped, blobs=pack.blob_keys(spec["inputs"]) + pack.blob_keys(result["outputs"]))
+        heartbeat.finish(state="done", result=record.sign(store, result, JOB_RESULT, session, job_id),
+                         outputs_stored=pack.names(result["outputs"]), skipped=skipped, blobs=pack.blob_keys(spec["inputs"]) + pack.blob_keys(result["outputs"]))
         print(f"done; outputs: {', '.join(pack.names(result['outputs'])) or '(none)'}", flush=True)
         code = 0
     replicate = getattr(store, "flush_replication", None)

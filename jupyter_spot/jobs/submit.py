@@ -11,6 +11,7 @@ from typing import Any
 
 from ..kernel import tracking
 from ..store import Store
+from ..store.manifest import JOB_SPEC
 from . import pack, record
 
 
@@ -124,9 +125,9 @@ def create(store: Store, session: str, name: str | None, source: str, values: di
     }
     job = {
         "id": job_id, "session": session, "name": name, "inputs": list(values), "outputs": outputs,
-        "spec": record.sign(store, spec), "state": "queued", "attempt": 1, "created": record.now(),
-        "host": record.host(), "pid": None, "log": str(log_path(job_id)), "started": None, "finished": None, "heartbeat": None,
-        "error": None, "traceback": None, "collected_at": None, "blobs": pack.blob_keys(inputs),
+        "spec": record.sign(store, spec, JOB_SPEC, session, job_id), "state": "queued", "attempt": 1,
+        "created": record.now(), "host": record.host(), "pid": None, "runner": None, "log": str(log_path(job_id)),
+        "started": None, "finished": None, "heartbeat": None, "error": None, "traceback": None, "collected_at": None, "blobs": pack.blob_keys(inputs),
     }
     record.write(store, job)
     return job

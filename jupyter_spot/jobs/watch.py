@@ -44,10 +44,20 @@ def _log_tail(path: str | None) -> str:
     return lines[-1] if lines else ""
 
 
+def _age_seconds(stamp: str) -> float:
+    try:
+        return (datetime.now(timezone.utc) - _parse(stamp)).total_seconds()
+    except (ValueError, TypeError):  # not a time, or one without a zone
+        return float("inf")
+
+
 def elapsed(job: dict[str, Any]) -> str:
     start = job.get("started") or job.get("created")
     end = job.get("finished") or datetime.now(timezone.utc).isoformat()
-    return f"{(_parse(end) - _parse(start)).total_seconds():.1f}s" if start else "?"
+    try:
+        return f"{(_parse(end) - _parse(start)).total_seconds():.1f}s"
+    except (ValueError, TypeError):  # not started, or not times (a damaged record)
+        return "?"
 
 
 class JobWatcher:
@@ -81,8 +91,8 @@ class JobWatcher:
         """Run a job again from its record: same source, same inputs, its checkpoint."""
         spec = record.spec(self.store, job)  # refuse before starting anything we did not sign
         job = record.update(self.store, job["id"], state="queued", attempt=job.get("attempt", 1) + 1,
-                            host=record.host(), pid=None, log=str(submit.log_path(job["id"])), started=None,
-                            finished=None, heartbeat=None, error=None, traceback=None)
+                            host=record.host(), pid=None, runner=None, log=str(submit.log_path(job["id"])),
+                            started=None, finished=None, heartbeat=None, error=None, traceback=None)
         self._start(job["id"], spec.get("cwd"))
         return job
 
@@ -122,15 +132,16 @@ class JobWatcher:
     def _check(self, job_id: str) -> str | None:
         process = self.processes.get(job_id)
         exit_code = None if process is None else process.poll()
-        job = record.read(self.store, job_id)
+        job = self._read(job_id)
         if job["state"] in record.ACTIVE:
             if process is not None:
                 gone = exit_code is not None
-            else:
-                gone = job.get("host") == record.host() and not record.process_alive(job.get("pid"), job_id)
+            else:  # a runner this kernel did not start: only its signed claim says where it runs
+                signed = record.runner(self.store, job)
+                gone = signed is not None and signed["host"] == record.host() and not record.runner_alive(signed, job_id)
             if not gone:
                 return None
-            job = record.read(self.store, job_id)  # it may have finished between the two reads
+            job = self._read(job_id)  # it may have finished between the two reads
             if job["state"] in record.ACTIVE:
                 how = (f"killed by signal {-exit_code}" if exit_code is not None and exit_code < 0
                        else f"exit code {exit_code}" if exit_code is not None else "its process is gone")
@@ -140,6 +151,13 @@ class JobWatcher:
         self.watching.discard(job_id)
         self.processes.pop(job_id, None)
         return "jupyter-spot: " + self._outcome(job)
+
+    def _read(self, job_id: str) -> dict[str, Any]:
+        """The record of a job of this session (a record moved to another session is not ours any more)."""
+        job = record.read(self.store, job_id)
+        if job["session"] != self.engine.session:
+            raise record.JobError(f"its record now names session {job['session'][:200]!r}")
+        return job
 
     def _outcome(self, job: dict[str, Any]) -> str:
         name = job["name"]
@@ -200,28 +218,56 @@ class JobWatcher:
             print(f"jupyter-spot: stopped waiting; job {name} keeps running")
 
     def cancel(self, name: str) -> str:
+        """Stop a job's runner: only a process this kernel started, or the one the runner's signed
+        claim names, and only while its exact command line and start time still match."""
         job = self.find(name)
         if job["state"] not in record.ACTIVE:
             return f"job {job['name']} is {job['state']}: nothing to cancel"
-        if job.get("host") != record.host():
-            raise record.JobError(f"job {job['name']} runs on {job.get('host')} (pid {job.get('pid')}): "
-                                  "it can only be cancelled there")
         process = self.processes.pop(job["id"], None)
-        pid = job.get("pid") or (process.pid if process else None)
-        if record.process_alive(pid, job["id"]):
-            os.killpg(pid, signal.SIGTERM)  # the runner leads its own process group: its children go too
-            deadline = time.monotonic() + CANCEL_GRACE_SECONDS
-            while record.process_alive(pid, job["id"]) and time.monotonic() < deadline:
-                if process is not None and process.poll() is not None:
-                    break
-                time.sleep(0.05)
-            if record.process_alive(pid, job["id"]):
-                os.killpg(pid, signal.SIGKILL)
+        if process is not None and process.poll() is None:
+            pid = process.pid  # our child, not yet reaped: the pid cannot have been reused
+            identity = record.process_identity(pid)
+            target = identity if identity and record.is_runner_command(identity["cmdline"], job["id"]) else None
+        else:
+            signed = record.runner(self.store, job)
+            if signed is None and job.get("pid"):
+                raise record.JobError(
+                    f"job {job['name']}: its record names pid {job.get('pid')} on {job.get('host')}, but carries no "
+                    "runner claim signed with this machine's key for this job of this session; not signalling it "
+                    "(a forged record, or one written by an older version)")
+            if signed is not None and signed["host"] != record.host():
+                raise record.JobError(f"job {job['name']} runs on {signed['host']} (pid {signed['pid']}): "
+                                      "it can only be cancelled there")
+            pid = signed["pid"] if signed else None
+            target = record.process_identity(pid) if signed and record.runner_alive(signed, job["id"]) else None
+        if target is not None and pid is not None:
+            self._stop(pid, target, process)
         if process is not None:
             process.wait(timeout=CANCEL_GRACE_SECONDS)
         record.update(self.store, job["id"], state="cancelled", finished=record.now(), error="cancelled")
         self.watching.discard(job["id"])
         return f"job {job['name']} cancelled"
+
+    @staticmethod
+    def _stop(pid: int, identity: dict[str, Any], process: subprocess.Popen[bytes] | None) -> None:
+        """SIGTERM the runner's process group, SIGKILL after a grace period; each signal only
+        while the process is still the one identified (so a reused pid is never hit)."""
+        def still_it() -> bool:
+            if process is not None and process.poll() is not None:
+                return False
+            try:
+                leads_group = os.getpgid(pid) == pid  # the runner leads its own group: its children go too
+            except ProcessLookupError:
+                return False
+            return leads_group and record.process_identity(pid) == identity
+
+        if still_it():
+            os.killpg(pid, signal.SIGTERM)
+        deadline = time.monotonic() + CANCEL_GRACE_SECONDS
+        while still_it() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        if still_it():
+            os.killpg(pid, signal.SIGKILL)
 
     # -- after a restore ---------------------------------------------------------
     def after_restore(self, report: Any) -> None:
@@ -229,11 +275,14 @@ class JobWatcher:
         if report.snapshot_id is None:
             return
         taken = _snapshot_time(report.snapshot_id)
-        for job in record.session_jobs(self.store, report.session):
+        problems: list[str] = []
+        jobs = record.session_jobs(self.store, report.session, problems)
+        report.notes.extend(problems)
+        for job in jobs:
             try:
                 note = self._pick_up(job, taken)
-            except (StoreError, record.JobError, OSError) as error:
-                note = f"job {job['name']} cannot be picked up: {error}"
+            except (StoreError, record.JobError, OSError, ValueError, TypeError, KeyError) as error:
+                note = f"job {job['name']} cannot be picked up: {error}"  # a damaged record costs only its job
             if note:
                 report.notes.append(note)
 
@@ -246,16 +295,18 @@ class JobWatcher:
             return self.collect(job)
         if state not in record.ACTIVE:
             return None
-        where = job.get("host")
-        if where == record.host():
-            alive = record.process_alive(job.get("pid"), job["id"])
+        signed = record.runner(self.store, job)  # the only trusted word on where it runs
+        where = signed["host"] if signed else f"{str(job.get('host'))[:200]} (no runner signed in)"  # shown only
+        if signed is None:
+            alive = False
+        elif where == record.host():
+            alive = record.runner_alive(signed, job["id"])
         else:
             beat = job.get("heartbeat")
-            alive = bool(beat) and (datetime.now(timezone.utc) - _parse(beat)).total_seconds() < \
-                3 * record.HEARTBEAT_SECONDS
+            alive = isinstance(beat, str) and _age_seconds(beat) < 3 * record.HEARTBEAT_SECONDS
         if alive:
             self.watching.add(job["id"])
-            return f"job {name} is still running (pid {job.get('pid')} on {where}): its outputs arrive when it finishes"
+            return f"job {name} is still running (pid {signed['pid']} on {where}): its outputs arrive when it finishes"
         job = self.rerun(job)
         progress = self.progress(job["id"])
         resume = f", resuming from its checkpoint at {progress}" if progress else ""

@@ -334,9 +334,10 @@ class SpotKernels:
         except (KernelRestoreError, TimeoutError, RuntimeError) as error:
             raise web.HTTPError(500, f"restore into kernel {kernel_id} failed: {error}") from None
         if report.get("error") or not report.get("snapshot_id"):
+            # The kernel worked; the store had nothing it may load (every snapshot refused, with the reasons).
             notes = "; ".join(report.get("fallbacks") or [])
             raise web.HTTPError(
-                500, f"restore into kernel {kernel_id} failed: {report.get('error')}" + (f" ({notes})" if notes else "")
+                409, f"restore into kernel {kernel_id} failed: {report.get('error')}" + (f" ({notes})" if notes else "")
             )
         snapshot_id = report["snapshot_id"]
         if kernel_id in self.live:

@@ -177,14 +177,24 @@ class Store(ABC):
         snapshot_id = check_snapshot_id(manifest["id"])
         for digest in manifest.get("blobs", []):
             check_digest(digest)
+        from .manifest import MANIFEST, snapshot_place
+
         fault_point("manifest-commit")
-        self._write_manifest(session, snapshot_id, self.signer.encode(manifest))
+        data = self.signer.encode(manifest, MANIFEST, snapshot_place(session, snapshot_id))
+        self._write_manifest(session, snapshot_id, data)
 
     def load_manifest(self, session: str, snapshot_id: str) -> dict[str, Any]:
-        """The verified manifest; ManifestError names the snapshot if it is bad."""
+        """The verified manifest, signed for exactly this session and id; ManifestError names the snapshot if not."""
+        from .manifest import MANIFEST, snapshot_place
+
         check_snapshot_id(snapshot_id)
+        where = f"snapshot {snapshot_id} of session {session!r}"
         data = self._read_manifest(session, snapshot_id)
-        return self.signer.decode(data, where=f"snapshot {snapshot_id} of session {session!r}")
+        manifest = self.signer.decode(data, MANIFEST, snapshot_place(session, snapshot_id), where=where)
+        if (manifest.get("session"), manifest.get("id")) != (session, snapshot_id):
+            raise ManifestError(f"{where}: the manifest's body names snapshot {str(manifest.get('id'))[:140]} of "
+                                f"session {str(manifest.get('session'))[:1100]!r}; refusing it")
+        return manifest
 
     def latest_manifest(self, session: str) -> tuple[dict[str, Any] | None, list[str]]:
         """The newest manifest that loads, and why any newer ones did not.

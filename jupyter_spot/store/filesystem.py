@@ -359,7 +359,7 @@ class FileStore(Store):
             return json.loads(self._record_path(name).read_bytes())
         except FileNotFoundError:
             return None
-        except ValueError as error:
+        except (ValueError, RecursionError) as error:  # RecursionError: nested deeper than the parser goes
             raise StoreError(f"record {name} in {self.root} is not valid JSON ({error})") from None
 
     def list_records(self) -> list[str]:

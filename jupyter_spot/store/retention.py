@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import contextlib
-import json
 from dataclasses import dataclass, field
 
 from ..faults import fault_point
 from .base import ManifestError, Store, StoreError
+from .manifest import unverified_body
 
 #: A blob younger than this is never collected: a snapshot being written right
 #: now may have stored (or re-used) it and not yet committed its manifest.
@@ -44,8 +44,7 @@ def referenced_blobs(store: Store, session: str, snapshot_id: str) -> set[str] |
     except ManifestError:
         pass
     try:
-        envelope = json.loads(store._read_manifest(session, snapshot_id))
-        return set(json.loads(envelope["manifest"]).get("blobs", []))
+        return set(unverified_body(store._read_manifest(session, snapshot_id)).get("blobs", []))
     except (ValueError, KeyError, TypeError, StoreError):
         return None
 

@@ -545,7 +545,7 @@ class S3Store(Store):
             raise self._error(error, f"reading record {name}") from error
         try:
             return json.loads(body)
-        except ValueError as error:
+        except (ValueError, RecursionError) as error:  # RecursionError: nested deeper than the parser goes
             raise StoreError(f"record {name} in {self.url} is not valid JSON ({error})") from None
 
     def list_records(self) -> list[str]:
