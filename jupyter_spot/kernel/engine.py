@@ -26,6 +26,7 @@ from .. import __version__
 from ..faults import fault_point
 from ..config import SpotSettings, resolve_session, resolve_store_url
 from ..store import ManifestError, Store, StoreError, collect_garbage, open_store
+from ..store.keys import KMS_ENV
 from . import environment, serialize, tracking
 from .results import RestoreReport, SnapshotResult
 from .writer import Job, Writer
@@ -148,6 +149,8 @@ class SnapshotEngine:
         self.shell = shell
         self.settings = SpotSettings(parent=shell)
         self.store_url = resolve_store_url(self.settings.store)
+        if self.settings.kms_key_id:  # as the variable, so the jobs this kernel starts use it too
+            os.environ.setdefault(KMS_ENV, self.settings.kms_key_id)
         self.session = resolve_session(self.settings.session, kernel_id=_kernel_id())
         self.store: Store = open_store(self.store_url)
         self.auto = self.settings.auto_snapshot

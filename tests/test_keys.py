@@ -1,0 +1,118 @@
+"""Signing keys that survive the machine: KMS-wrapped keys in the store, rotation, doctor.
+
+Machine A and machine B are separate processes (kernels) with their own Jupyter
+data dirs sharing one store on moto's standalone server, which serves S3 and
+KMS at the same endpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import boto3
+import pytest
+from s3_server import MotoServer
+from spot_kernel import SpotKernel
+
+SESSION = "analysis.ipynb"
+
+
+@pytest.fixture(scope="module")
+def moto() -> Iterator[MotoServer]:
+    server = MotoServer()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def aws(moto: MotoServer, spot_env: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """moto's endpoint and fake credentials for this process and every process it starts."""
+    for name, value in {
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_DEFAULT_REGION": "us-east-1",
+        "AWS_ENDPOINT_URL": moto.url,
+        "AWS_CONFIG_FILE": str(spot_env.parent / "no-aws-config"),
+        "AWS_SHARED_CREDENTIALS_FILE": str(spot_env.parent / "no-aws-credentials"),
+        "AWS_EC2_METADATA_DISABLED": "true",
+    }.items():
+        monkeypatch.setenv(name, value)
+    for name in ("AWS_PROFILE", "JUPYTER_SPOT_CACHE", "JUPYTER_SPOT_SIGNING_KEY", "JUPYTER_SPOT_SIGNING_KEY_FILE"):
+        monkeypatch.delenv(name, raising=False)
+    return spot_env
+
+
+@pytest.fixture
+def s3_url(aws: Path, monkeypatch: pytest.MonkeyPatch) -> str:
+    bucket = f"spot-{secrets.token_hex(6)}"
+    boto3.client("s3").create_bucket(Bucket=bucket)
+    url = f"s3://{bucket}/team"
+    monkeypatch.setenv("JUPYTER_SPOT_STORE", url)
+    monkeypatch.setenv("JUPYTER_SPOT_SESSION", SESSION)
+    return url
+
+
+@pytest.fixture
+def kms_key(aws: Path) -> str:
+    """A fresh KMS key, named by an alias as users usually do."""
+    kms = boto3.client("kms")
+    key_id = kms.create_key(Description="jupyter-spot test")["KeyMetadata"]["KeyId"]
+    alias = f"alias/spot-{secrets.token_hex(4)}"
+    kms.create_alias(AliasName=alias, TargetKeyId=key_id)
+    return alias
+
+
+def machine(tmp_path: Path, name: str, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Become machine ``name``: its own, empty Jupyter data dir."""
+    data_dir = tmp_path / f"machine-{name}"
+    monkeypatch.setenv("JUPYTER_DATA_DIR", str(data_dir))
+    return data_dir
+
+
+def secret_files(data_dir: Path) -> list[Path]:
+    return [path for path in data_dir.rglob("*") if path.is_file() and "key" in path.name]
+
+
+# -- the main job: restore on a fresh machine ------------------------------------------
+def test_fresh_machine_restores_with_the_kms_key_and_no_key_copied(
+    s3_url: str, kms_key: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("JUPYTER_SPOT_KMS_KEY", kms_key)
+    data_a = machine(tmp_path, "a", monkeypatch)
+    with SpotKernel() as kernel:
+        kernel.run("weights = {'alpha': 0.25, 'beta': [1, 2, 3]}")
+        assert "snapshot" in kernel.run("%spot snapshot")
+    data_b = machine(tmp_path, "b", monkeypatch)
+    with SpotKernel() as fresh:
+        report = fresh.run("%spot restore latest")
+        assert "restored snapshot" in report, report
+        assert fresh.value("weights") == {"alpha": 0.25, "beta": [1, 2, 3]}
+    # Nothing secret on either machine's disk: the key lives wrapped in the store.
+    assert secret_files(data_a) == [] and secret_files(data_b) == []
+    keys = boto3.client("s3").list_objects_v2(Bucket=s3_url[5:].split("/")[0], Prefix="team/keys/")
+    assert [item["Key"] for item in keys["Contents"]] == ["team/keys/000001.json"]
+
+
+def test_fresh_machine_without_kms_names_the_fix_and_restores_nothing(
+    s3_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    machine(tmp_path, "a", monkeypatch)
+    with SpotKernel() as kernel:
+        kernel.run("secret_model = 42")
+        assert "snapshot" in kernel.run("%spot snapshot")
+    machine(tmp_path, "b", monkeypatch)
+    with SpotKernel() as fresh:
+        restore = fresh.run("%spot restore latest", allow_error=True)
+        listing = fresh.run("%spot list")
+        assert "NameError" in fresh.run("secret_model", allow_error=True)  # nothing was unpickled
+    for text in (restore, listing):
+        assert "signed with key local-" in text, text
+        assert "JUPYTER_SPOT_KMS_KEY" in text and "JUPYTER_SPOT_SIGNING_KEY" in text, text
+    assert "restored snapshot" not in restore
