@@ -116,3 +116,101 @@ def test_fresh_machine_without_kms_names_the_fix_and_restores_nothing(
         assert "signed with key local-" in text, text
         assert "JUPYTER_SPOT_KMS_KEY" in text and "JUPYTER_SPOT_SIGNING_KEY" in text, text
     assert "restored snapshot" not in restore
+
+
+# -- machines as plain processes: rotation, concurrent creation, the tiered store -----
+SIGN = """
+import json, sys
+from jupyter_spot.store import open_store
+store = open_store(sys.argv[1])
+store.commit_manifest({"session": sys.argv[2], "id": sys.argv[3], "blobs": []})
+print(json.loads(store._read_manifest(sys.argv[2], sys.argv[3]))["key"])
+"""
+
+VERIFY = """
+import json, sys
+from jupyter_spot.store import open_store
+store = open_store(sys.argv[1])
+print(json.dumps([store.load_manifest(s, i)["id"] for s in store.list_sessions() for i in store.list_snapshots(s)]))
+"""
+
+
+def on_machine(tmp_path: Path, name: str, script: str, *args: str, **env: str) -> subprocess.Popen[str]:
+    """``script`` in a new process with its own data dir and no local signing key."""
+    data_dir = tmp_path / f"machine-{name}"
+    environment = {**os.environ, "JUPYTER_DATA_DIR": str(data_dir), **env}
+    return subprocess.Popen(
+        [sys.executable, "-c", script, *args], env=environment, text=True,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    )
+
+
+def output(process: subprocess.Popen[str]) -> str:
+    out, err = process.communicate(timeout=120)
+    assert process.returncode == 0, err
+    return out.strip()
+
+
+def spot_cli(tmp_path: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "JUPYTER_DATA_DIR": str(tmp_path / "machine-admin"), "JUPYTER_SPOT_CLOUD": "none"}
+    return subprocess.run(
+        [sys.executable, "-c", "from jupyter_spot.cli import main; main()", *args], env=env, text=True, capture_output=True, timeout=120
+    )
+
+
+def key_objects(url: str) -> list[str]:
+    bucket, _, prefix = url[5:].partition("/")
+    listed = boto3.client("s3").list_objects_v2(Bucket=bucket, Prefix=f"{prefix}/keys/")
+    return [item["Key"].rsplit("/", 1)[-1] for item in listed.get("Contents", [])]
+
+
+def test_rotation_signs_with_the_new_key_and_old_snapshots_still_verify(
+    s3_url: str, kms_key: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("JUPYTER_SPOT_KMS_KEY", kms_key)
+    assert output(on_machine(tmp_path, "a", SIGN, s3_url, SESSION, "0001")) == "kms-000001"
+    rotated = spot_cli(tmp_path, "key", "rotate")
+    assert rotated.returncode == 0, rotated.stderr
+    assert "kms-000002" in rotated.stdout and "older ones still verify" in rotated.stdout
+    assert output(on_machine(tmp_path, "b", SIGN, s3_url, SESSION, "0002")) == "kms-000002"
+    assert json.loads(output(on_machine(tmp_path, "c", VERIFY, s3_url))) == ["0001", "0002"]
+    assert key_objects(s3_url) == ["000001.json", "000002.json"]
+    shown = spot_cli(tmp_path, "key", "--json")
+    assert json.loads(shown.stdout)["current"] == "kms-000002", shown.stderr
+
+
+def test_two_machines_creating_the_first_key_at_once_agree_on_one(
+    s3_url: str, kms_key: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("JUPYTER_SPOT_KMS_KEY", kms_key)
+    pauses = [tmp_path / "pause-a", tmp_path / "pause-b"]
+    writers = []
+    for name, pause in zip("ab", pauses):
+        pause.mkdir()
+        writers.append(on_machine(tmp_path, name, SIGN, s3_url, f"{name}.ipynb", "0001",
+                                  JUPYTER_SPOT_FAULTS=f"key-create=pause:{pause}"))
+    deadline = time.monotonic() + 60  # both hold a fresh data key, neither has written it
+    while not all((pause / "key-create.reached").exists() for pause in pauses):
+        assert time.monotonic() < deadline, "a writer never reached key creation"
+        assert all(w.poll() is None for w in writers), [w.communicate() for w in writers if w.poll() is not None]
+        time.sleep(0.05)
+    # One finishes first (its snapshot signed); only then may the other write its key object.
+    (pauses[0] / "key-create.release").touch()
+    first = output(writers[0])
+    (pauses[1] / "key-create.release").touch()
+    assert [first, output(writers[1])] == ["kms-000001", "kms-000001"]
+    assert key_objects(s3_url) == ["000001.json"]
+    # The loser signed with the winner's key, not its own: a third machine verifies both.
+    assert sorted(json.loads(output(on_machine(tmp_path, "c", VERIFY, s3_url)))) == ["0001", "0001"]
+
+
+def test_a_tiered_store_signs_with_the_keys_in_s3(
+    s3_url: str, kms_key: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("JUPYTER_SPOT_KMS_KEY", kms_key)
+    cache = tmp_path / "efs-cache"
+    script = SIGN + "assert store.kind == 'tiered' and store.flush_replication() == []\n"
+    assert output(on_machine(tmp_path, "a", script, s3_url, SESSION, "0001", JUPYTER_SPOT_CACHE=str(cache))) == "kms-000001"
+    assert not (cache / "keys").exists()  # the keys live with the durable copy
+    assert key_objects(s3_url) == ["000001.json"]
+    assert json.loads(output(on_machine(tmp_path, "b", VERIFY, s3_url))) == ["0001"]

@@ -18,6 +18,7 @@ from traitlets import Bool, Int, Unicode
 from .._version import __version__
 from ..config import resolve_store_url
 from ..store import ManifestError, Store, StoreError, collect_garbage, open_store
+from ..store.keys import KMS_ENV
 from ..units import human_bytes
 from . import catalog
 
@@ -156,6 +157,42 @@ class GCApp(StoreApp):
             "blobs_kept": report.blobs_kept,
         }
         self.emit(data, str(report))
+
+
+class KeyApp(StoreApp):
+    name = "jupyter-spot-key"
+    description = (
+        "Show the store's signing keys, or `jupyter spot key rotate`: make a new KMS-wrapped key "
+        "that signs from now on (every older key still verifies)."
+    )
+
+    def start(self) -> None:
+        action = self.extra_args[0] if self.extra_args else "show"
+        if action not in ("show", "rotate") or len(self.extra_args) > 1:
+            self.fail("usage: jupyter spot key [show|rotate]")
+        store = self.open()
+        ring = store.signer.ring
+        if ring.kms is None:
+            if action == "rotate":
+                self.fail(
+                    f"rotation needs signing keys kept in the store: set {KMS_ENV}=<KMS key id, alias or ARN> "
+                    f"(see docs/s3.md); this machine signs with its own key ({ring.source})"
+                )
+            key = ring.signing_key()
+            self.emit({"source": ring.source, "current": key.id, "keys": [key.id]}, f"{key.id}  current  ({ring.source})")
+            return
+        try:
+            rotated = ring.kms.rotate() if action == "rotate" else None
+            keys, current = ring.kms.all(), ring.signing_key()
+        except StoreError as error:
+            self.fail(str(error))
+        lines = [f"{key.id}  {'current' if key.id == current.id else 'verifies'}" for key in keys]
+        if rotated is not None:
+            lines.append(f"rotated: new snapshots are signed with {rotated.id}; older ones still verify")
+        self.emit(
+            {"source": ring.source, "current": current.id, "keys": [key.id for key in keys]},
+            f"{ring.source}\n" + "\n".join(lines),
+        )
 
 
 class DoctorApp(StoreApp):

@@ -28,6 +28,7 @@ import os
 import re
 import secrets
 import threading
+import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -45,6 +46,8 @@ KMS_PURPOSE = "jupyter-spot signing key"
 GENERATE_HINT = 'python -c "import secrets; print(secrets.token_hex(32))"'
 
 _KEY_OBJECT = re.compile(r"^[0-9]{6}$")
+#: A signer looks for a newer key (a rotation by another machine) at most this often.
+ROTATION_CHECK_SECONDS = 300.0
 log = logging.getLogger("jupyter_spot")
 
 
@@ -145,6 +148,7 @@ class KmsKeys:
         self._keys: dict[int, Key] = {}
         self._lock = threading.Lock()
         self._client: Any = None
+        self._loaded_at = -ROTATION_CHECK_SECONDS
 
     def describe(self) -> str:
         where = f" in {self.shelf.url.rstrip('/')}/keys/" if self.shelf else ""
@@ -204,6 +208,7 @@ class KmsKeys:
     def _load(self) -> None:
         """Unwrap every key object not yet known; a damaged one is skipped with a warning."""
         shelf = self._require_shelf()
+        self._loaded_at = time.monotonic()
         for name in shelf.list_key_objects():
             if not _KEY_OBJECT.match(name) or int(name) in self._keys:
                 continue
@@ -247,7 +252,7 @@ class KmsKeys:
     def current(self) -> Key:
         """The newest key, made if the store has none yet."""
         with self._lock:
-            if not self._keys:
+            if not self._keys or time.monotonic() - self._loaded_at > ROTATION_CHECK_SECONDS:
                 self._load()
             if not self._keys:
                 self._create(1)
