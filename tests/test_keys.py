@@ -214,3 +214,80 @@ def test_a_tiered_store_signs_with_the_keys_in_s3(
     assert not (cache / "keys").exists()  # the keys live with the durable copy
     assert key_objects(s3_url) == ["000001.json"]
     assert json.loads(output(on_machine(tmp_path, "b", VERIFY, s3_url))) == ["0001"]
+
+
+# -- jupyter spot doctor -------------------------------------------------------------
+def doctor(tmp_path: Path, **env: str) -> tuple[int, str, str]:
+    environment = {**os.environ, "JUPYTER_DATA_DIR": str(tmp_path / "machine-a"), "JUPYTER_SPOT_CLOUD": "none", **env}
+    result = subprocess.run(
+        [sys.executable, "-c", "from jupyter_spot.cli import main; main()", "doctor", "--no-probe"],
+        env=environment, text=True, capture_output=True, timeout=120,
+    )
+    return result.returncode, result.stdout, result.stderr
+
+
+def key_line(text: str) -> str:
+    lines = [line for line in text.splitlines() if "signing key" in line]
+    assert lines, text
+    return "\n".join(lines)
+
+
+def test_doctor_fails_when_a_shared_store_has_a_key_only_this_machine_holds(s3_url: str, tmp_path: Path) -> None:
+    status, out, err = doctor(tmp_path)
+    assert status == 1, out + err
+    line = key_line(out)
+    assert line.startswith("FAIL") and "exists only on this machine" in line, out
+    assert "export JUPYTER_SPOT_KMS_KEY=" in line, out
+
+
+def test_doctor_warns_when_a_shared_store_relies_on_an_env_key(s3_url: str, tmp_path: Path) -> None:
+    status, out, err = doctor(tmp_path, JUPYTER_SPOT_SIGNING_KEY=secrets.token_hex(32))
+    assert status == 0, out + err  # the user may set the same key everywhere: a warning, with the better way
+    line = key_line(out)
+    assert line.startswith("warn") and "same value" in line and "export JUPYTER_SPOT_KMS_KEY=" in line, out
+
+
+def test_doctor_passes_with_kms_keys_in_the_store(s3_url: str, kms_key: str, tmp_path: Path) -> None:
+    status, out, err = doctor(tmp_path, JUPYTER_SPOT_KMS_KEY=kms_key)
+    assert status == 0, out + err
+    assert key_line(out).startswith("ok") and kms_key in key_line(out), out
+
+
+def test_doctor_warns_about_a_readable_or_short_key_file(spot_env: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("JUPYTER_SPOT_SIGNING_KEY")
+    key_file = tmp_path / "signing.key"
+    key_file.write_text("tooshort\n")
+    key_file.chmod(0o644)
+    status, out, err = doctor(tmp_path, JUPYTER_SPOT_SIGNING_KEY_FILE=str(key_file))
+    assert status == 0, out + err  # warnings, not failures
+    line = key_line(out)
+    assert f"chmod 600 {key_file}" in line and line.startswith("warn"), out
+    assert "8 bytes" in line and 'python -c "import secrets; print(secrets.token_hex(32))"' in line, out
+
+
+def test_doctor_reports_an_empty_key_as_a_failed_check(spot_env: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("JUPYTER_SPOT_SIGNING_KEY")
+    key_file = tmp_path / "signing.key"
+    key_file.write_text("\n")
+    key_file.chmod(0o600)
+    status, out, err = doctor(tmp_path, JUPYTER_SPOT_SIGNING_KEY_FILE=str(key_file))
+    assert status == 1 and "Traceback" not in err, out + err
+    assert key_line(out).startswith("FAIL") and "empty" in key_line(out), out
+
+
+def test_shared_mounts_are_told_from_local_disks() -> None:
+    from jupyter_spot.server.doctor_keys import shared_mount
+
+    mounts = "\n".join([
+        "/dev/nvme0n1p1 / ext4 rw,relatime 0 0",
+        "fs-123.efs.us-east-1.amazonaws.com:/ /mnt/efs nfs4 rw,vers=4.1 0 0",
+        "/dev/nvme1n1 /mnt/efs/local\\040disk xfs rw 0 0",
+        "s3fs /mnt/bucket fuse.s3fs rw 0 0",
+        "//nas/share /mnt/nas cifs rw 0 0",
+    ])
+    assert shared_mount("/mnt/efs/team/store", mounts) == "on the nfs4 mount /mnt/efs"
+    assert shared_mount("/mnt/bucket/spot", mounts) == "on the fuse.s3fs mount /mnt/bucket"
+    assert shared_mount("/mnt/nas/x", mounts) == "on the cifs mount /mnt/nas"
+    assert shared_mount("/mnt/efs/local disk/store", mounts) is None  # the longest mount point wins
+    assert shared_mount("/home/me/store", mounts) is None
+    assert shared_mount("/mnt/efsx/store", mounts) is None

@@ -21,6 +21,7 @@ from ..store import ManifestError, Store, StoreError, collect_garbage, open_stor
 from ..store.keys import KMS_ENV
 from ..units import human_bytes
 from . import catalog
+from .doctor_keys import signing_key_checks
 
 
 class StoreApp(JupyterApp):
@@ -197,7 +198,10 @@ class KeyApp(StoreApp):
 
 class DoctorApp(StoreApp):
     name = "jupyter-spot-doctor"
-    description = "Check that snapshots can be written and notices can be seen on this machine."
+    description = (
+        "Check that snapshots can be written and notices can be seen on this machine, and that the "
+        "signing key will be there when another machine restores them."
+    )
     probe = Bool(True, help="Probe the cloud metadata address when no cloud is configured.").tag(config=True)
     flags = {
         **StoreApp.flags,
@@ -211,21 +215,20 @@ class DoctorApp(StoreApp):
             results.append({"check": name, "ok": ok, "detail": detail, "required": required})
 
         url = self.store_url()
+        store: Store | None = None
         try:
             store = open_store(url)
             store.check_writable()
             check("store", True, f"{url} ({store.kind}) is writable")
+        except ValueError as error:  # the signing key is unusable: its check below says how to fix it
+            check("store", False, f"{url}: not opened: {error}")
         except (StoreError, ImportError, OSError) as error:
             hint = " (pip install 'jupyter-spot[s3]' and set AWS credentials)" if url.startswith("s3://") else ""
             check("store", False, f"{url}: {error}{hint}")
         if url.startswith("s3://"):
             check("s3 credentials", *self._s3_credentials())
-        try:
-            from ..store import ManifestSigner
-
-            check("signing key", True, f"from {ManifestSigner.default().key_source}")
-        except (OSError, ValueError) as error:
-            check("signing key", False, str(error))
+        for name, ok, detail, required in signing_key_checks(url, store):
+            check(name, ok, detail, required)
         try:
             import jupyter_spot.kernel  # noqa: F401  (kernels load it; a broken install shows here)
 
