@@ -118,6 +118,27 @@ def test_fresh_machine_without_kms_names_the_fix_and_restores_nothing(
     assert "restored snapshot" not in restore
 
 
+def test_fresh_machine_missing_the_kms_setting_is_told_which_kms_key(
+    s3_url: str, kms_key: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("JUPYTER_SPOT_KMS_KEY", kms_key)
+    machine(tmp_path, "a", monkeypatch)
+    with SpotKernel() as kernel:
+        kernel.run("secret_model = 42")
+        assert "snapshot" in kernel.run("%spot snapshot")
+    arn = boto3.client("kms").describe_key(KeyId=kms_key)["KeyMetadata"]["Arn"]
+    monkeypatch.delenv("JUPYTER_SPOT_KMS_KEY")
+    machine(tmp_path, "b", monkeypatch)
+    with SpotKernel() as fresh:
+        restore = fresh.run("%spot restore latest", allow_error=True)
+        listing = fresh.run("%spot list")
+        assert "NameError" in fresh.run("secret_model", allow_error=True)
+    assert f"restore failed: no usable snapshot of session {SESSION!r}" in restore, restore
+    assert f"Fix: it is wrapped by KMS in the store: set JUPYTER_SPOT_KMS_KEY={arn}" in restore, restore
+    assert "unusable: signed with key kms-000001, which this machine does not have" in listing, listing
+    assert listing.count(f"JUPYTER_SPOT_KMS_KEY={arn}") == 1, listing  # the fix once, not per snapshot
+
+
 # -- machines as plain processes: rotation, concurrent creation, the tiered store -----
 SIGN = """
 import json, sys

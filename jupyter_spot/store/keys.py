@@ -58,8 +58,9 @@ class KmsAccessError(StoreError):
 class UnknownKeyError(ManifestError):
     """A document was signed with a key this machine does not have; ``fix`` says how to get it."""
 
-    def __init__(self, message: str, fix: str) -> None:
+    def __init__(self, message: str, key_id: str, fix: str) -> None:
         super().__init__(f"{message} Fix: {fix}")
+        self.key_id = key_id
         self.fix = fix
 
 

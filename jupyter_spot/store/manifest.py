@@ -63,10 +63,11 @@ class ManifestSigner:
         try:
             key = self.ring.find(key_id)
         except StoreError as error:
-            raise UnknownKeyError(f"{refusal} Key {key_id} is not available: {error}.", str(error)) from None
+            raise UnknownKeyError(f"{refusal} Key {key_id} is not available: {error}.", key_id, str(error)) from None
         if key is None:
             raise UnknownKeyError(
                 f"{refusal} It was signed with key {key_id}, which this machine does not have.",
+                key_id,
                 self.ring.missing_key_fix(key_id),
             )
         return [key]
@@ -97,6 +98,7 @@ class ManifestSigner:
                 )
             raise UnknownKeyError(
                 f"{where}: manifest is not signed by this machine's key ({self.key_source}); refusing to unpickle it.",
+                "",
                 self.ring.missing_key_fix("local-"),
             )
         try:
