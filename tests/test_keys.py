@@ -15,6 +15,7 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import boto3
 import pytest
@@ -312,3 +313,38 @@ def test_shared_mounts_are_told_from_local_disks() -> None:
     assert shared_mount("/mnt/efs/local disk/store", mounts) is None  # the longest mount point wins
     assert shared_mount("/home/me/store", mounts) is None
     assert shared_mount("/mnt/efsx/store", mounts) is None
+
+
+# -- what a fresh machine's server and CLI say ------------------------------------------
+@pytest.fixture
+def jp_server_config(spot_env: Path) -> dict[str, Any]:
+    return {"ServerApp": {"jpserver_extensions": {"jupyter_spot": True}}, "SpotApp": {"notice_sources": []}}
+
+
+def written_on_another_machine(store_root: Path, session: str) -> str:
+    """A snapshot signed with a key this machine never had (machine A's key file)."""
+    from jupyter_spot.store import FileStore, ManifestSigner
+
+    elsewhere = FileStore(store_root, signer=ManifestSigner(secrets.token_hex(32).encode(), key_source="machine A"))
+    elsewhere.commit_manifest({"session": session, "id": "20261129T000001.000000Z-a", "blobs": []})
+    return json.loads(elsewhere._read_manifest(session, "20261129T000001.000000Z-a"))["key"]
+
+
+async def test_sessions_api_names_the_fix_for_snapshots_signed_elsewhere(
+    jp_serverapp: Any, jp_fetch: Any, spot_env: Path
+) -> None:
+    key_id = written_on_another_machine(spot_env, "work/a.ipynb")
+    reply = json.loads((await jp_fetch("jupyter-spot", "api", "sessions", params={"path": "work/a.ipynb"})).body)
+    assert reply["sessions"] == []  # nothing offered for restore
+    (problem,) = reply["unverifiable"]
+    assert problem["id"] == "work/a.ipynb" and problem["key_id"] == key_id and problem["snapshots"] == 1
+    assert "JUPYTER_SPOT_KMS_KEY" in problem["fix"] and "JUPYTER_SPOT_SIGNING_KEY" in problem["fix"]
+    assert problem["message"].startswith("This notebook has 1 snapshot signed with key local-")
+
+
+def test_cli_list_shows_snapshots_signed_elsewhere_with_the_fix(spot_env: Path, tmp_path: Path) -> None:
+    key_id = written_on_another_machine(spot_env, "work/a.ipynb")
+    listed = spot_cli(tmp_path, "list")
+    assert listed.returncode == 0, listed.stderr
+    assert f"UNVERIFIED  1 snapshot(s) signed with key {key_id}" in listed.stdout
+    assert "fix: the key is on the machine that wrote it" in listed.stdout

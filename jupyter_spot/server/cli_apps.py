@@ -73,6 +73,7 @@ class ListApp(StoreApp):
                 self.emit({"snapshots": snapshots}, "\n".join(lines) or f"no snapshots for {self.session!r}")
                 return
             sessions = catalog.describe_sessions(store, live=[])
+            unverifiable = catalog.unverifiable_sessions(store, None, {s["id"] for s in sessions})
         except (StoreError, catalog.BadId) as error:
             self.fail(str(error))
         lines = []
@@ -90,7 +91,12 @@ class ListApp(StoreApp):
                 + (f", {len(latest['skipped'])} skipped" if latest["skipped"] else "")
                 + (f"\n    reason: {s['reason']}" if s["reason"] else "")
             )
-        self.emit({"sessions": sessions}, "\n".join(lines) or f"no sessions in {store.url}")
+        for u in unverifiable:
+            lines.append(
+                f"{u['id']}\n    UNVERIFIED  {u['snapshots']} snapshot(s) signed with key {u['key_id'] or '?'}, "
+                f"which this machine does not have\n    fix: {u['fix']}"
+            )
+        self.emit({"sessions": sessions, "unverifiable": unverifiable}, "\n".join(lines) or f"no sessions in {store.url}")
 
 
 class ShowApp(StoreApp):

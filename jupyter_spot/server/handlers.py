@@ -89,7 +89,10 @@ class SessionsHandler(SpotHandler):
         sessions = await self.in_thread(
             catalog.describe_sessions, self.spot.snapshot_store, live, only, self.spot.server_id
         )
-        self.finish({"sessions": sessions})
+        unverifiable = await self.in_thread(
+            catalog.unverifiable_sessions, self.spot.snapshot_store, only, {s["id"] for s in sessions}
+        )
+        self.finish({"sessions": sessions, "unverifiable": unverifiable})
 
 
 class SnapshotsHandler(SpotHandler):
