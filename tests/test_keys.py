@@ -348,3 +348,34 @@ def test_cli_list_shows_snapshots_signed_elsewhere_with_the_fix(spot_env: Path, 
     assert listed.returncode == 0, listed.stderr
     assert f"UNVERIFIED  1 snapshot(s) signed with key {key_id}" in listed.stdout
     assert "fix: the key is on the machine that wrote it" in listed.stdout
+
+
+def test_lab_shows_the_fix_and_offers_no_restore_for_snapshots_signed_elsewhere(spot_env: Path, tmp_path: Path) -> None:
+    import re
+
+    from lab_harness import CHROMIUM, CHROMIUM_ARGS, SCREENSHOTS, Lab, write_notebook
+    from playwright.sync_api import expect, sync_playwright
+
+    notebook = "work/analysis.ipynb"
+    write_notebook(tmp_path / "root" / notebook, "x = 1")
+    written_on_another_machine(spot_env, notebook)
+    lab = Lab(tmp_path, tmp_path / "root", spot_env, env={"JUPYTER_SPOT_CLOUD": "none"}).start()
+    try:
+        with sync_playwright() as playwright:
+            chromium = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
+            page = chromium.new_context(viewport={"width": 1400, "height": 860}).new_page()
+            page.goto(lab.lab_url(notebook), timeout=60_000)
+            note = page.get_by_role("alert", name="Snapshots signed with another key")
+            expect(note).to_be_visible(timeout=60_000)
+            expect(note).to_contain_text(re.compile(
+                r"This notebook has 1 snapshot signed with key local-[0-9a-f]{16}, which this machine does not "
+                r"have, so none can be restored here\. To use them: .*JUPYTER_SPOT_KMS_KEY=.*JUPYTER_SPOT_SIGNING_KEY"
+            ))
+            expect(page.locator(".jp-spot-restore")).to_have_count(0)  # nothing offered that would load it
+            SCREENSHOTS.mkdir(exist_ok=True)
+            page.screenshot(path=str(SCREENSHOTS / "unverified.png"))
+            note.get_by_role("button", name="Dismiss").click()
+            expect(note).to_have_count(0)
+            chromium.close()
+    finally:
+        lab.stop()

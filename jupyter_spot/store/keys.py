@@ -348,8 +348,8 @@ class KeyRing:
             )
         return (
             f"the key is on the machine that wrote it. For a shared store, set {KMS_ENV}=<KMS key id, alias or ARN> "
-            f"on every machine (new snapshots then verify anywhere); to read these snapshots, copy that machine's "
-            f"key into ${KEY_ENV} (or its key file {default_key_file()})"
+            f"on every machine (new snapshots then verify anywhere); to read these snapshots, set ${KEY_ENV} to the "
+            "contents of the writer's key file (jupyter_spot/signing.key in its Jupyter data dir)"
         )
 
     def _wrapping_key(self, key_id: str) -> str | None:
