@@ -226,6 +226,44 @@ def test_two_machines_creating_the_first_key_at_once_agree_on_one(
     assert sorted(json.loads(output(on_machine(tmp_path, "c", VERIFY, s3_url)))) == ["0001", "0001"]
 
 
+def test_forged_key_objects_are_skipped_not_trusted_and_break_nothing(
+    s3_url: str, kms_key: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Someone who may write to the store but not use our KMS key plants key objects."""
+    import base64
+
+    monkeypatch.setenv("JUPYTER_SPOT_KMS_KEY", kms_key)
+    bucket = s3_url[5:].split("/")[0]
+    kms = boto3.client("kms")
+    their_key = kms.create_key()["KeyMetadata"]["KeyId"]
+    planted = kms.generate_data_key(
+        KeyId=their_key, KeySpec="AES_256",
+        EncryptionContext={"purpose": "jupyter-spot signing key", "key-id": "kms-000002"},
+    )
+    s3 = boto3.client("s3")
+    s3.put_object(Bucket=bucket, Key="team/keys/000001.json", Body=b"not json")
+    s3.put_object(Bucket=bucket, Key="team/keys/000002.json", Body=json.dumps({
+        "format": "jupyter-spot-key/1", "id": "kms-000002", "kms_key": their_key,
+        "ciphertext": base64.b64encode(planted["CiphertextBlob"]).decode(),
+    }).encode())
+    signer = on_machine(tmp_path, "a", SIGN, s3_url, SESSION, "0001")
+    assert output(signer) == "kms-000003"  # its own key, made beside the planted ones
+    assert json.loads(output(on_machine(tmp_path, "b", VERIFY, s3_url))) == ["0001"]
+    # An envelope that names a planted key is refused, not verified with the attacker's key.
+    manifest_key = f"team/sessions/{SESSION}/0001.json"
+    envelope = json.loads(s3.get_object(Bucket=bucket, Key=manifest_key)["Body"].read())
+    body = envelope["manifest"].replace('"blobs":[]', '"blobs":[],"evil":1')
+    import hashlib
+    import hmac
+
+    forged = {**envelope, "key": "kms-000002", "manifest": body,
+              "signature": hmac.new(planted["Plaintext"], body.encode(), hashlib.sha256).hexdigest()}
+    s3.put_object(Bucket=bucket, Key=f"team/sessions/{SESSION}/0002.json", Body=json.dumps(forged).encode())
+    verify = on_machine(tmp_path, "c", VERIFY, s3_url)
+    _, err = verify.communicate(timeout=120)
+    assert verify.returncode != 0 and "kms-000002" in err and "refusing to unpickle" in err, err
+
+
 def test_a_tiered_store_signs_with_the_keys_in_s3(
     s3_url: str, kms_key: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -273,6 +311,14 @@ def test_doctor_passes_with_kms_keys_in_the_store(s3_url: str, kms_key: str, tmp
     status, out, err = doctor(tmp_path, JUPYTER_SPOT_KMS_KEY=kms_key)
     assert status == 0, out + err
     assert key_line(out).startswith("ok") and kms_key in key_line(out), out
+
+
+def test_doctor_fails_clearly_when_kms_refuses(s3_url: str, tmp_path: Path) -> None:
+    status, out, err = doctor(tmp_path, JUPYTER_SPOT_KMS_KEY="alias/no-such-key")
+    assert status == 1 and "Traceback" not in err, out + err
+    line = key_line(out)
+    assert line.startswith("FAIL") and "KMS refused making a signing key with alias/no-such-key" in line, out
+    assert "needs kms:GenerateDataKey on that key" in line, out
 
 
 def test_doctor_warns_about_a_readable_or_short_key_file(spot_env: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -379,3 +425,25 @@ def test_lab_shows_the_fix_and_offers_no_restore_for_snapshots_signed_elsewhere(
             chromium.close()
     finally:
         lab.stop()
+
+
+def test_envelopes_name_their_key_and_a_forged_key_id_or_signature_is_refused(tmp_path: Path) -> None:
+    from jupyter_spot.store import FileStore, ManifestError, ManifestSigner, UnknownKeyError
+
+    store = FileStore(tmp_path / "store", signer=ManifestSigner(secrets.token_hex(32).encode(), key_source="test"))
+    store.commit_manifest({"session": "nb", "id": "0001", "blobs": []})
+    path = store.root / "sessions" / "nb" / "0001.json"
+    envelope = json.loads(path.read_bytes())
+    assert envelope["key"] == store.signer.ring.signing_key().id and envelope["key"].startswith("local-")
+    for forged, error, text in [
+        ({**envelope, "key": "kms-000007"}, UnknownKeyError, "signed with key kms-000007, which this machine does not have"),
+        ({**envelope, "key": 7}, ManifestError, "names no valid key id"),
+        ({**envelope, "signature": "é" * 64}, ManifestError, "do not match the signature"),
+        ({k: v for k, v in envelope.items() if k != "key"}, None, ""),  # written before key ids: still verifies
+    ]:
+        path.write_text(json.dumps(forged))
+        if error is None:
+            assert store.load_manifest("nb", "0001")["id"] == "0001"
+            continue
+        with pytest.raises(error, match=text):
+            store.load_manifest("nb", "0001")

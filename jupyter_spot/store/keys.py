@@ -118,6 +118,9 @@ def local_keys(create: bool) -> list[Key]:
     if not create and not path.exists():
         return []
     secret = load_or_create_key_file(path)
+    if not secret and not create:  # KMS keys sign; an empty old key file verifies nothing
+        log.warning("jupyter-spot: ignoring the empty signing key file %s", path)
+        return []
     if not secret:
         raise ValueError(f"the signing key file {path} is empty: delete it, or write a key into it ({GENERATE_HINT})")
     return [Key(local_key_id(secret), secret, str(path))]
@@ -147,6 +150,7 @@ class KmsKeys:
         self.kms_key_id = kms_key_id
         self.shelf = shelf
         self._keys: dict[int, Key] = {}
+        self._refused: dict[int, KmsAccessError] = {}
         self._lock = threading.Lock()
         self._client: Any = None
         self._loaded_at = -ROTATION_CHECK_SECONDS
@@ -164,9 +168,9 @@ class KmsKeys:
 
     def _kms_error(self, error: Exception, what: str, permission: str) -> StoreError:
         code = str((getattr(error, "response", None) or {}).get("Error", {}).get("Code", ""))
-        if code == "InvalidCiphertextException":  # a forged or foreign key object, not our access
+        if code in ("InvalidCiphertextException", "IncorrectKeyException"):  # forged or foreign, not our access
             return StoreError(f"{what}: the wrapped key was not made by {self.kms_key_id} for jupyter-spot")
-        if code in ("AccessDeniedException", "AccessDenied", "NotFoundException", "KMSInvalidStateException"):
+        if code in ("AccessDeniedException", "AccessDenied", "NotFoundException", "DisabledException", "KMSInvalidStateException"):
             return KmsAccessError(
                 f"KMS refused {what} with {self.kms_key_id} ({code}): this machine's role needs "
                 f"{permission} on that key, and the key must exist and be enabled"
@@ -206,22 +210,35 @@ class KmsKeys:
                 _unwrapped[cache_key] = secret
         return Key(f"kms-{name}", secret, self.describe())
 
-    def _load(self) -> None:
-        """Unwrap every key object not yet known; a damaged one is skipped with a warning."""
+    def _load(self) -> list[int]:
+        """Unwrap every key object not yet known and return every key number seen.
+
+        A damaged or foreign object (anyone who may write to the store can put one
+        there) is skipped with a warning; one KMS refuses this machine is kept in
+        ``_refused`` so that a lookup of that key says why.
+        """
         shelf = self._require_shelf()
         self._loaded_at = time.monotonic()
+        numbers = []
         for name in shelf.list_key_objects():
-            if not _KEY_OBJECT.match(name) or int(name) in self._keys:
+            if not _KEY_OBJECT.match(name):
+                continue
+            number = int(name)
+            numbers.append(number)
+            if number in self._keys:
                 continue
             data = shelf.read_key_object(name)
             if data is None:
                 continue
             try:
-                self._keys[int(name)] = self._unwrap(int(name), data)
-            except KmsAccessError:
-                raise
+                self._keys[number] = self._unwrap(number, data)
+                self._refused.pop(number, None)
+            except KmsAccessError as error:
+                self._refused[number] = error
+                log.warning("jupyter-spot: %s", error)
             except StoreError as error:
                 log.warning("jupyter-spot: ignoring %s", error)
+        return numbers
 
     def _create(self, number: int) -> None:
         """Make key ``number`` unless another process just did (then theirs is it)."""
@@ -251,13 +268,25 @@ class KmsKeys:
             log.info("jupyter-spot: made signing key kms-%s wrapped by %s", name, self.kms_key_id)
 
     def current(self) -> Key:
-        """The newest key, made if the store has none yet."""
+        """The newest key this machine can unwrap; the first one is made if the store has none."""
         with self._lock:
-            if not self._keys or time.monotonic() - self._loaded_at > ROTATION_CHECK_SECONDS:
+            numbers: list[int] = []
+            if not self._keys:
+                numbers = self._load()
+            elif time.monotonic() - self._loaded_at > ROTATION_CHECK_SECONDS:
+                try:
+                    self._load()
+                except StoreError as error:  # keep signing with the key we have; look again later
+                    self._loaded_at = time.monotonic()
+                    log.warning("jupyter-spot: cannot look for a rotated signing key: %s", error)
+            if not self._keys:
+                # None yet, or only ones we cannot unwrap (damaged, or planted under another KMS key:
+                # KMS may call those "access denied" too). Make the next; a racing machine's wins.
+                # If this machine really may not use the KMS key, making one fails with that reason.
+                self._create(max(numbers, default=0) + 1)
                 self._load()
             if not self._keys:
-                self._create(1)
-                self._load()
+                raise StoreError(f"no usable signing key in {self.describe()} after making one")
             return self._keys[max(self._keys)]
 
     def find(self, key_id: str) -> Key | None:
@@ -269,16 +298,19 @@ class KmsKeys:
             if not (key_id.startswith("kms-") and _KEY_OBJECT.match(key_id[4:])):
                 return None
             self._load()
-            return self._keys.get(int(key_id[4:]))
+            number = int(key_id[4:])
+            if number in self._refused:
+                raise self._refused[number]
+            return self._keys.get(number)
 
     def rotate(self) -> Key:
         """Make a new key that signs from now on; the old ones still verify."""
         with self._lock:
-            self._load()
-            shelf = self._require_shelf()
-            numbers = [int(n) for n in shelf.list_key_objects() if _KEY_OBJECT.match(n)]
+            numbers = self._load()
             self._create(max(numbers, default=0) + 1)
             self._load()
+            if not self._keys:
+                raise StoreError(f"no usable signing key in {self.describe()} after making one")
             return self._keys[max(self._keys)]
 
     def all(self) -> list[Key]:

@@ -56,7 +56,10 @@ class ManifestSigner:
         """The key the envelope names, or every key for envelopes older than key ids."""
         key_id = envelope.get("key")
         if key_id is None:
-            return self.ring.verifying_keys()
+            try:
+                return self.ring.verifying_keys()
+            except StoreError as error:
+                raise UnknownKeyError(f"{where}: cannot get the keys to verify it: {error}.", "", str(error)) from None
         if not isinstance(key_id, str) or not key_id:
             raise ManifestError(f"{where}: manifest names no valid key id ({key_id!r})")
         refusal = f"{where}: manifest is not signed by this machine's key ({self.key_source}); refusing to unpickle it."
@@ -90,7 +93,8 @@ class ManifestSigner:
         if envelope.get("format") != FORMAT:
             raise ManifestError(f"{where}: unknown manifest format {envelope.get('format')!r}")
         keys = self._keys_for(envelope, where)
-        if not any(hmac.compare_digest(signature, self._sign(key, body.encode())) for key in keys):
+        # As bytes: compare_digest refuses non-ASCII str, and a forged signature may hold any.
+        if not any(hmac.compare_digest(signature.encode(), self._sign(key, body.encode()).encode()) for key in keys):
             if "key" in envelope:
                 raise ManifestError(
                     f"{where}: manifest is not signed by this machine's key ({self.key_source}): its contents do "
