@@ -363,8 +363,29 @@ def test_shared_mounts_are_told_from_local_disks() -> None:
 
 # -- what a fresh machine's server and CLI say ------------------------------------------
 @pytest.fixture
-def jp_server_config(spot_env: Path) -> dict[str, Any]:
-    return {"ServerApp": {"jpserver_extensions": {"jupyter_spot": True}}, "SpotApp": {"notice_sources": []}}
+def jp_server_config(spot_env: Path, request: pytest.FixtureRequest) -> dict[str, Any]:
+    spot: dict[str, Any] = {"notice_sources": []}
+    if "server_kms" in request.fixturenames:
+        spot["kms_key_id"] = request.getfixturevalue("server_kms")
+    return {"ServerApp": {"jpserver_extensions": {"jupyter_spot": True}}, "SpotApp": spot}
+
+
+@pytest.fixture
+def server_kms(s3_url: str, kms_key: str, monkeypatch: pytest.MonkeyPatch) -> str:
+    """A KMS key given to the server as c.SpotApp.kms_key_id only (the variable it sets is undone after)."""
+    monkeypatch.setenv("JUPYTER_SPOT_KMS_KEY", "unset after the test")
+    monkeypatch.delenv("JUPYTER_SPOT_KMS_KEY")
+    return kms_key
+
+
+async def test_server_config_kms_key_verifies_and_reaches_its_kernels(
+    server_kms: str, s3_url: str, tmp_path: Path, jp_serverapp: Any, jp_fetch: Any
+) -> None:
+    writer = on_machine(tmp_path, "a", SIGN, s3_url, SESSION, "0001", JUPYTER_SPOT_KMS_KEY=server_kms)
+    assert output(writer) == "kms-000001"
+    reply = json.loads((await jp_fetch("jupyter-spot", "api", "sessions", params={"path": SESSION})).body)
+    assert [s["id"] for s in reply["sessions"]] == [SESSION] and reply["unverifiable"] == []
+    assert os.environ["JUPYTER_SPOT_KMS_KEY"] == server_kms  # what its kernels and their jobs inherit
 
 
 def written_on_another_machine(store_root: Path, session: str) -> str:
