@@ -46,6 +46,8 @@ KMS_PURPOSE = "jupyter-spot signing key"
 GENERATE_HINT = 'python -c "import secrets; print(secrets.token_hex(32))"'
 
 _KEY_OBJECT = re.compile(r"^[0-9]{6}$")
+#: What a KMS key id, alias or ARN looks like; anything else read from the store is not shown.
+_KMS_KEY_NAME = re.compile(r"^[A-Za-z0-9:/_.+=-]{1,256}$")
 #: A signer looks for a newer key (a rotation by another machine) at most this often.
 ROTATION_CHECK_SECONDS = 300.0
 log = logging.getLogger("jupyter_spot")
@@ -370,9 +372,13 @@ class KeyRing:
         if key_id.startswith("kms-"):
             wrapped_by = self._wrapping_key(key_id)
             if self.kms is None:
+                if wrapped_by is None:
+                    return f"it is wrapped by KMS in the store: set {KMS_ENV} to the KMS key the writer used"
+                # Anyone who may write to the store could have written that name: say where it comes from.
                 return (
-                    f"it is wrapped by KMS in the store: set {KMS_ENV}={wrapped_by or '<the KMS key the writer used>'} "
-                    "(this machine's role needs kms:Decrypt on it)"
+                    f"it is wrapped by KMS in the store: set {KMS_ENV}={wrapped_by} (as the store's "
+                    f"keys/{key_id[4:]}.json names it: check that it is your team's KMS key; this machine's role "
+                    "needs kms:Decrypt on it)"
                 )
             return (
                 f"keys/{key_id[4:]}.json is missing from the store or was wrapped by "
@@ -391,6 +397,7 @@ class KeyRing:
             return None
         try:
             data = shelf.read_key_object(key_id[4:])
-            return str(json.loads(data)["kms_key"]) if data else None
+            named = json.loads(data)["kms_key"] if data else None
         except (StoreError, ValueError, KeyError, TypeError):
             return None
+        return named if isinstance(named, str) and _KMS_KEY_NAME.match(named) else None
