@@ -226,6 +226,30 @@ def test_two_machines_creating_the_first_key_at_once_agree_on_one(
     assert sorted(json.loads(output(on_machine(tmp_path, "c", VERIFY, s3_url)))) == ["0001", "0001"]
 
 
+def test_two_rotations_at_once_make_one_new_key(
+    s3_url: str, kms_key: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("JUPYTER_SPOT_KMS_KEY", kms_key)
+    assert output(on_machine(tmp_path, "a", SIGN, s3_url, SESSION, "0001")) == "kms-000001"
+    rotate = "import sys\nfrom jupyter_spot.store import open_store\nprint(open_store(sys.argv[1]).signer.ring.kms.rotate().id)"
+    pauses = [tmp_path / "pause-a", tmp_path / "pause-b"]
+    rotators = []
+    for name, pause in zip("ab", pauses):
+        pause.mkdir()
+        rotators.append(on_machine(tmp_path, name, rotate, s3_url, JUPYTER_SPOT_FAULTS=f"key-create=pause:{pause}"))
+    deadline = time.monotonic() + 60  # both have made key 2 in memory, neither has written it
+    while not all((pause / "key-create.reached").exists() for pause in pauses):
+        assert time.monotonic() < deadline, "a rotation never reached key creation"
+        time.sleep(0.05)
+    (pauses[0] / "key-create.release").touch()
+    first = output(rotators[0])
+    (pauses[1] / "key-create.release").touch()
+    assert [first, output(rotators[1])] == ["kms-000002", "kms-000002"]
+    assert key_objects(s3_url) == ["000001.json", "000002.json"]
+    assert output(on_machine(tmp_path, "c", SIGN, s3_url, SESSION, "0002")) == "kms-000002"
+    assert json.loads(output(on_machine(tmp_path, "d", VERIFY, s3_url))) == ["0001", "0002"]
+
+
 def test_forged_key_objects_are_skipped_not_trusted_and_break_nothing(
     s3_url: str, kms_key: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
