@@ -433,6 +433,20 @@ async def test_sessions_api_names_the_fix_for_snapshots_signed_elsewhere(
     assert problem["message"].startswith("This notebook has 1 snapshot signed with key local-")
 
 
+async def test_restore_api_answers_409_with_the_fix_and_starts_no_kernel(
+    jp_serverapp: Any, jp_fetch: Any, spot_env: Path
+) -> None:
+    from tornado.httpclient import HTTPClientError
+
+    written_on_another_machine(spot_env, "a.ipynb")
+    with pytest.raises(HTTPClientError) as caught:
+        await jp_fetch("jupyter-spot", "api", "sessions", "a.ipynb", "restore", method="POST", body="{}")
+    assert caught.value.code == 409
+    message = json.loads(caught.value.response.body)["message"]
+    assert "which this machine does not have" in message and "JUPYTER_SPOT_KMS_KEY" in message, message
+    assert jp_serverapp.kernel_manager.list_kernel_ids() == []
+
+
 def test_cli_list_shows_snapshots_signed_elsewhere_with_the_fix(spot_env: Path, tmp_path: Path) -> None:
     key_id = written_on_another_machine(spot_env, "work/a.ipynb")
     listed = spot_cli(tmp_path, "list")
