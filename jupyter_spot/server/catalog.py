@@ -320,4 +320,3 @@ def unverifiable_sessions(store: Store, only: str | None, described: set[str]) -
         except StoreError:
             continue  # damaged or tampered: latest_manifest's problems already say so
     return found
-
