@@ -15,6 +15,7 @@ class SpotCLI(JupyterApp):
         "list": ("jupyter_spot.server.cli_apps.ListApp", "List sessions in the store and whether they were interrupted."),
         "show": ("jupyter_spot.server.cli_apps.ShowApp", "Show a snapshot: variables, sizes, what was skipped."),
         "gc": ("jupyter_spot.server.cli_apps.GCApp", "Keep the newest N snapshots per session; delete unused blobs."),
+        "key": ("jupyter_spot.server.cli_apps.KeyApp", "Show the signing keys; `key rotate` makes a new KMS-wrapped key."),
         "doctor": ("jupyter_spot.server.cli_apps.DoctorApp", "Check the store, signing key and notice sources."),
         "run": ("jupyter_spot.run.RunApp", "Run a notebook, snapshotting after each cell; resume after an interruption."),
         "simulate": (

@@ -49,6 +49,11 @@ class SpotSettings(Configurable):
     session = Unicode("", help="Session name. $JUPYTER_SPOT_SESSION wins; default: the notebook path.").tag(
         config=True
     )
+    kms_key_id = Unicode(
+        "",
+        help="KMS key (id, alias or ARN) that wraps the signing keys kept in the store, so snapshots "
+        "verify on any machine allowed to use it. $JUPYTER_SPOT_KMS_KEY wins.",
+    ).tag(config=True)
     auto_snapshot = Bool(True, help="Snapshot after every cell.").tag(config=True)
     exclude = List(Unicode(), help="Variable names never snapshotted.").tag(config=True)
     keep = Int(20, help="Snapshots kept per session when retention runs after a snapshot (0: keep all).").tag(

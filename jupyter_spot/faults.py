@@ -17,7 +17,8 @@ The variable holds ``point=action[@hit]`` items separated by ``;``:
 ``gc-delete``        the collector is about to delete an unreferenced blob;
 ``replicate``        a tiered store sent a snapshot's blobs to S3 but not its manifest;
 ``restore``          a manifest is loaded, nothing is in the namespace yet;
-``notice-flush``     a notice's flush starts.
+``notice-flush``     a notice's flush starts;
+``key-create``       a KMS data key is made but its key object not yet written to the store.
 """
 
 from __future__ import annotations

@@ -16,7 +16,7 @@ def spot_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     """An empty store and a fixed signing key, seen by this process and the kernels it starts."""
     store = tmp_path / "store"
     monkeypatch.setenv("JUPYTER_SPOT_STORE", str(store))
-    monkeypatch.setenv("JUPYTER_SPOT_SIGNING_KEY", "test-key-" + os.urandom(8).hex())
+    monkeypatch.setenv("JUPYTER_SPOT_SIGNING_KEY", "test-key-" + os.urandom(16).hex())
     monkeypatch.setenv("JUPYTER_DATA_DIR", str(tmp_path / "jupyter-data"))
     monkeypatch.delenv("JUPYTER_SPOT_SESSION", raising=False)
     monkeypatch.delenv("JPY_SESSION_NAME", raising=False)

@@ -25,7 +25,8 @@ import xxhash
 from .. import __version__
 from ..faults import fault_point
 from ..config import SpotSettings, resolve_session, resolve_store_url
-from ..store import ManifestError, Store, StoreError, collect_garbage, open_store
+from ..store import ManifestError, Store, StoreError, UnknownKeyError, collect_garbage, open_store
+from ..store.keys import KMS_ENV
 from . import environment, serialize, tracking
 from .results import RestoreReport, SnapshotResult
 from .writer import Job, Writer
@@ -148,6 +149,8 @@ class SnapshotEngine:
         self.shell = shell
         self.settings = SpotSettings(parent=shell)
         self.store_url = resolve_store_url(self.settings.store)
+        if self.settings.kms_key_id:  # as the variable, so the jobs this kernel starts use it too
+            os.environ.setdefault(KMS_ENV, self.settings.kms_key_id)
         self.session = resolve_session(self.settings.session, kernel_id=_kernel_id())
         self.store: Store = open_store(self.store_url)
         self.auto = self.settings.auto_snapshot
@@ -594,11 +597,14 @@ class SnapshotEngine:
             report.error = f"session {session!r} has no snapshot {snapshot!r} (`%spot list` shows what there is)"
             return report
         loaded = None
+        missing_key: UnknownKeyError | None = None
         for snapshot_id in candidates:
             try:
                 manifest = self.store.load_manifest(session, snapshot_id)
             except ManifestError as error:
                 report.fallbacks.append(f"snapshot {snapshot_id} cannot be used: {error}")
+                if isinstance(error, UnknownKeyError):
+                    missing_key = missing_key or error
                 continue
             except StoreError as error:
                 report.fallbacks.append(f"snapshot {snapshot_id} cannot be used: {error}")
@@ -615,6 +621,8 @@ class SnapshotEngine:
         fault_point("restore")
         if loaded is None:
             report.error = f"no usable snapshot of session {session!r} in {self.store.url}"
+            if missing_key is not None:  # the fresh-machine case: say once what to set
+                report.error += f"; signed with a key this machine does not have. Fix: {missing_key.fix}"
             return report
         self._apply(*loaded, report)
         report.seconds = time.perf_counter() - started

@@ -8,7 +8,7 @@ from IPython.core.error import UsageError
 from IPython.core.magic import Magics, line_magic, magics_class
 from IPython.core.magic_arguments import argument, magic_arguments, parse_argstring
 
-from ..store import StoreError
+from ..store import StoreError, UnknownKeyError
 from .engine import SnapshotEngine
 from ..units import human_bytes
 
@@ -51,9 +51,14 @@ class SpotMagics(Magics):
             print(f"no snapshots of session {session!r} in {engine.store.url}")
             return
         print(f"snapshots of session {session!r} in {engine.store.url} (oldest first):")
+        fixes: set[str] = set()
         for snapshot_id in ids:
             try:
                 manifest = engine.store.load_manifest(session, snapshot_id)
+            except UnknownKeyError as error:
+                print(f"  {snapshot_id}  unusable: signed with key {error.key_id or '?'}, which this machine does not have")
+                fixes.add(error.fix)
+                continue
             except StoreError as error:
                 print(f"  {snapshot_id}  unusable: {error}")
                 continue
@@ -61,6 +66,8 @@ class SpotMagics(Magics):
                      else f"after cell {manifest.get('execution_count')}")
             print(f"  {snapshot_id}  {manifest.get('kind'):8}  {where:16}  {manifest.get('variable_count')} vars  "
                   f"{human_bytes(manifest.get('size', 0)):>9}  {len(manifest.get('skipped', {}))} skipped")
+        for fix in sorted(fixes):
+            print(f"to use them (nothing unverified is ever loaded): {fix}")
 
     def _status(self, args: Any) -> None:
         status = self.engine.status()

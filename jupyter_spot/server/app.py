@@ -8,6 +8,7 @@ resolved the same way as in kernels: ``$JUPYTER_SPOT_STORE`` first.
 from __future__ import annotations
 
 import asyncio
+import os
 import time
 import uuid
 from pathlib import Path
@@ -19,6 +20,7 @@ from traitlets import Bool, Float, Int, List, Unicode
 from .._version import __version__
 from ..config import resolve_store_url
 from ..store import Store, StoreError, collect_garbage, open_store
+from ..store.keys import KMS_ENV
 from . import catalog
 from .handlers import handlers
 from .kernels import CONTENTS_SCHEMA, KERNEL_ACTIONS_SCHEMA, SpotKernels
@@ -40,6 +42,11 @@ class SpotApp(ExtensionApp):
         "",
         help="Store URL: a directory (local disk, EFS mount) or s3://bucket/prefix. "
         "$JUPYTER_SPOT_STORE wins; default: jupyter_spot/store in the Jupyter data dir.",
+    ).tag(config=True)
+    kms_key_id = Unicode(
+        "",
+        help="KMS key (id, alias or ARN) that wraps the signing keys kept in the store, so snapshots verify on "
+        "any machine allowed to use it (docs/s3.md). $JUPYTER_SPOT_KMS_KEY wins; the server's kernels get it too.",
     ).tag(config=True)
     auto_load_kernel_extension = Bool(
         True, help="Load the kernel extension into every IPython kernel this server starts (no %load_ext needed)."
@@ -80,6 +87,8 @@ class SpotApp(ExtensionApp):
 
     def initialize_settings(self) -> None:
         self.store_url = resolve_store_url(self.store)
+        if self.kms_key_id:  # as the variable, so this server's kernels and their jobs use it too
+            os.environ.setdefault(KMS_ENV, self.kms_key_id)
         self.server_id = uuid.uuid4().hex
         self.snapshot_store: Store = open_store(self.store_url)
         self._writable: tuple[float, bool, str | None] = (0.0, False, None)

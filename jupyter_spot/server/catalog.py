@@ -37,7 +37,7 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any
 
-from ..store import ManifestError, Store, StoreError
+from ..store import ManifestError, Store, StoreError, UnknownKeyError
 
 NOTICE_RECORD_PREFIX = "notice-"
 SESSION_RECORD_PREFIX = "session-"
@@ -293,3 +293,30 @@ def describe_sessions(
     sessions = [s for s in described if s is not None]
     sessions.sort(key=lambda s: s["latest"]["created"] or "", reverse=True)
     return sessions
+
+
+def unverifiable_sessions(store: Store, only: str | None, described: set[str]) -> list[dict[str, Any]]:
+    """Sessions with snapshots signed by a key this machine lacks (a fresh machine), each with
+    the exact fix. Nothing in them is loaded; they are not offered for restore."""
+    found = []
+    for session in [only] if only is not None else store.list_sessions():
+        if session in described:
+            continue
+        ids = store.list_snapshots(session)
+        if not ids:
+            continue
+        try:
+            store.load_manifest(session, ids[-1])
+        except UnknownKeyError as error:
+            found.append({
+                "id": session,
+                "snapshots": len(ids),
+                "key_id": error.key_id,
+                "fix": error.fix,
+                "message": f"This notebook has {len(ids)} snapshot{'' if len(ids) == 1 else 's'} signed with key "
+                f"{error.key_id or '(unnamed)'}, which this machine does not have, so none can be restored here. "
+                f"To use them: {error.fix}",
+            })
+        except StoreError:
+            continue  # damaged or tampered: latest_manifest's problems already say so
+    return found

@@ -18,8 +18,10 @@ from traitlets import Bool, Int, Unicode
 from .._version import __version__
 from ..config import resolve_store_url
 from ..store import ManifestError, Store, StoreError, collect_garbage, open_store
+from ..store.keys import KMS_ENV
 from ..units import human_bytes
 from . import catalog
+from .doctor_keys import signing_key_checks
 
 
 class StoreApp(JupyterApp):
@@ -71,6 +73,7 @@ class ListApp(StoreApp):
                 self.emit({"snapshots": snapshots}, "\n".join(lines) or f"no snapshots for {self.session!r}")
                 return
             sessions = catalog.describe_sessions(store, live=[])
+            unverifiable = catalog.unverifiable_sessions(store, None, {s["id"] for s in sessions})
         except (StoreError, catalog.BadId) as error:
             self.fail(str(error))
         lines = []
@@ -88,7 +91,12 @@ class ListApp(StoreApp):
                 + (f", {len(latest['skipped'])} skipped" if latest["skipped"] else "")
                 + (f"\n    reason: {s['reason']}" if s["reason"] else "")
             )
-        self.emit({"sessions": sessions}, "\n".join(lines) or f"no sessions in {store.url}")
+        for u in unverifiable:
+            lines.append(
+                f"{u['id']}\n    UNVERIFIED  {u['snapshots']} snapshot(s) signed with key {u['key_id'] or '?'}, "
+                f"which this machine does not have\n    fix: {u['fix']}"
+            )
+        self.emit({"sessions": sessions, "unverifiable": unverifiable}, "\n".join(lines) or f"no sessions in {store.url}")
 
 
 class ShowApp(StoreApp):
@@ -158,9 +166,48 @@ class GCApp(StoreApp):
         self.emit(data, str(report))
 
 
+class KeyApp(StoreApp):
+    name = "jupyter-spot-key"
+    description = (
+        "Show the store's signing keys, or `jupyter spot key rotate`: make a new KMS-wrapped key "
+        "that signs from now on (every older key still verifies)."
+    )
+
+    def start(self) -> None:
+        action = self.extra_args[0] if self.extra_args else "show"
+        if action not in ("show", "rotate") or len(self.extra_args) > 1:
+            self.fail("usage: jupyter spot key [show|rotate]")
+        store = self.open()
+        ring = store.signer.ring
+        if ring.kms is None:
+            if action == "rotate":
+                self.fail(
+                    f"rotation needs signing keys kept in the store: set {KMS_ENV}=<KMS key id, alias or ARN> "
+                    f"(see docs/s3.md); this machine signs with its own key ({ring.source})"
+                )
+            key = ring.signing_key()
+            self.emit({"source": ring.source, "current": key.id, "keys": [key.id]}, f"{key.id}  current  ({ring.source})")
+            return
+        try:
+            rotated = ring.kms.rotate() if action == "rotate" else None
+            keys, current = ring.kms.all(), ring.signing_key()
+        except StoreError as error:
+            self.fail(str(error))
+        lines = [f"{key.id}  {'current' if key.id == current.id else 'verifies'}" for key in keys]
+        if rotated is not None:
+            lines.append(f"rotated: new snapshots are signed with {rotated.id}; older ones still verify")
+        self.emit(
+            {"source": ring.source, "current": current.id, "keys": [key.id for key in keys]},
+            f"{ring.source}\n" + "\n".join(lines),
+        )
+
+
 class DoctorApp(StoreApp):
     name = "jupyter-spot-doctor"
-    description = "Check that snapshots can be written and notices can be seen on this machine."
+    description = (
+        "Check that snapshots can be written and notices can be seen on this machine, and that the "
+        "signing key will be there when another machine restores them."
+    )
     probe = Bool(True, help="Probe the cloud metadata address when no cloud is configured.").tag(config=True)
     flags = {
         **StoreApp.flags,
@@ -174,21 +221,20 @@ class DoctorApp(StoreApp):
             results.append({"check": name, "ok": ok, "detail": detail, "required": required})
 
         url = self.store_url()
+        store: Store | None = None
         try:
             store = open_store(url)
             store.check_writable()
             check("store", True, f"{url} ({store.kind}) is writable")
+        except ValueError as error:  # the signing key is unusable: its check below says how to fix it
+            check("store", False, f"{url}: not opened: {error}")
         except (StoreError, ImportError, OSError) as error:
             hint = " (pip install 'jupyter-spot[s3]' and set AWS credentials)" if url.startswith("s3://") else ""
             check("store", False, f"{url}: {error}{hint}")
         if url.startswith("s3://"):
             check("s3 credentials", *self._s3_credentials())
-        try:
-            from ..store import ManifestSigner
-
-            check("signing key", True, f"from {ManifestSigner.default().key_source}")
-        except (OSError, ValueError) as error:
-            check("signing key", False, str(error))
+        for name, ok, detail, required in signing_key_checks(url, store):
+            check(name, ok, detail, required)
         try:
             import jupyter_spot.kernel  # noqa: F401  (kernels load it; a broken install shows here)
 

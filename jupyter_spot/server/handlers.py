@@ -89,7 +89,10 @@ class SessionsHandler(SpotHandler):
         sessions = await self.in_thread(
             catalog.describe_sessions, self.spot.snapshot_store, live, only, self.spot.server_id
         )
-        self.finish({"sessions": sessions})
+        unverifiable = await self.in_thread(
+            catalog.unverifiable_sessions, self.spot.snapshot_store, only, {s["id"] for s in sessions}
+        )
+        self.finish({"sessions": sessions, "unverifiable": unverifiable})
 
 
 class SnapshotsHandler(SpotHandler):
@@ -136,6 +139,11 @@ class RestoreHandler(SpotHandler):
         if kernel_id is not None and (not isinstance(kernel_id, str) or not kernel_id):
             raise web.HTTPError(400, "kernel_id must be a kernel id string")
         await self.require_session(session)
+        if snapshot == "latest":  # a fresh machine without the key: say what to set, start no kernel
+            store = self.spot.snapshot_store
+            unverifiable = await self.in_thread(catalog.unverifiable_sessions, store, session, set())
+            if unverifiable and (await self.in_thread(store.latest_manifest, session))[0] is None:
+                raise web.HTTPError(409, unverifiable[0]["message"])
         if snapshot != "latest":
             try:
                 await asyncio.to_thread(self.spot.snapshot_store.load_manifest, session, snapshot)

@@ -34,6 +34,7 @@ from tornado import web
 
 from ..config import NOTEBOOK_PATH_ENV, SESSION_ENV, STORE_ENV
 from ..store import StoreError
+from ..store.keys import KMS_ENV
 from .catalog import (
     LiveKernel,
     fresh_holders,
@@ -170,6 +171,8 @@ class SpotKernels:
                 NOTICE_FILE_ENV: str(notice_file),
             }
         )
+        if os.environ.get(KMS_ENV):  # the server's KMS key (c.SpotApp.kms_key_id too): one key for both
+            env.setdefault(KMS_ENV, os.environ[KMS_ENV])
         kwargs["env"] = env
         ipython = self.is_ipython(kwargs.get("kernel_name"))
         if self.app.auto_load_kernel_extension and ipython:

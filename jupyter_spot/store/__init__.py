@@ -16,6 +16,7 @@ from .base import (
     digest_of,
 )
 from .filesystem import FileStore
+from .keys import KmsAccessError, UnknownKeyError
 from .manifest import ManifestSigner
 from .retention import GCReport, collect_garbage
 
@@ -58,12 +59,14 @@ __all__ = [
     "CorruptBlobError",
     "FileStore",
     "GCReport",
+    "KmsAccessError",
     "ManifestError",
     "ManifestSigner",
     "MissingBlobError",
     "SnapshotExistsError",
     "Store",
     "StoreError",
+    "UnknownKeyError",
     "collect_garbage",
     "digest_of",
     "open_store",

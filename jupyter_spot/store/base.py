@@ -103,6 +103,7 @@ class Store(ABC):
 
         self.url = url
         self.signer: ManifestSigner = signer or ManifestSigner.default()
+        self.signer.bind_store(self)
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.url}>"
@@ -222,6 +223,19 @@ class Store(ABC):
     @abstractmethod
     def list_records(self) -> list[str]:
         """Names of every record."""
+
+    # -- signing keys, wrapped by KMS (keys.py) -------------------------------
+    def create_key_object(self, name: str, data: bytes) -> bool:
+        """Write ``keys/<name>.json`` unless it exists (False then): the first writer's key wins."""
+        raise StoreError(f"a {self.kind} store cannot keep KMS-wrapped signing keys")
+
+    def read_key_object(self, name: str) -> bytes | None:
+        """The key object, or None if there is none."""
+        return None
+
+    def list_key_objects(self) -> list[str]:
+        """Names of every key object."""
+        return []
 
     # -- health --------------------------------------------------------------
     @abstractmethod

@@ -368,6 +368,42 @@ class FileStore(Store):
             return []
         return sorted(p.stem for p in base.iterdir() if p.suffix == ".json" and not p.name.startswith("."))
 
+    # -- signing keys (keys.py) --------------------------------------------------
+    def _key_object_path(self, name: str) -> Path:
+        return self.root / "keys" / f"{check_record_name(name)}.json"
+
+    def create_key_object(self, name: str, data: bytes) -> bool:
+        path = self._key_object_path(name)
+        self._ensure_dir(path.parent)
+        try:
+            tmp = _write_durably(path, data)
+        except OSError as error:
+            raise self._wrap(error, f"creating signing key {name}") from error
+        try:
+            os.link(tmp, path)  # atomic create-if-absent, also on NFS
+        except FileExistsError:
+            return False
+        except OSError as error:
+            raise self._wrap(error, f"creating signing key {name}") from error
+        finally:
+            tmp.unlink(missing_ok=True)
+        _fsync_dir(path.parent)
+        return True
+
+    def read_key_object(self, name: str) -> bytes | None:
+        try:
+            return self._key_object_path(name).read_bytes()
+        except FileNotFoundError:
+            return None
+        except OSError as error:
+            raise self._wrap(error, f"reading signing key {name}") from error
+
+    def list_key_objects(self) -> list[str]:
+        base = self.root / "keys"
+        if not base.is_dir():
+            return []
+        return sorted(p.stem for p in base.iterdir() if p.suffix == ".json" and not p.name.startswith("."))
+
     # -- health --------------------------------------------------------------
     def check_writable(self) -> None:
         self._known_dirs.discard(self.root)

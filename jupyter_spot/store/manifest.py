@@ -3,8 +3,9 @@
 Every document that leads to unpickling or running code — a snapshot's
 manifest, a job's spec, its result, its checkpoint, its runner's claim — is
 signed with an HMAC key kept outside the store (like Jupyter's notebook-trust
-secret). A blob is addressed by its SHA-256 and the document names every blob,
-so a valid signature vouches for all the bytes a restore will unpickle.
+secret), or kept in it only wrapped by KMS (keys.py). A blob is addressed by its
+SHA-256 and the document names every blob, so a valid signature vouches for all
+the bytes a restore will unpickle.
 
 The signature covers the document's *kind* and its *place* (session and
 snapshot id, or session and job id) as well as its body, and a reader checks
@@ -20,46 +21,14 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
-import os
-import secrets
-from pathlib import Path
 from typing import Any, Final
 
-from .base import ManifestError
+from .base import ManifestError, StoreError
+from .keys import Key, KeyRing, KeyShelf, UnknownKeyError, local_key_id
 
 FORMAT = "jupyter-spot-signed/2"
 #: Manifests written before documents were bound to their place (see ``_legacy_manifest``).
 LEGACY_FORMAT = "jupyter-spot-manifest/1"
-KEY_ENV = "JUPYTER_SPOT_SIGNING_KEY"
-KEY_FILE_ENV = "JUPYTER_SPOT_SIGNING_KEY_FILE"
-
-
-def default_key_file() -> Path:
-    from jupyter_core.paths import jupyter_data_dir
-
-    return Path(os.environ.get(KEY_FILE_ENV) or Path(jupyter_data_dir()) / "jupyter_spot" / "signing.key")
-
-
-def _load_or_create_key(path: Path) -> bytes:
-    try:
-        return path.read_bytes().strip()
-    except FileNotFoundError:
-        pass
-    path.parent.mkdir(parents=True, exist_ok=True)
-    key = secrets.token_hex(32).encode()
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "wb") as handle:
-        handle.write(key)
-        handle.flush()
-        os.fsync(handle.fileno())
-    try:
-        os.link(tmp, path)  # first writer wins; a racing process reads its key
-    except FileExistsError:
-        pass
-    finally:
-        os.unlink(tmp)
-    return path.read_bytes().strip()
 
 
 #: The kinds of signed document; a signature for one never verifies another.
@@ -113,40 +82,88 @@ def _message(kind: str, place: Place, body: str) -> bytes:
 
 
 class ManifestSigner:
-    """Signs documents bound to a kind and a place; refuses any it did not sign for that kind and place."""
+    """Signs documents bound to a kind and a place; refuses any it did not sign for that kind and place.
 
-    def __init__(self, key: bytes, key_source: str = "") -> None:
-        if not key:
-            raise ValueError("the signing key is empty")
-        self._key = key
-        self.key_source = key_source
+    Keys come from a :class:`~.keys.KeyRing`: the current key signs, and each
+    envelope names its key's id so any key of the ring can verify it.
+    """
+
+    def __init__(self, key: bytes = b"", key_source: str = "", ring: KeyRing | None = None) -> None:
+        if ring is None:
+            if not key:
+                raise ValueError("the signing key is empty")
+            ring = KeyRing([Key(local_key_id(key), key, key_source)])
+        self.ring = ring
 
     @classmethod
-    def default(cls) -> ManifestSigner:
-        """The key from $JUPYTER_SPOT_SIGNING_KEY, else the per-user key file."""
-        env_key = os.environ.get(KEY_ENV, "").strip()
-        if env_key:
-            return cls(env_key.encode(), key_source=f"${KEY_ENV}")
-        path = default_key_file()
-        return cls(_load_or_create_key(path), key_source=str(path))
+    def default(cls, kms_key_id: str = "") -> ManifestSigner:
+        """KMS-wrapped keys in the store when $JUPYTER_SPOT_KMS_KEY (or ``kms_key_id``) is
+        set; else the key from $JUPYTER_SPOT_SIGNING_KEY, else the per-user key file."""
+        return cls(ring=KeyRing.default(kms_key_id))
 
-    def _sign(self, message: bytes) -> str:
-        """The signature of ``message`` with the signing key (the one place a key is chosen to sign)."""
-        return hmac.new(self._key, message, hashlib.sha256).hexdigest()
+    @property
+    def key_source(self) -> str:
+        return self.ring.source
 
-    def _verifies(self, envelope: dict[str, Any], message: bytes) -> bool:
-        """Whether the envelope's signature is ``message`` signed with a key we trust
+    def bind_store(self, store: KeyShelf) -> None:
+        """Keep (and find) KMS-wrapped keys in ``store``, unless this signer has a store already."""
+        self.ring.bind(store)
+
+    @staticmethod
+    def _sign(key: Key, message: bytes) -> str:
+        return hmac.new(key.secret, message, hashlib.sha256).hexdigest()
+
+    def _keys_for(self, envelope: dict[str, Any], where: str) -> list[Key]:
+        """The key the envelope names, or every key for envelopes older than key ids."""
+        key_id = envelope.get("key")
+        if key_id is None:
+            try:
+                return self.ring.verifying_keys()
+            except StoreError as error:
+                raise UnknownKeyError(f"{where}: cannot get the keys to verify it: {error}.", "", str(error)) from None
+        if not isinstance(key_id, str) or not key_id:
+            raise ManifestError(f"{where}: the document names no valid key id ({str(key_id)[:80]!r})")
+        refusal = f"{where}: not signed by this machine's key ({self.key_source}); refusing to unpickle it."
+        try:
+            key = self.ring.find(key_id)
+        except StoreError as error:
+            raise UnknownKeyError(f"{refusal} Key {key_id} is not available: {error}.", key_id, str(error)) from None
+        if key is None:
+            raise UnknownKeyError(
+                f"{refusal} It was signed with key {key_id}, which this machine does not have.",
+                key_id,
+                self.ring.missing_key_fix(key_id),
+            )
+        return [key]
+
+    def _check_signature(self, envelope: dict[str, Any], message: bytes, kind: str, where: str) -> None:
+        """Raise unless the envelope's signature is ``message`` signed with a key of the ring
         (the one place keys are chosen to verify)."""
-        signature = envelope["signature"]
-        return signature.isascii() and hmac.compare_digest(signature, self._sign(message))  # non-ASCII: TypeError
+        keys = self._keys_for(envelope, where)
+        # As bytes: compare_digest refuses non-ASCII str, and a forged signature may hold any.
+        signature = envelope["signature"].encode()
+        if any(hmac.compare_digest(signature, self._sign(key, message).encode()) for key in keys):
+            return
+        if "key" in envelope:
+            raise ManifestError(
+                f"{where}: {kind} is not signed by this machine's key ({self.key_source}): its contents do "
+                f"not match the signature by key {str(envelope['key'])[:80]} (changed after signing); "
+                "refusing to unpickle it."
+            )
+        raise UnknownKeyError(
+            f"{where}: {kind} is not signed by this machine's key ({self.key_source}); refusing to unpickle it.",
+            "",
+            self.ring.missing_key_fix("local-"),
+        )
 
     def encode(self, document: dict[str, Any], kind: str, place: Place) -> bytes:
         """``document`` signed as a ``kind`` that belongs at ``place``."""
         if kind not in KINDS:
             raise ValueError(f"not a kind of signed document: {kind!r}")
         body = json.dumps(document, sort_keys=True, separators=(",", ":"))
-        envelope = {"format": FORMAT, "kind": kind, "place": place, "body": body,
-                    "signature": self._sign(_message(kind, place, body))}
+        key = self.ring.signing_key()
+        envelope = {"format": FORMAT, "kind": kind, "place": place, "body": body, "key": key.id,
+                    "signature": self._sign(key, _message(kind, place, body))}
         return json.dumps(envelope, indent=0, sort_keys=True).encode() + b"\n"
 
     def decode(self, data: bytes, kind: str, place: Place, where: str | None = None) -> dict[str, Any]:
@@ -167,8 +184,7 @@ class ManifestSigner:
         if not (isinstance(signed_kind, str) and isinstance(signed_place, dict) and isinstance(body, str)
                 and isinstance(signature, str)):
             raise ManifestError(f"{where}: {kind} is missing its kind, place, body or signature")
-        if not self._verifies(envelope, _message(signed_kind, signed_place, body)):
-            self._refuse_unsigned(kind, where)
+        self._check_signature(envelope, _message(signed_kind, signed_place, body), kind, where)
         if signed_kind != kind:
             raise ManifestError(f"{where}: this is a signed {signed_kind[:40]}, not a {kind}; refusing it "
                                 "(was it copied here?)")
@@ -176,13 +192,6 @@ class ManifestSigner:
             raise ManifestError(f"{where}: {kind} is signed for {describe(signed_place)}, not for this place; "
                                 "refusing it (was it copied here?)")
         return self._body(body, kind, where)
-
-    def _refuse_unsigned(self, kind: str, where: str) -> None:
-        raise ManifestError(
-            f"{where}: {kind} is not signed by this machine's key ({self.key_source}); "
-            f"refusing to unpickle it. If you wrote it elsewhere, set ${KEY_ENV} "
-            "to that machine's key."
-        )
 
     @staticmethod
     def _body(body: str, kind: str, where: str) -> dict[str, Any]:
@@ -209,8 +218,7 @@ class ManifestSigner:
         body, signature = envelope.get("manifest"), envelope.get("signature")
         if not isinstance(body, str) or not isinstance(signature, str):
             raise ManifestError(f"{where}: manifest is missing its body or signature")
-        if not self._verifies(envelope, body.encode()):
-            self._refuse_unsigned(kind, where)
+        self._check_signature(envelope, body.encode(), kind, where)
         manifest = self._body(body, kind, where)
         if not (isinstance(manifest.get("groups"), dict) and isinstance(manifest.get("variables"), dict)):
             raise ManifestError(f"{where}: an old-format signed document that is not a manifest; refusing it")

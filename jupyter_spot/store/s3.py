@@ -5,6 +5,7 @@ Layout under ``s3://bucket/prefix`` mirrors the FileStore::
     blobs/ab/abcdef…             content-addressed bytes (multipart above 8 MB)
     sessions/<session>/<id>.json one signed manifest per snapshot
     records/<name>.json          the server's records
+    keys/NNNNNN.json             signing keys wrapped by KMS (keys.py), written once each
     locks/write-<token>          a writer's lease, held while it stores a snapshot
     locks/gc-<token>             a garbage collector's lock
     locks/gc-generation          rewritten before a collection deletes its first blob
@@ -554,6 +555,33 @@ class S3Store(Store):
             name[: -len(".json")]
             for name in (item["Key"][len(base) :] for item in self._list_keys(base))
             if name.endswith(".json") and "/" not in name
+        )
+
+    # -- signing keys (keys.py) --------------------------------------------------
+    def _key_object_key(self, name: str) -> str:
+        return self._key("keys", f"{check_record_name(name)}.json")
+
+    def create_key_object(self, name: str, data: bytes) -> bool:
+        return self._put_if_absent(self._key_object_key(name), data, f"creating signing key {name}")
+
+    def read_key_object(self, name: str) -> bytes | None:
+        from botocore.exceptions import ClientError
+
+        try:
+            return self.client.get_object(Bucket=self.bucket, Key=self._key_object_key(name))["Body"].read()
+        except ClientError as error:
+            if self._code(error) in ("NoSuchKey", "404"):
+                return None
+            raise self._error(error, f"reading signing key {name}") from error
+        except Exception as error:
+            raise self._error(error, f"reading signing key {name}") from error
+
+    def list_key_objects(self) -> list[str]:
+        prefix = self._key("keys", "")
+        return sorted(
+            item["Key"][len(prefix) :].removesuffix(".json")
+            for item in self._list_keys(prefix)
+            if item["Key"].endswith(".json")
         )
 
     # -- health --------------------------------------------------------------

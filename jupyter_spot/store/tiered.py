@@ -297,6 +297,16 @@ class TieredStore(Store):
         return sorted(set(self.fast.list_records()) | set(self._durable([], "list_records")))
 
     # -- health --------------------------------------------------------------
+    # Signing keys live with the durable copy, which every machine sees.
+    def create_key_object(self, name: str, data: bytes) -> bool:
+        return self.durable.create_key_object(name, data)
+
+    def read_key_object(self, name: str) -> bytes | None:
+        return self.durable.read_key_object(name)
+
+    def list_key_objects(self) -> list[str]:
+        return self.durable.list_key_objects()
+
     def check_writable(self) -> None:
         self.fast.check_writable()
         self.durable.check_writable()

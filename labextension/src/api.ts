@@ -63,6 +63,15 @@ export interface ISession {
   latest: ISnapshot;
 }
 
+/** A notebook whose snapshots were signed with a key this server lacks: nothing to restore, but a fix. */
+export interface IUnverifiable {
+  id: string;
+  snapshots: number;
+  key_id: string;
+  fix: string;
+  message: string;
+}
+
 export interface IStatus {
   version: string;
   store: {
@@ -109,10 +118,18 @@ export class SpotApi {
 
   /** The session of one notebook, or null when nothing was ever snapshotted for it. */
   async session(path: string): Promise<ISession | null> {
-    const reply = await this._request<{ sessions: ISession[] }>(
+    return (await this.sessionState(path)).session;
+  }
+
+  /** The notebook's session, or why its snapshots cannot be verified on this server. */
+  async sessionState(path: string): Promise<{ session: ISession | null; unverifiable: IUnverifiable | null }> {
+    const reply = await this._request<{ sessions: ISession[]; unverifiable?: IUnverifiable[] }>(
       'sessions' + URLExt.objectToQueryString({ path })
     );
-    return reply.sessions.find(s => s.id === path) ?? null;
+    return {
+      session: reply.sessions.find(s => s.id === path) ?? null,
+      unverifiable: reply.unverifiable?.find(u => u.id === path) ?? null
+    };
   }
 
   /** Snapshots of a session, newest first. */

@@ -15,6 +15,7 @@ import { FLUSH_SCHEMA, IFlush, INotice, NOTICE_SCHEMA, SpotApi } from './api';
 import { LiveElsewhereBanner } from './elsewhere';
 import { NoticeBanner } from './notice';
 import { RestoreBanner } from './restore';
+import { UnverifiedBanner } from './unverified';
 import { SnapshotStatus, SnapshotsPanel, sessionName } from './status';
 
 const PLUGIN_ID = 'jupyter-spot:plugin';
@@ -108,11 +109,15 @@ const plugin: JupyterFrontEndPlugin<void> = {
     const banners = new Map<NotebookPanel, RestoreBanner>();
     const checkSession = async (nb: NotebookPanel): Promise<void> => {
       await nb.context.ready;
-      let session;
+      let session, unverifiable;
       try {
-        session = await api.session(sessionName(nb));
+        ({ session, unverifiable } = await api.sessionState(sessionName(nb)));
       } catch (error) {
         console.warn('jupyter-spot: cannot ask the server about this notebook', error);
+        return;
+      }
+      if (unverifiable && !session && !nb.isDisposed) {
+        nb.contentHeader.addWidget(new UnverifiedBanner(unverifiable));
         return;
       }
       if (!session || nb.isDisposed) {
