@@ -133,3 +133,82 @@ def test_string_and_bytes_buffers_restore_with_contents_and_position(session: st
         assert fresh.value("(text.tell(), text.read(), raw.tell(), raw.read(), both[0] is text)") == (
             3, "lo\nworld", 4, b"ef", True,
         )
+
+
+# -- with the server ---------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def jp_server_config(spot_env: Path) -> dict[str, Any]:
+    return {
+        "ServerApp": {"jpserver_extensions": {"jupyter_spot": True}},
+        "SpotApp": {"notice_sources": [], "keep": 3, "gc_interval": 3600.0},
+    }
+
+
+async def run_in(km: Any, kernel_id: str, code: str) -> str:
+    """Run ``code`` in one of the server's kernels; its stdout."""
+    client = km.get_kernel(kernel_id).client()
+    client.start_channels()
+    chunks: list[str] = []
+    try:
+        await client.wait_for_ready(timeout=60)
+        reply = await client.execute_interactive(
+            code, timeout=60, output_hook=lambda m: chunks.append(m["content"].get("text", ""))
+        )
+    finally:
+        client.stop_channels()
+    assert reply["content"]["status"] == "ok", reply["content"]
+    return "".join(chunks)
+
+
+async def test_server_keeps_offering_the_interrupted_line_until_discard(
+    session: str, spot_env: Path, jp_fetch: Any, jp_serverapp: Any, jp_root_dir: Path
+) -> None:
+    import asyncio
+    import json
+
+    import nbformat
+
+    interrupted = interrupted_machine("x = 41")
+    nbformat.write(nbformat.v4.new_notebook(), jp_root_dir / SESSION)
+    store = open_store(str(spot_env))
+    body = {"path": SESSION, "name": SESSION, "type": "notebook", "kernel": {"name": "python3"}}
+    kernel_id = json.loads((await jp_fetch("api", "sessions", method="POST", body=json.dumps(body))).body)["kernel"]["id"]
+    km = jp_serverapp.kernel_manager
+    first = await run_in(km, kernel_id, "y = 1")  # the user runs a cell before clicking Restore
+    assert interrupted in first and "%spot restore" in first, first
+
+    async def listed() -> dict[str, Any]:
+        (described,) = json.loads((await jp_fetch("jupyter-spot", "api", "sessions", params={"path": SESSION})).body)[
+            "sessions"
+        ]
+        return described
+
+    deadline = time.monotonic() + 60
+    while not any(store.load_manifest(SESSION, s).get("kernel") == kernel_id for s in store.list_snapshots(SESSION)):
+        assert time.monotonic() < deadline, "the new kernel never snapshotted"
+        await asyncio.sleep(0.1)
+    described = await listed()
+    assert described["interrupted"] is True and described["live_kernel"] == kernel_id, described
+    assert described["latest"]["id"] == interrupted and described["newest_id"] != interrupted, described
+
+    for step in range(5):  # more than `keep` (3) snapshots of the new kernel's own line
+        await run_in(km, kernel_id, f"z = {step}")
+    app = jp_serverapp.extension_manager.extension_apps["jupyter_spot"].copy().pop()
+    report = await app.collect_garbage()
+    assert report.snapshots_deleted, "the GC kept everything: it did not run with keep=3"
+    assert interrupted in store.list_snapshots(SESSION)
+    assert (await listed())["interrupted"] is True
+
+    discarded = json.loads((await jp_fetch("jupyter-spot", "api", "sessions", SESSION, "discard", method="POST",
+                                           body="{}")).body)
+    assert discarded["snapshot"]["id"] == interrupted
+    described = await listed()
+    assert (described["interrupted"], described["reason"]) == (False, None)
+    assert described["latest"]["id"] == store.list_snapshots(SESSION)[-1]
+    await app.collect_garbage()
+    assert interrupted not in store.list_snapshots(SESSION)  # decided: an old snapshot like any other
+    with pytest.raises(Exception) as missing:
+        await jp_fetch("jupyter-spot", "api", "sessions", SESSION, "discard", method="POST", body="{}")
+    assert getattr(missing.value, "code", None) == 404

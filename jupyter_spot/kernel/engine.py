@@ -168,8 +168,9 @@ class SnapshotEngine(Restorer):
             return
         try:
             text = self.lines.announcement(self.session)
-        except Exception as error:  # never break the user's cell
-            text = f"jupyter-spot: could not check this session for state to restore: {type(error).__name__}: {error}"
+        except Exception as error:  # never break the user's cell; a store that fails warns once
+            self._warn(f"could not check this session for state to restore: {type(error).__name__}: {error}")
+            return
         if text:
             print(text)
 

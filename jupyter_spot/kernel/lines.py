@@ -85,7 +85,7 @@ class KernelLines:
         if self.line is None:
             try:
                 seen, _ = self.interrupted(session)
-            except StoreError:
+            except (StoreError, OSError):
                 seen = None  # the commit will fail and say why; the line starts all the same
             self.line, self.beside = snapshot_id, seen.id if seen else None
             self.announced = True  # from now on `%spot list` and `latest` say what there is
@@ -93,17 +93,17 @@ class KernelLines:
 
     # -- what a new kernel says once ---------------------------------------------
     def announcement(self, session: str) -> str | None:
-        """Once, before this kernel owns a line: the interrupted line it could restore, if any."""
+        """Once, before this kernel owns a line: the interrupted line it could restore, if any.
+
+        Raises what the store raises; the engine warns (once) instead of printing this.
+        """
         if self.announced:
             return None
         self.announced = True
-        try:
-            line, _ = self.interrupted(session)
-            if line is None:
-                return None
-            manifest = self.store.load_manifest(session, line.newest_id)
-        except StoreError as error:
-            return f"jupyter-spot: could not check session {session!r} for state to restore: {error}"
+        line, _ = self.interrupted(session)
+        if line is None:
+            return None
+        manifest = self.store.load_manifest(session, line.newest_id)
         return (
             f"jupyter-spot: session {session!r} has state this kernel did not restore: snapshot "
             f"{describe_snapshot(manifest)}.\n"
@@ -114,7 +114,11 @@ class KernelLines:
 
     # -- restore ---------------------------------------------------------------
     def choose_latest(self, session: str, ids: list[str]) -> LatestChoice:
-        """The interrupted line's snapshots first (newest first), then every other one, newest first."""
+        """The interrupted line's snapshots first (newest first), then every other one, newest first.
+
+        Snapshots newer than the line's that do not load come first, so that the
+        report names them as fallbacks instead of passing over them in silence.
+        """
         newest_first = ids[::-1]
         try:
             line, lines = self.interrupted(session)
@@ -123,16 +127,19 @@ class KernelLines:
                                                "snapshot first"])
         if line is None:
             return LatestChoice(newest_first)
+        known = {snapshot_id for each in lines.values() for snapshot_id in each.snapshots}
         ours = line.snapshots[::-1]
-        candidates = ours + [snapshot_id for snapshot_id in newest_first if snapshot_id not in ours]
+        damaged = [snapshot_id for snapshot_id in newest_first if snapshot_id not in known and snapshot_id > ours[0]]
+        first = damaged + ours
+        candidates = first + [snapshot_id for snapshot_id in newest_first if snapshot_id not in set(first)]
         notes = []
-        if line.newest_id != ids[-1]:
-            newest = next((other for other in lines.values() if ids[-1] in other.snapshots), None)
-            whose = "this kernel's own line" if newest is not None and newest.id == self.line else (
-                f"line {newest.id}" if newest is not None else "a snapshot that does not load")
+        newest = max(lines.values(), key=lambda each: each.newest_id)
+        if newest.id != line.id:
+            whose = "this kernel's own line" if newest.id == self.line else f"line {newest.id}"
             notes.append(
                 f"latest: restored the interrupted line {line.id} (nobody restored or discarded it), not the "
-                f"newest snapshot {ids[-1]} of the session ({whose}); `%spot restore {ids[-1]}` loads that one"
+                f"newest snapshot {newest.newest_id} of the session ({whose}); `%spot restore {newest.newest_id}` "
+                "loads that one"
             )
         return LatestChoice(candidates, notes, set(ours))
 
