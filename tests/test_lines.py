@@ -191,7 +191,7 @@ async def test_server_keeps_offering_the_interrupted_line_until_discard(
         await asyncio.sleep(0.1)
     described = await listed()
     assert described["interrupted"] is True and described["live_kernel"] == kernel_id, described
-    assert described["latest"]["id"] == interrupted and described["newest_id"] != interrupted, described
+    assert described["latest"]["id"] == interrupted and described["newest"]["id"] != interrupted, described
 
     for step in range(5):  # more than `keep` (3) snapshots of the new kernel's own line
         await run_in(km, kernel_id, f"z = {step}")
@@ -212,3 +212,56 @@ async def test_server_keeps_offering_the_interrupted_line_until_discard(
     with pytest.raises(Exception) as missing:
         await jp_fetch("jupyter-spot", "api", "sessions", SESSION, "discard", method="POST", body="{}")
     assert getattr(missing.value, "code", None) == 404
+
+
+# -- retention and records, on a store ---------------------------------------------------------------
+
+
+def test_gc_spares_each_undecided_lines_newest_snapshot_for_keep_interrupted_days(spot_env: Path) -> None:
+    import json
+
+    from test_cli_store import spot
+    from test_server_api import commit
+
+    from jupyter_spot.store import collect_garbage
+    from jupyter_spot.store.lines import DISCARDED, record_decision
+
+    store = open_store(str(spot_env))
+    minutes = 24 * 60
+    ancient = commit(store, "nb.ipynb", minutes_ago=20 * minutes, line="ancient")  # lost 20 days ago
+    recent = [commit(store, "nb.ipynb", minutes_ago=2 * minutes - m, line="recent") for m in range(2)]
+    dropped = commit(store, "nb.ipynb", minutes_ago=minutes, line="dropped")
+    record_decision(store, "nb.ipynb", "dropped", DISCARDED, dropped, "test")
+    current = [commit(store, "nb.ipynb", minutes_ago=10 - m, line="current") for m in range(4)]
+
+    report = json.loads(spot("gc", "--keep=2", "--keep-interrupted-days=30", "--json").stdout)
+    assert sorted(report["snapshots_deleted"]) == [f"nb.ipynb/{i}" for i in sorted([recent[0], dropped, *current[:2]])]
+    assert store.list_snapshots("nb.ipynb") == [ancient, recent[1], *current[2:]]
+    collect_garbage(store, keep=2)  # the default: 14 days
+    assert store.list_snapshots("nb.ipynb") == [recent[1], *current[2:]]
+    refused = spot("gc", "--keep=2", check=False, JUPYTER_SPOT_KEEP_INTERRUPTED_DAYS="soon")
+    assert refused.returncode == 1 and "JUPYTER_SPOT_KEEP_INTERRUPTED_DAYS" in refused.stderr
+
+
+def test_old_manifests_are_one_line_and_a_forged_record_only_changes_what_is_offered(spot_env: Path) -> None:
+    from test_server_api import commit
+
+    from jupyter_spot.server.catalog import describe_session
+    from jupyter_spot.store.lines import lines_record_name
+
+    store = open_store(str(spot_env))
+    old = [commit(store, "old.ipynb", minutes_ago=m) for m in (30, 20)]  # no `line`: written before lines
+    described = describe_session(store, "old.ipynb", live=[])
+    assert described is not None
+    assert (described["interrupted"], described["line"], described["latest"]["id"]) == (True, "legacy", old[-1])
+    # Anyone who can write the store can write records: they are not signed. A forged one can
+    # say a line was decided (so it is no longer offered), and nothing more.
+    for forged in ({"session": "old.ipynb", "lines": {"legacy": {"decision": "pickle-me", "snapshot": "z"}}},
+                   {"session": "other.ipynb", "lines": {"legacy": {"decision": "discarded", "snapshot": "z"}}},
+                   {"session": "old.ipynb", "lines": ["not", "a", "map"]}):
+        store.put_record(lines_record_name("old.ipynb"), forged)
+        assert describe_session(store, "old.ipynb", live=[])["interrupted"] is True
+    store.put_record(lines_record_name("old.ipynb"),
+                     {"session": "old.ipynb", "lines": {"legacy": {"decision": "discarded", "snapshot": "z"}}})
+    described = describe_session(store, "old.ipynb", live=[])
+    assert (described["interrupted"], described["latest"]["id"]) == (False, old[-1])

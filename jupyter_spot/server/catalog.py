@@ -354,7 +354,8 @@ def describe_session(
     if interrupted is not None:
         notices = notice_records(store) if notices is None else notices
         reason = _reason(interrupted, record, mine, notices, session)
-    newest = max(line.newest_id for line in lines.values())
+    newest_id = max(line.newest_id for line in lines.values())
+    newest = manifest if newest_id == manifest["id"] else store.load_manifest(session, newest_id)
     return {
         "id": session,
         "interrupted": interrupted is not None,
@@ -363,7 +364,7 @@ def describe_session(
         "reason": reason,
         "latest": snapshot_summary(manifest),
         "line": interrupted.id if interrupted is not None else manifest.get("line") or "legacy",
-        "newest_id": newest,
+        "newest": snapshot_summary(newest),
     }
 
 

@@ -240,3 +240,14 @@ def protected_snapshots(
         if not decided and (created is None or created >= oldest):
             kept.add(line.newest_id)
     return kept
+
+
+def close_line_of(store: Store, session: str, snapshot_id: str, by: str) -> str | None:
+    """A run that finished cleanly closes the line of its last snapshot; the line's id (None if unreadable)."""
+    info = LineIndex(store).snapshot_line(session, snapshot_id)
+    if info is None:
+        return None
+    line = LineIndex(store).lines(session).get(info.line)
+    newest = line.newest_id if line is not None else snapshot_id
+    record_decision(store, session, info.line, CLOSED, max(newest, snapshot_id), by)
+    return info.line
