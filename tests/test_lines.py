@@ -111,7 +111,7 @@ def test_discard_then_latest_is_the_newest_snapshot(session: str, spot_env: Path
         own = store.list_snapshots(SESSION)[-1]
         report = fresh.run("%spot restore latest")  # nothing undecided is left: the newest snapshot
         assert own in report and "latest:" not in report, report
-        assert "no snapshot to discard" in fresh.run("%spot discard")
+        assert "nothing to discard" in fresh.run("%spot discard")
         fresh.run("w = 3")
         own = store.list_snapshots(SESSION)[-1]
     with SpotKernel(load=False) as later:
@@ -174,7 +174,8 @@ async def test_server_keeps_offering_the_interrupted_line_until_discard(
     nbformat.write(nbformat.v4.new_notebook(), jp_root_dir / SESSION)
     store = open_store(str(spot_env))
     body = {"path": SESSION, "name": SESSION, "type": "notebook", "kernel": {"name": "python3"}}
-    kernel_id = json.loads((await jp_fetch("api", "sessions", method="POST", body=json.dumps(body))).body)["kernel"]["id"]
+    opened = await jp_fetch("api", "sessions", method="POST", body=json.dumps(body))
+    kernel_id = json.loads(opened.body)["kernel"]["id"]
     km = jp_serverapp.kernel_manager
     first = await run_in(km, kernel_id, "y = 1")  # the user runs a cell before clicking Restore
     assert interrupted in first and "%spot restore" in first, first

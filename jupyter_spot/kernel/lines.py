@@ -174,12 +174,15 @@ class KernelLines:
         if snapshot is None:
             line, _ = self.interrupted(session)
             if line is None:
-                return f"jupyter-spot: no snapshot to discard: session {session!r} has no line nobody restored or discarded"
+                return (f"jupyter-spot: nothing to discard: session {session!r} has no interrupted line (every "
+                        "line was restored, discarded or closed, or is this kernel's own)")
         else:
             lines = self.index.lines(session)
             line = next((each for each in lines.values() if snapshot in each.snapshots), None)
             if line is None:
-                raise ManifestError(f"session {session!r} has no usable snapshot {snapshot!r} (`%spot list` shows them)")
+                raise ManifestError(
+                    f"session {session!r} has no usable snapshot {snapshot!r} (`%spot list` shows them)"
+                )
             if line.id == self.line:
                 raise ManifestError(f"{snapshot} is in this kernel's own line: it cannot discard what it is writing")
         record_decision(self.store, session, line.id, DISCARDED, line.newest_id, self.by)

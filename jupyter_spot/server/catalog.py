@@ -294,8 +294,10 @@ def _reason(
 
 def _recorded_kernels(record: dict[str, Any]) -> set[str]:
     holders = record.get("holders")
-    kernels = {h.get("kernel_id") for h in holders.values() if isinstance(h, dict)} if isinstance(holders, dict) else set()
-    return {k for k in kernels if isinstance(k, str)}
+    if not isinstance(holders, dict):
+        return set()
+    kernels = {holder.get("kernel_id") for holder in holders.values() if isinstance(holder, dict)}
+    return {kernel for kernel in kernels if isinstance(kernel, str)}
 
 
 def session_lines(
