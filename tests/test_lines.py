@@ -266,3 +266,39 @@ def test_old_manifests_are_one_line_and_a_forged_record_only_changes_what_is_off
                      {"session": "old.ipynb", "lines": {"legacy": {"decision": "discarded", "snapshot": "z"}}})
     described = describe_session(store, "old.ipynb", live=[])
     assert (described["interrupted"], described["latest"]["id"]) == (False, old[-1])
+
+
+async def test_closing_the_new_kernel_closes_its_line_not_the_interrupted_one(
+    session: str, spot_env: Path, jp_fetch: Any, jp_serverapp: Any, jp_root_dir: Path
+) -> None:
+    import asyncio
+    import json
+
+    import nbformat
+
+    from jupyter_spot.server.catalog import session_record_name
+
+    interrupted = interrupted_machine("x = 41")
+    nbformat.write(nbformat.v4.new_notebook(), jp_root_dir / SESSION)
+    store = open_store(str(spot_env))
+    body = json.dumps({"path": SESSION, "name": SESSION, "type": "notebook", "kernel": {"name": "python3"}})
+    opened = json.loads((await jp_fetch("api", "sessions", method="POST", body=body)).body)
+    await run_in(jp_serverapp.kernel_manager, opened["kernel"]["id"], "y = 2")
+    deadline = time.monotonic() + 60
+    while len(store.list_snapshots(SESSION)) < 2:
+        assert time.monotonic() < deadline, "the new kernel never snapshotted"
+        await asyncio.sleep(0.1)
+    await jp_fetch("api", "sessions", opened["id"], method="DELETE")  # the user shuts the new kernel down
+    deadline = time.monotonic() + 30
+    while (store.get_record(session_record_name(SESSION)) or {}).get("state") != "closed":
+        assert time.monotonic() < deadline, "no closed record after the shutdown"
+        await asyncio.sleep(0.05)
+    (described,) = json.loads((await jp_fetch("jupyter-spot", "api", "sessions")).body)["sessions"]
+    assert described["interrupted"] is True and described["latest"]["id"] == interrupted, described
+    # Reopened: a new kernel is told about the lost line, not about the one the user closed.
+    reopened = json.loads((await jp_fetch("api", "sessions", method="POST", body=body)).body)
+    first = await run_in(jp_serverapp.kernel_manager, reopened["kernel"]["id"], "pass")
+    assert interrupted in first, first
+    await jp_fetch("jupyter-spot", "api", "sessions", SESSION, "discard", method="POST", body="{}")
+    (described,) = json.loads((await jp_fetch("jupyter-spot", "api", "sessions")).body)["sessions"]
+    assert described["interrupted"] is False, described  # the closed line is not offered in its place
