@@ -13,9 +13,12 @@ from pathlib import Path
 from traitlets import Bool, Float, Int, List, Unicode
 from traitlets.config import Configurable
 
+from .store.lines import KEEP_INTERRUPTED_DAYS
+
 STORE_ENV = "JUPYTER_SPOT_STORE"
 SESSION_ENV = "JUPYTER_SPOT_SESSION"
 NOTEBOOK_PATH_ENV = "JPY_SESSION_NAME"
+KEEP_INTERRUPTED_DAYS_ENV = "JUPYTER_SPOT_KEEP_INTERRUPTED_DAYS"
 
 
 def default_store_url() -> str:
@@ -40,6 +43,20 @@ def resolve_session(configured: str = "", kernel_id: str = "") -> str:
     )
 
 
+def resolve_keep_interrupted_days(configured: float = KEEP_INTERRUPTED_DAYS) -> float:
+    """``$JUPYTER_SPOT_KEEP_INTERRUPTED_DAYS`` (the server sets it for its kernels), else the configured value."""
+    raw = os.environ.get(KEEP_INTERRUPTED_DAYS_ENV, "").strip()
+    if not raw:
+        return configured
+    try:
+        days = float(raw)
+    except ValueError:
+        raise ValueError(f"${KEEP_INTERRUPTED_DAYS_ENV} must be a number of days, not {raw!r}") from None
+    if days < 0:
+        raise ValueError(f"${KEEP_INTERRUPTED_DAYS_ENV} must not be negative ({raw!r})")
+    return days
+
+
 class SpotSettings(Configurable):
     """jupyter-spot's settings inside a kernel (``c.SpotSettings.…`` in ipython_kernel_config.py)."""
 
@@ -59,6 +76,11 @@ class SpotSettings(Configurable):
     keep = Int(20, help="Snapshots kept per session when retention runs after a snapshot (0: keep all).").tag(
         config=True
     )
+    keep_interrupted_days = Float(
+        KEEP_INTERRUPTED_DAYS,
+        help="Retention spares the newest snapshot of every line nobody restored or discarded for this "
+        "many days. $JUPYTER_SPOT_KEEP_INTERRUPTED_DAYS wins.",
+    ).tag(config=True)
     background_threshold = Int(
         8 << 20,
         help="New data above this many bytes after a cell is written in the background, "

@@ -148,7 +148,7 @@ class NotebookRun:
                         snapshot = result["id"]
                 self._progress(index + 1, snapshot, "running")
         self._progress(len(self.nb.cells), snapshot, "done")
-        self._record("closed")
+        self._record("closed", snapshot)
         return executed
 
     async def _evaluate(self, client: NotebookClient, expression: str) -> Any:
@@ -160,15 +160,19 @@ class NotebookRun:
             raise RunError(f"restore failed: {value['error']}")
         return value
 
-    def _record(self, state: str) -> None:
-        """The session record a server reads: a finished run is closed, not interrupted."""
+    def _record(self, state: str, snapshot: str | None = None) -> None:
+        """The session record a server reads: a finished run is closed (its line too), not interrupted."""
         from .store import StoreError, open_store
+        from .store.lines import close_line_of
 
         record = {"session": self.session, "state": state, "host": socket.gethostname(), "runner": "jupyter spot run"}
         if state == "closed":
             record["closed_at"] = isoformat(utcnow())
         try:
-            open_store(self.store_url).put_record(session_record_name(self.session), record)
+            store = open_store(self.store_url)
+            if state == "closed" and snapshot:
+                close_line_of(store, self.session, snapshot, "jupyter spot run (finished)")
+            store.put_record(session_record_name(self.session), record)
         except StoreError as error:
             self.say(f"could not record the run in the store: {error}")
 

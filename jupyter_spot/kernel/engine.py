@@ -1,4 +1,4 @@
-"""Snapshots of one kernel's state, and restores into it.
+"""Snapshots of one kernel's state (restores: kernel/restore.py; lines of descent: kernel/lines.py).
 
 After each cell the engine finds the variables the cell may have changed (see
 ``tracking``), re-pickles only their groups, hashes the bytes with xxh3 and
@@ -9,27 +9,29 @@ not even pickled.
 
 from __future__ import annotations
 
-import inspect
 import os
 import sys
 import time
 import types
-from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
 import IPython
-import xxhash
 
-from .. import __version__
+from ..config import SpotSettings, resolve_keep_interrupted_days, resolve_session, resolve_store_url
 from ..faults import fault_point
-from ..config import SpotSettings, resolve_session, resolve_store_url
-from ..store import ManifestError, Store, StoreError, UnknownKeyError, collect_garbage, open_store
+from ..store import Store, collect_garbage, open_store
 from ..store.keys import KMS_ENV
+from ..store.retention import snapshots_to_delete
 from . import environment, serialize, tracking
-from .results import RestoreReport, SnapshotResult
+from .identity import content_key, kernel_id, library_versions
+from .lines import KernelLines
+from .restore import AFTER_RESTORE_HOOKS, Restorer, register_after_restore
+from .results import SnapshotResult
 from .writer import Job, Writer
+
+__all__ = ["AFTER_RESTORE_HOOKS", "SnapshotEngine", "content_key", "register_after_restore"]
 
 #: Background writes hold a private copy of new data; beyond this many bytes
 #: queued, a cell waits for its snapshot instead of copying more (memory first).
@@ -45,38 +47,6 @@ COUNT_ADVANCES_BEFORE_CELL = IPython.version_info >= (9, 8)
 
 #: How long a flush with no deadline (SIGTERM) waits for a tiered store to reach S3.
 NOTICE_REPLICATION_SECONDS = 20.0
-
-#: Functions registered with ``@jupyter_spot.after_restore``.
-AFTER_RESTORE_HOOKS: list[Callable[..., Any]] = []
-_HOOK_MARK = "__jupyter_spot_after_restore__"
-
-
-def register_after_restore(hook: Callable[..., Any]) -> Callable[..., Any]:
-    """Register (or, when a cell is re-run, replace) a hook.
-
-    The mark travels with a notebook function into the snapshot, so the
-    restored kernel finds the hook again without the cell being re-run.
-    """
-    name = (getattr(hook, "__module__", None), getattr(hook, "__qualname__", None))
-    AFTER_RESTORE_HOOKS[:] = [
-        h for h in AFTER_RESTORE_HOOKS if (getattr(h, "__module__", None), getattr(h, "__qualname__", None)) != name
-    ]
-    AFTER_RESTORE_HOOKS.append(hook)
-    try:
-        setattr(hook, _HOOK_MARK, True)
-    except AttributeError:
-        pass  # a builtin: it cannot carry the mark
-    return hook
-
-
-def content_key(data: Any) -> str:
-    """A fast (non-cryptographic) name for bytes, used to skip unchanged blobs.
-
-    The store still addresses blobs by SHA-256; this only avoids computing it
-    — and rewriting the blob — for bytes we have seen before.
-    """
-    view = memoryview(data)
-    return f"{xxhash.xxh3_128_hexdigest(view)}-{view.nbytes}"
 
 
 @dataclass(frozen=True)
@@ -114,35 +84,7 @@ def _is_definition(value: Any) -> bool:
     )
 
 
-def _kernel_id() -> str:
-    try:
-        from ipykernel.kernelapp import IPKernelApp
-
-        if IPKernelApp.initialized():
-            name = os.path.basename(IPKernelApp.instance().connection_file)
-            return name.removeprefix("kernel-").removesuffix(".json")
-    except Exception:
-        pass
-    return ""
-
-
-def _versions() -> dict[str, str]:
-    versions = {"python": sys.version.split()[0], "jupyter_spot": __version__}
-    for name in ("numpy", "pandas", "sklearn", "torch", "dill"):
-        module = sys.modules.get(name)
-        if module is not None:
-            versions[name] = str(getattr(module, "__version__", "?"))
-    return versions
-
-
-def _parse_id_time(snapshot_id: str) -> datetime | None:
-    try:
-        return datetime.strptime(snapshot_id.split("-")[0], "%Y%m%dT%H%M%S.%fZ").replace(tzinfo=timezone.utc)
-    except ValueError:
-        return None
-
-
-class SnapshotEngine:
+class SnapshotEngine(Restorer):
     """Snapshot and restore for one IPython shell."""
 
     def __init__(self, shell: Any) -> None:
@@ -151,8 +93,10 @@ class SnapshotEngine:
         self.store_url = resolve_store_url(self.settings.store)
         if self.settings.kms_key_id:  # as the variable, so the jobs this kernel starts use it too
             os.environ.setdefault(KMS_ENV, self.settings.kms_key_id)
-        self.session = resolve_session(self.settings.session, kernel_id=_kernel_id())
+        self.kernel_id = kernel_id()
+        self.session = resolve_session(self.settings.session, kernel_id=self.kernel_id)
         self.store: Store = open_store(self.store_url)
+        self.lines = KernelLines(self.store, self.kernel_id)
         self.auto = self.settings.auto_snapshot
         self.excluded: set[str] = set(self.settings.exclude)
         self.baseline = environment.Baseline()
@@ -178,6 +122,11 @@ class SnapshotEngine:
         self._warned = False
         self._unsaved: set[str] | None = set()  # names cells used since the last snapshot; None: all
         self._failed_at: float | None = None
+        try:
+            self.keep_interrupted_days = resolve_keep_interrupted_days(self.settings.keep_interrupted_days)
+        except ValueError as error:
+            self.keep_interrupted_days = self.settings.keep_interrupted_days
+            self._warn(f"{error}; keeping interrupted lines for {self.keep_interrupted_days:g} days")
 
     # -- cell hooks ------------------------------------------------------------
     def pre_run_cell(self, info: Any) -> None:
@@ -187,12 +136,14 @@ class SnapshotEngine:
         self._in_cell = self.shell.execution_count - (COUNT_ADVANCES_BEFORE_CELL if numbered else 1)
         self._count_advances_after_cell = numbered and not COUNT_ADVANCES_BEFORE_CELL
         self._cell_source = getattr(info, "raw_cell", "") or ""
+        if not self._only_spot_lines():  # `%spot restore` or `discard` first: nothing to announce then
+            self._announce()
 
     def post_run_cell(self, result: Any) -> None:
         cell, self._in_cell = self._in_cell, None
         self._count_advances_after_cell = False
-        lines = [line.strip() for line in self._cell_source.splitlines() if line.strip()]
-        if all(line.startswith("%spot") for line in lines):
+        self._announce()  # the cell that ran `%load_ext jupyter_spot` says it too
+        if self._only_spot_lines():
             return  # `%spot …` cells snapshot (or restore) themselves, or only look
         # Remembered until a snapshot covers them: with `%spot off`, or while a
         # failing store is given time, cells still change things in place.
@@ -209,6 +160,22 @@ class SnapshotEngine:
         except Exception as error:  # a snapshot bug must never break the user's cells
             self._failed_at = time.monotonic()
             self._warn(f"snapshot failed: {type(error).__name__}: {error}")
+
+    def _only_spot_lines(self) -> bool:
+        lines = [line.strip() for line in self._cell_source.splitlines() if line.strip()]
+        return all(line.startswith("%spot") for line in lines)
+
+    def _announce(self) -> None:
+        """Once, in the first cell's output: state in this session that this kernel did not restore."""
+        if self.lines.announced:
+            return
+        try:
+            text = self.lines.announcement(self.session)
+        except Exception as error:  # never break the user's cell; a store that fails warns once
+            self._warn(f"could not check this session for state to restore: {type(error).__name__}: {error}")
+            return
+        if text:
+            print(text)
 
     def _note_births(self, names: list[str], cell: int | None) -> None:
         """Remember which cell bound each new value until a snapshot records it."""
@@ -424,6 +391,7 @@ class SnapshotEngine:
                 variables[name] = {"group": f"g{index}", "type": info_.get("type"), "size": info_.get("size", 0),
                                    "cell": self._born.get(name)}
         manifest = {
+            **self.lines.manifest_fields(self.session, result.id),
             "session": self.session,
             "id": result.id,
             "created": datetime.now(timezone.utc).isoformat(),
@@ -434,7 +402,7 @@ class SnapshotEngine:
             "variables": variables,
             "skipped": skipped,
             "environment": info,
-            "versions": _versions(),
+            "versions": library_versions(),
             "excluded": sorted(self.excluded),
             "size": result.size,
             "variable_count": len(variables),
@@ -497,15 +465,19 @@ class SnapshotEngine:
         return Group(names, pickled.serializer, (payload_key, len(pickled.payload)), tuple(buffers), definition)
 
     def _committed(self, manifest: dict[str, Any]) -> None:
-        """Writer thread, after a commit: apply retention by snapshot count."""
+        """Writer thread, after a commit: apply retention by snapshot count (store/retention.py)."""
         self._warned = False
+        session = manifest["session"]
+        self.lines.index.remember(session, manifest)
         if manifest.get("during_cell") is None:
             self.last_clean_id = manifest["id"]
         keep = self.settings.keep
         if keep > 0:
-            for snapshot_id in self.store.list_snapshots(self.session)[:-keep]:
-                if snapshot_id != self.last_clean_id:
-                    self.store.delete_snapshot(self.session, snapshot_id)
+            spare = frozenset({self.last_clean_id} if self.last_clean_id else ())
+            for snapshot_id in snapshots_to_delete(
+                self.store, session, keep, self.keep_interrupted_days, self.lines.index, spare
+            ):
+                self.store.delete_snapshot(session, snapshot_id)
 
     def flush(self, reason: str, deadline: datetime | None = None) -> SnapshotResult:
         """A final snapshot on an interruption notice, durable before it returns.
@@ -572,162 +544,4 @@ class SnapshotEngine:
 
     def gc(self, keep: int) -> Any:
         self.wait_until_durable()
-        return collect_garbage(self.store, keep, session=self.session)
-
-    # -- restore ---------------------------------------------------------------
-    def restore(self, snapshot: str = "latest", session: str | None = None, clean: bool = False) -> RestoreReport:
-        """Load a snapshot into this kernel, falling back to older ones if it is damaged."""
-        started = time.perf_counter()
-        session = session or self.session
-        report = RestoreReport(snapshot_id=None, session=session)
-        self.wait_until_durable(timeout=300)
-        try:
-            ids = self.store.list_snapshots(session)
-        except StoreError as error:
-            report.error = str(error)
-            return report
-        if not ids:
-            report.error = f"session {session!r} has no snapshots in {self.store.url} (`%spot list` shows what there is)"
-            return report
-        if snapshot == "latest":
-            candidates = ids[::-1]
-        elif snapshot in ids:
-            candidates = ids[: ids.index(snapshot) + 1][::-1]
-        else:
-            report.error = f"session {session!r} has no snapshot {snapshot!r} (`%spot list` shows what there is)"
-            return report
-        loaded = None
-        missing_key: UnknownKeyError | None = None
-        for snapshot_id in candidates:
-            try:
-                manifest = self.store.load_manifest(session, snapshot_id)
-            except ManifestError as error:
-                report.fallbacks.append(f"snapshot {snapshot_id} cannot be used: {error}")
-                if isinstance(error, UnknownKeyError):
-                    missing_key = missing_key or error
-                continue
-            except StoreError as error:
-                report.fallbacks.append(f"snapshot {snapshot_id} cannot be used: {error}")
-                continue
-            if clean and manifest.get("during_cell") is not None:
-                continue
-            try:
-                blobs = {digest: self.store.get_blob(digest) for digest in manifest.get("blobs", [])}
-            except StoreError as error:
-                report.fallbacks.append(f"snapshot {snapshot_id} cannot be used: {error}")
-                continue
-            loaded = manifest, blobs
-            break
-        fault_point("restore")
-        if loaded is None:
-            report.error = f"no usable snapshot of session {session!r} in {self.store.url}"
-            if missing_key is not None:  # the fresh-machine case: say once what to set
-                report.error += f"; signed with a key this machine does not have. Fix: {missing_key.fix}"
-            return report
-        self._apply(*loaded, report)
-        report.seconds = time.perf_counter() - started
-        return report
-
-    def _apply(self, manifest: dict[str, Any], blobs: dict[str, Any], report: RestoreReport) -> None:
-        namespace = self.shell.user_ns
-        report.snapshot_id = manifest["id"]
-        report.kind = manifest.get("kind")
-        report.execution_count = manifest.get("execution_count")
-        report.during_cell = manifest.get("during_cell")
-        if report.fallbacks:
-            report.fallbacks.append(f"fell back to snapshot {manifest['id']} (state after cell {report.execution_count})")
-        self.excluded.update(manifest.get("excluded", []))
-        env = manifest.get("environment", {})
-        modules, notes = environment.import_modules(env)
-        namespace.update(modules)
-        report.notes.extend(notes)
-        here = _versions()
-        for library, version in manifest.get("versions", {}).items():
-            if library in here and here[library].split(".")[:2] != str(version).split(".")[:2]:
-                report.notes.append(f"the snapshot was taken with {library} {version}; this kernel has {here[library]}")
-
-        groups = manifest.get("groups", {})
-        failures: dict[str, str] = {}
-
-        def load(group: dict[str, Any]) -> None:
-            values = serialize.load(blobs[group["blob"]], [blobs[d] for d in group["buffers"]], group["serializer"],
-                                    namespace)
-            if group["serializer"] == "source":
-                values = {name: namespace[name] for name in group["names"]}
-                self._sources.update({name: (id(v), bytes(blobs[group["blob"]]).decode()) for name, v in values.items()})
-            namespace.update(values)
-            report.restored.extend(values)
-
-        # Definitions first, then data; whatever refers to something not yet
-        # restored (a subclass to its base, an instance to a class kept as
-        # source) is retried until a round makes no progress.
-        pending = sorted(groups.values(), key=lambda group: not group.get("definition"))
-        while pending:
-            failed = []
-            for group in pending:
-                try:
-                    load(group)
-                except Exception as error:
-                    failures.update({name: f"{type(error).__name__}: {error}" for name in group["names"]})
-                    failed.append(group)
-                else:
-                    for name in group["names"]:
-                        failures.pop(name, None)
-            if len(failed) == len(pending):
-                break
-            pending = failed
-        variables = manifest.get("variables", {})
-        for name, why in failures.items():
-            cell = variables.get(name, {}).get("cell")
-            report.not_restored[name] = {"type": variables.get(name, {}).get("type"), "reason": f"failed to load: {why}",
-                                         "cell": cell, "source": ""}
-        for name, info in manifest.get("skipped", {}).items():
-            report.not_restored[name] = info
-        rng = manifest.get("rng")
-        report.notes.extend(environment.apply(env, bytes(blobs[rng]) if rng else None))
-
-        # Continue the lineage: the next snapshot's parent is this one, with a later id.
-        count = manifest.get("execution_count")
-        if count is not None:
-            if count < self.shell.execution_count:
-                try:  # IPython's history database refuses a line number twice in one session
-                    history = self.shell.history_manager
-                    history.writeout_cache()  # lines typed so far belong to the old session
-                    history.new_session()
-                except Exception:
-                    pass
-            # The next cell is count + 1. %spot restore runs in a cell, and IPython before
-            # 9.8 advances the count after it; a silent request (the server's restore,
-            # `jupyter spot run`), a cell outside the history and newer IPython do not.
-            self.shell.execution_count = count if self._count_advances_after_cell else count + 1
-        id_time = _parse_id_time(manifest["id"])
-        if id_time is not None and (self._last_id_time is None or id_time > self._last_id_time):
-            self._last_id_time = id_time
-        for group in groups.values():
-            for digest in [group["blob"], *group["buffers"]]:
-                self.durable[content_key(blobs[digest])] = digest
-        if rng:
-            self.durable[content_key(blobs[rng])] = rng
-        self.writer.last_committed = manifest["id"]
-        self._ids.clear()
-        self._groups.clear()
-        for name, info in variables.items():
-            if info.get("cell") is not None:
-                self._born[name] = info["cell"]
-        for name, info in manifest.get("skipped", {}).items():
-            if info.get("cell") is not None:
-                self._born[name] = info["cell"]
-        self._run_hooks(report)
-
-    def _run_hooks(self, report: RestoreReport) -> None:
-        for name in report.restored:
-            value = self.shell.user_ns.get(name)
-            if callable(value) and getattr(value, _HOOK_MARK, False):
-                register_after_restore(value)
-        for hook in list(AFTER_RESTORE_HOOKS):
-            try:
-                takes_report = len(inspect.signature(hook).parameters) > 0
-                hook(report) if takes_report else hook()
-            except Exception as error:
-                report.notes.append(f"after_restore hook {getattr(hook, '__name__', hook)!r} failed: "
-                                    f"{type(error).__name__}: {error}")
+        return collect_garbage(self.store, keep, session=self.session, keep_interrupted_days=self.keep_interrupted_days)

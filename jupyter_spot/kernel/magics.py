@@ -12,7 +12,7 @@ from ..store import StoreError, UnknownKeyError
 from .engine import SnapshotEngine
 from ..units import human_bytes
 
-COMMANDS = ("snapshot", "restore", "list", "status", "on", "off", "exclude", "gc")
+COMMANDS = ("snapshot", "restore", "discard", "list", "status", "on", "off", "exclude", "gc")
 
 
 @magics_class
@@ -23,13 +23,18 @@ class SpotMagics(Magics):
 
     @magic_arguments()
     @argument("command", choices=COMMANDS, help="what to do")
-    @argument("args", nargs="*", help="restore: latest or a snapshot id; exclude: variable names")
+    @argument(
+        "args",
+        nargs="*",
+        help="restore: latest or a snapshot id; discard: a snapshot id of the line to discard "
+        "(default: the interrupted line); exclude: variable names",
+    )
     @argument("--session", default=None, help="restore: another session's snapshots (e.g. another notebook's)")
     @argument("--clean", action="store_true", help="restore: the newest snapshot not taken in the middle of a cell")
     @argument("--keep", type=int, default=None, help="gc: snapshots to keep per session")
     @line_magic
     def spot(self, line: str) -> None:
-        """Snapshots of this kernel's state: snapshot, restore, list, status, on, off, exclude, gc."""
+        """Snapshots of this kernel's state: snapshot, restore, discard, list, status, on, off, exclude, gc."""
         args = parse_argstring(self.spot, line)
         getattr(self, f"_{args.command}")(args)
 
@@ -41,6 +46,17 @@ class SpotMagics(Magics):
             raise UsageError("%spot restore takes one snapshot: latest or an id")
         report = self.engine.restore(args.args[0] if args.args else "latest", session=args.session, clean=args.clean)
         print(report)
+
+    def _discard(self, args: Any) -> None:
+        if len(args.args) > 1:
+            raise UsageError("%spot discard takes at most one snapshot id (default: the interrupted line)")
+        if args.session:
+            raise UsageError("%spot discard works on this kernel's session only")
+        self.engine.wait_until_durable(timeout=60)
+        try:
+            print(self.engine.lines.discard(self.engine.session, args.args[0] if args.args else None))
+        except StoreError as error:
+            raise UsageError(str(error)) from None
 
     def _list(self, args: Any) -> None:
         engine = self.engine
@@ -64,8 +80,15 @@ class SpotMagics(Magics):
                 continue
             where = (f"during cell {manifest['during_cell']}" if manifest.get("during_cell") is not None
                      else f"after cell {manifest.get('execution_count')}")
+            line = manifest.get("line") or "legacy"
             print(f"  {snapshot_id}  {manifest.get('kind'):8}  {where:16}  {manifest.get('variable_count')} vars  "
-                  f"{human_bytes(manifest.get('size', 0)):>9}  {len(manifest.get('skipped', {}))} skipped")
+                  f"{human_bytes(manifest.get('size', 0)):>9}  {len(manifest.get('skipped', {}))} skipped  "
+                  f"line {'(this kernel) ' if line == engine.lines.line else ''}{line}")
+        if session == engine.session:
+            interrupted, _ = engine.lines.interrupted(session)
+            if interrupted is not None:
+                print(f"interrupted line: {interrupted.id} (newest {interrupted.newest_id}): `%spot restore` "
+                      "loads it, `%spot discard` stops offering it")
         for fix in sorted(fixes):
             print(f"to use them (nothing unverified is ever loaded): {fix}")
 

@@ -34,6 +34,9 @@ OUT_OF_BAND_MIN = 64 << 10
 
 PROTOCOL = 5
 
+#: Streams whose contents live in the process: stored like any other data.
+IN_MEMORY_BUFFERS = (io.StringIO, io.BytesIO)
+
 
 class Unserializable(Exception):
     """Neither pickler can store this object; the message says why."""
@@ -44,7 +47,11 @@ def _refusal(obj_type: type) -> str | None:
 
     dill can pickle an open file by reopening it on load — for a file open for
     writing that truncates it — so files are refused rather than "restored".
+    In-memory buffers (``io.StringIO``, ``io.BytesIO``) are data: they pickle
+    with their contents and position.
     """
+    if issubclass(obj_type, IN_MEMORY_BUFFERS):
+        return None
     if issubclass(obj_type, io.IOBase):
         return "open file or stream: reopen it after restore"
     if issubclass(obj_type, types.GeneratorType | types.CoroutineType | types.AsyncGeneratorType):

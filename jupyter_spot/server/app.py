@@ -18,8 +18,9 @@ from jupyter_server.extension.application import ExtensionApp
 from traitlets import Bool, Float, Int, List, Unicode
 
 from .._version import __version__
-from ..config import resolve_store_url
-from ..store import Store, StoreError, collect_garbage, open_store
+from ..config import resolve_keep_interrupted_days, resolve_store_url
+from ..store import GCReport, Store, StoreError, collect_garbage, open_store
+from ..store.lines import KEEP_INTERRUPTED_DAYS, LineIndex
 from ..store.keys import KMS_ENV
 from . import catalog
 from .handlers import handlers
@@ -59,6 +60,12 @@ class SpotApp(ExtensionApp):
     keep = Int(
         20, help="Snapshots kept per session by the server's periodic garbage collection (0: never collect)."
     ).tag(config=True)
+    keep_interrupted_days = Float(
+        KEEP_INTERRUPTED_DAYS,
+        help="Garbage collection (the server's, its kernels' and `jupyter spot gc`) spares the newest snapshot "
+        "of every line nobody restored or discarded for at least this many days. "
+        "$JUPYTER_SPOT_KEEP_INTERRUPTED_DAYS wins; the server passes it to its kernels.",
+    ).tag(config=True)
     gc_interval = Float(3600.0, help="Seconds between garbage collections of the store.").tag(config=True)
     notice_sources = List(
         Unicode(),
@@ -91,6 +98,9 @@ class SpotApp(ExtensionApp):
             os.environ.setdefault(KMS_ENV, self.kms_key_id)
         self.server_id = uuid.uuid4().hex
         self.snapshot_store: Store = open_store(self.store_url)
+        self.keep_interrupted_days = resolve_keep_interrupted_days(self.keep_interrupted_days)
+        #: Each snapshot's line, read once per process (manifests never change).
+        self.line_index = LineIndex(self.snapshot_store)
         self._writable: tuple[float, bool, str | None] = (0.0, False, None)
         logger = self.serverapp.event_logger
         for schema in sorted(EVENTS_DIR.glob("*.yaml")):
@@ -140,10 +150,16 @@ class SpotApp(ExtensionApp):
         while True:
             await asyncio.sleep(self.gc_interval)
             try:
-                report = await asyncio.to_thread(collect_garbage, self.snapshot_store, self.keep)
+                report = await self.collect_garbage()
                 self.log.info("jupyter-spot: garbage collection %s", report)
             except StoreError as error:
                 self.log.warning("jupyter-spot: garbage collection failed: %s", error)
+
+    async def collect_garbage(self) -> GCReport:
+        """One collection: ``keep`` snapshots per session, every undecided line's newest, referenced blobs."""
+        return await asyncio.to_thread(
+            collect_garbage, self.snapshot_store, self.keep, keep_interrupted_days=self.keep_interrupted_days
+        )
 
     async def _beat_periodically(self) -> None:
         while True:
@@ -158,6 +174,7 @@ class SpotApp(ExtensionApp):
                 session,
                 self.kernels.live_kernels(),
                 server_id=self.server_id,
+                index=self.line_index,
             )
         except StoreError as error:
             self.log.warning("jupyter-spot: cannot read session %r: %s", session, error)

@@ -4,23 +4,29 @@ Pure functions over a :class:`~jupyter_spot.store.Store`, shared by the REST
 handlers and the ``jupyter spot`` CLI, so both tell the same story.
 
 **Interrupted** (the definition the REST API and docs/server.md use): a session
-is interrupted when its latest snapshot holds state that no running kernel has
-and nobody chose to throw away. Concretely, all of:
+is interrupted when it has an *interrupted line* (jupyter_spot/store/lines.py):
+a line of descent whose newest snapshot holds state that no running kernel has
+and nobody restored, discarded or closed. Concretely, a line that:
 
-1. it has a snapshot that loads (signed by our key);
-2. that snapshot is not already loaded into, nor newer than the start of, a
-   kernel of this session that is running on this server (a kernel started
-   after the snapshot was written did not write it: a fresh server's kernel for
-   the same notebook is still "interrupted" until it restores or writes anew);
-3. the session was not closed cleanly after that snapshot — a user shutting
-   the kernel down (kernel or session DELETE) writes a ``closed`` session record;
-   a server stopping, a notice, SIGKILL or a lost machine do not;
-4. its kernel is not alive under another server sharing the store: each server
-   running a kernel of the session keeps an entry in the record's ``holders``
-   with a ``heartbeat`` it refreshes, and the session counts as live elsewhere
-   while another server's heartbeat is fresh (two of its intervals plus slack),
+1. has a snapshot that loads (signed by our key);
+2. nobody restored or discarded since its newest snapshot (the session's
+   ``lines-…`` record), and whose kernel was not shut down cleanly by the user
+   after it (a ``closed`` decision, or for snapshots older than lines, a
+   ``closed`` session record);
+3. is not owned by a kernel of this session running on this server: one that
+   wrote its newest snapshot or restored one of its snapshots (for snapshots
+   older than lines, one started after the snapshot). A new kernel that has not
+   restored writes a line of its own, so running cells never ends an interruption:
+   only Restore or Discard does;
+4. is not owned by a kernel alive under another server sharing the store: each
+   server running a kernel of the session keeps an entry in the record's
+   ``holders`` with a ``heartbeat`` it refreshes, and a kernel counts as live
+   elsewhere while that heartbeat is fresh (two of its intervals plus slack),
    that server's process still exists when it is on this host, and no notice
-   named its kernel (a machine that was told to go is going).
+   named the kernel (a machine that was told to go is going).
+
+Of several such lines the newest is the interrupted one, except that a line
+started beside another undecided one never hides it (store/lines.py).
 
 The ``reason`` comes from the records: the notice record that named the
 session's last kernel, else the session record of a kernel that never shut
@@ -38,6 +44,15 @@ from datetime import datetime, timezone
 from typing import Any
 
 from ..store import ManifestError, Store, StoreError, UnknownKeyError
+from ..store.lines import (
+    CLOSED,
+    DISCARDED,
+    Line,
+    LineIndex,
+    interrupted_line,
+    load_decisions,
+    record_decision,
+)
 
 NOTICE_RECORD_PREFIX = "notice-"
 SESSION_RECORD_PREFIX = "session-"
@@ -212,11 +227,20 @@ def fresh_holders(record: dict[str, Any], now: datetime | None = None) -> dict[s
 def live_elsewhere(
     record: dict[str, Any], server_id: str | None, notices: list[dict[str, Any]], now: datetime | None = None
 ) -> dict[str, Any] | None:
-    """Where the session's kernel still runs under another server, from its session record; None if not.
+    """Where the session's kernel still runs under another server, from its session record; None if not."""
+    holders = holders_elsewhere(record, server_id, notices, now)
+    return holders[0] if holders else None
+
+
+def holders_elsewhere(
+    record: dict[str, Any], server_id: str | None, notices: list[dict[str, Any]], now: datetime | None = None
+) -> list[dict[str, Any]]:
+    """Every kernel of the session still running under another server, from its session record.
 
     Every server running a kernel of the session keeps its own entry in the
     record's ``holders``, so two servers on one notebook do not hide each other.
     """
+    found = []
     for holder_id, holder in sorted(fresh_holders(record, now).items()):
         if holder_id == server_id:
             continue
@@ -225,9 +249,83 @@ def live_elsewhere(
         kernel_id = holder.get("kernel_id")
         if kernel_id and _notice_reason(notices, str(record.get("session")), kernel_id):
             continue  # that machine was told to go
-        return {"host": holder.get("host"), "server": holder.get("server"), "kernel_id": kernel_id,
-                "heartbeat": holder.get("heartbeat")}
-    return None
+        found.append({"host": holder.get("host"), "server": holder.get("server"), "kernel_id": kernel_id,
+                      "heartbeat": holder.get("heartbeat")})
+    return found
+
+
+def _owned_here(line: Line, mine: list[LiveKernel]) -> bool:
+    """A kernel of the session on this server wrote the line's newest snapshot or restored one of it."""
+    if any(k.restored in line.snapshots for k in mine):
+        return True
+    if line.kernel is not None:
+        return line.kernel in {k.kernel_id for k in mine}
+    created = line.newest.created if line.newest else None  # a snapshot from before lines: by time
+    return created is not None and any(k.started <= created for k in mine)
+
+
+def _closed_by_record(line: Line, record: dict[str, Any]) -> bool:
+    """A ``closed`` session record after the line's newest snapshot, from the kernel that wrote it."""
+    closed_at = parse_time(record.get("closed_at")) if record.get("state") == "closed" else None
+    created = line.newest.created if line.newest else None
+    if closed_at is None or created is None or closed_at < created:
+        return False
+    kernel = record.get("kernel_id")
+    return line.kernel is None or kernel is None or kernel == line.kernel
+
+
+def _reason(
+    line: Line, record: dict[str, Any], mine: list[LiveKernel], notices: list[dict[str, Any]], session: str
+) -> str:
+    """Why the line stopped: its kernel's notice, an unfinished run, an unclean stop, else who wrote it."""
+    kernel = line.kernel or record.get("kernel_id")
+    if kernel in {k.kernel_id for k in mine}:
+        kernel = None  # our own new kernel wrote the record last: it is not the one that stopped
+    reason = _notice_reason(notices, session, kernel) if kernel else None
+    where = record.get("host") or "another machine"
+    if reason is None and record.get("state") == "running":
+        reason = f"`jupyter spot run` on {where} did not finish; run it again to resume"
+    if reason is None and kernel and record.get("kernel_id") == kernel and record.get("state") == "live":
+        reason = f"kernel {kernel} on {where} stopped without a clean shutdown"
+    if reason is None and kernel and kernel in _recorded_kernels(record):
+        reason = f"kernel {kernel} stopped without a clean shutdown"
+    return reason or _notice_reason(notices, session, None) or "written by a kernel no server here is running"
+
+
+def _recorded_kernels(record: dict[str, Any]) -> set[str]:
+    holders = record.get("holders")
+    if not isinstance(holders, dict):
+        return set()
+    kernels = {holder.get("kernel_id") for holder in holders.values() if isinstance(holder, dict)}
+    return {kernel for kernel in kernels if isinstance(kernel, str)}
+
+
+def session_lines(
+    store: Store,
+    session: str,
+    live: list[LiveKernel],
+    notices: list[dict[str, Any]] | None = None,
+    server_id: str | None = None,
+    index: LineIndex | None = None,
+) -> tuple[dict[str, Line], Line | None, dict[str, Any] | None, dict[str, Any]]:
+    """The session's lines, its interrupted line, a kernel live elsewhere, and its session record."""
+    lines = (index or LineIndex(store)).lines(session)
+    record = store.get_record(session_record_name(session)) or {}
+    record = record if isinstance(record, dict) else {}
+    mine = [k for k in live if k.session == session]
+    owned = {line.id for line in lines.values() if _owned_here(line, mine) or _closed_by_record(line, record)}
+    elsewhere = None
+    if record.get("holders") and len(owned) < len(lines):
+        notices = notice_records(store) if notices is None else notices
+        holders = holders_elsewhere(record, server_id, notices)
+        by_kernel = {h["kernel_id"]: h for h in holders}
+        for line in lines.values():
+            holder = by_kernel.get(line.kernel) if line.kernel else (holders[0] if holders else None)
+            if line.id not in owned and holder is not None:
+                owned.add(line.id)
+                elsewhere = elsewhere or holder
+    interrupted = interrupted_line(lines, load_decisions(store, session), owned)
+    return lines, interrupted, elsewhere, record
 
 
 def describe_session(
@@ -236,60 +334,85 @@ def describe_session(
     live: list[LiveKernel],
     notices: list[dict[str, Any]] | None = None,
     server_id: str | None = None,
+    index: LineIndex | None = None,
 ) -> dict[str, Any] | None:
     """The API's Session object, or None when the session has no loadable snapshot.
 
-    ``server_id`` is the asking server's (None for the CLI, which runs no kernels).
+    ``latest`` is what a restore of "latest" loads: the interrupted line's newest
+    snapshot while there is one, else the session's newest. ``server_id`` is the
+    asking server's (None for the CLI, which runs no kernels).
     """
-    manifest, _problems = store.latest_manifest(session)
-    if manifest is None:
+    lines, interrupted, elsewhere, record = session_lines(store, session, live, notices, server_id, index)
+    if not lines:
         return None
-    latest = snapshot_summary(manifest)
-    created = parse_time(manifest.get("created")) or utcnow()
+    if interrupted is not None:
+        manifest = store.load_manifest(session, interrupted.newest_id)
+    else:
+        manifest, _problems = store.latest_manifest(session)
+        if manifest is None:
+            return None
     mine = [k for k in live if k.session == session]
-    live_kernel = mine[-1].kernel_id if mine else None
-    record = store.get_record(session_record_name(session)) or {}
-
-    caught_up = any(k.restored is not None or k.started <= created for k in mine)
-    closed_at = parse_time(record.get("closed_at")) if record.get("state") == "closed" else None
-    closed = closed_at is not None and closed_at >= created
-    elsewhere = None
-    if not caught_up and record.get("holders"):
-        notices = notice_records(store) if notices is None else notices
-        elsewhere = live_elsewhere(record, server_id, notices)
-    interrupted = not caught_up and not closed and elsewhere is None
-
     reason = None
-    if interrupted:
+    if interrupted is not None:
         notices = notice_records(store) if notices is None else notices
-        last_kernel = record.get("kernel_id")
-        if last_kernel in {k.kernel_id for k in mine}:
-            last_kernel = None  # our own new kernel wrote the record last: it is not the one that stopped
-        reason = _notice_reason(notices, session, last_kernel) if last_kernel else None
-        where = record.get("host") or "another machine"
-        if reason is None and record.get("state") == "running":
-            reason = f"`jupyter spot run` on {where} did not finish; run it again to resume"
-        if reason is None and record.get("state") == "live" and last_kernel:
-            reason = f"kernel {last_kernel} on {where} stopped without a clean shutdown"
-        if reason is None:
-            reason = _notice_reason(notices, session, None) or "written by a kernel no server here is running"
+        reason = _reason(interrupted, record, mine, notices, session)
+    newest_id = max(line.newest_id for line in lines.values())
+    newest = manifest if newest_id == manifest["id"] else store.load_manifest(session, newest_id)
     return {
         "id": session,
-        "interrupted": interrupted,
-        "live_kernel": live_kernel,
+        "interrupted": interrupted is not None,
+        "live_kernel": mine[-1].kernel_id if mine else None,
         "live_elsewhere": elsewhere,
         "reason": reason,
-        "latest": latest,
+        "latest": snapshot_summary(manifest),
+        "line": interrupted.id if interrupted is not None else manifest.get("line") or "legacy",
+        "newest": snapshot_summary(newest),
     }
 
 
+def discard_line(
+    store: Store,
+    session: str,
+    live: list[LiveKernel],
+    snapshot: str | None,
+    by: str,
+    server_id: str | None = None,
+    index: LineIndex | None = None,
+) -> dict[str, Any] | None:
+    """Stop offering the interrupted line (or ``snapshot``'s): None when there is nothing to discard."""
+    lines, interrupted, _, _ = session_lines(store, session, live, server_id=server_id, index=index)
+    if snapshot is None:
+        line = interrupted
+    else:
+        line = next((each for each in lines.values() if snapshot in each.snapshots), None)
+    if line is None:
+        return None
+    record_decision(store, session, line.id, DISCARDED, line.newest_id, by)
+    return {"line": line.id, "snapshot": snapshot_summary(store.load_manifest(session, line.newest_id))}
+
+
+def close_kernel_lines(store: Store, session: str, kernel_id: str, index: LineIndex | None = None) -> list[str]:
+    """The user shut ``kernel_id`` down: the lines whose newest snapshot it wrote are closed, not interrupted."""
+    closed = []
+    for line in (index or LineIndex(store)).lines(session).values():
+        if line.kernel == kernel_id:
+            record_decision(store, session, line.id, CLOSED, line.newest_id, f"kernel {kernel_id} shut down")
+            closed.append(line.id)
+    return closed
+
+
 def describe_sessions(
-    store: Store, live: list[LiveKernel], only: str | None = None, server_id: str | None = None
+    store: Store,
+    live: list[LiveKernel],
+    only: str | None = None,
+    server_id: str | None = None,
+    index: LineIndex | None = None,
 ) -> list[dict[str, Any]]:
     """Every session with a loadable snapshot (or just ``only``), newest activity first."""
     names = [only] if only is not None else store.list_sessions()
     notices = notice_records(store)
-    described = (describe_session(store, name, live, notices, server_id) for name in names)
+    index = index or LineIndex(store)
+    described = (describe_session(store, name, live, notices, server_id, index) for name in names)
     sessions = [s for s in described if s is not None]
     sessions.sort(key=lambda s: s["latest"]["created"] or "", reverse=True)
     return sessions

@@ -13,12 +13,13 @@ import sys
 from typing import Any, NoReturn
 
 from jupyter_core.application import JupyterApp, base_aliases, base_flags
-from traitlets import Bool, Int, Unicode
+from traitlets import Bool, Float, Int, Unicode
 
 from .._version import __version__
-from ..config import resolve_store_url
+from ..config import resolve_keep_interrupted_days, resolve_store_url
 from ..store import ManifestError, Store, StoreError, collect_garbage, open_store
 from ..store.keys import KMS_ENV
+from ..store.lines import KEEP_INTERRUPTED_DAYS
 from ..units import human_bytes
 from . import catalog
 from .doctor_keys import signing_key_checks
@@ -147,15 +148,29 @@ class ShowApp(StoreApp):
 
 class GCApp(StoreApp):
     name = "jupyter-spot-gc"
-    description = "Keep the newest N snapshots of each session and delete blobs no kept snapshot uses."
+    description = (
+        "Keep the newest N snapshots of each session, and the newest of every line nobody restored or "
+        "discarded (for --keep-interrupted-days), and delete blobs no kept snapshot uses."
+    )
     keep = Int(20, help="Snapshots to keep per session (at least 1).").tag(config=True)
     session = Unicode("", help="Collect only this session's old snapshots.").tag(config=True)
-    aliases = {**StoreApp.aliases, "keep": "GCApp.keep", "session": "GCApp.session"}
+    keep_interrupted_days = Float(
+        KEEP_INTERRUPTED_DAYS,
+        help="Spare the newest snapshot of every line nobody restored or discarded for this many days. "
+        "$JUPYTER_SPOT_KEEP_INTERRUPTED_DAYS wins.",
+    ).tag(config=True)
+    aliases = {
+        **StoreApp.aliases,
+        "keep": "GCApp.keep",
+        "session": "GCApp.session",
+        "keep-interrupted-days": "GCApp.keep_interrupted_days",
+    }
 
     def start(self) -> None:
         store = self.open()
         try:
-            report = collect_garbage(store, self.keep, session=self.session or None)
+            days = resolve_keep_interrupted_days(self.keep_interrupted_days)
+            report = collect_garbage(store, self.keep, session=self.session or None, keep_interrupted_days=days)
         except (StoreError, ValueError) as error:
             self.fail(str(error))
         data = {

@@ -87,7 +87,7 @@ class SessionsHandler(SpotHandler):
         only = self.session_arg(path.lstrip("/")) if path is not None else None
         live = self.spot.kernels.live_kernels()
         sessions = await self.in_thread(
-            catalog.describe_sessions, self.spot.snapshot_store, live, only, self.spot.server_id
+            catalog.describe_sessions, self.spot.snapshot_store, live, only, self.spot.server_id, self.spot.line_index
         )
         unverifiable = await self.in_thread(
             catalog.unverifiable_sessions, self.spot.snapshot_store, only, {s["id"] for s in sessions}
@@ -154,6 +154,40 @@ class RestoreHandler(SpotHandler):
         self.finish(result)
 
 
+class DiscardHandler(SpotHandler):
+    """Stop offering an interrupted line: ``latest`` then means the newest snapshot (docs/server.md)."""
+
+    @web.authenticated
+    @authorized
+    async def post(self, session: str) -> None:
+        session = self.session_arg(session)
+        try:
+            body = self.get_json_body() or {}
+        except web.HTTPError:
+            raise web.HTTPError(400, "the body must be JSON") from None
+        if not isinstance(body, dict):
+            raise web.HTTPError(400, 'the body must be a JSON object like {"snapshot": "<id>"} or {}')
+        snapshot = body.get("snapshot")
+        if snapshot is not None:
+            snapshot = self.snapshot_arg(snapshot)
+        await self.require_session(session)
+        by = f"server {self.spot.serverapp.connection_url} ({getattr(self.current_user, 'username', '?')})"
+        result = await self.in_thread(
+            catalog.discard_line,
+            self.spot.snapshot_store,
+            session,
+            self.spot.kernels.live_kernels(),
+            snapshot,
+            by,
+            self.spot.server_id,
+            self.spot.line_index,
+        )
+        if result is None:
+            what = f"no usable snapshot {snapshot}" if snapshot else "no interrupted line"
+            raise web.HTTPError(404, f"session {session!r} has {what} to discard")
+        self.finish(result)
+
+
 def handlers(app: SpotApp) -> list[tuple[str, type[SpotHandler]]]:
     """The routes, relative to the server's base_url (ExtensionApp prefixes it)."""
     api = r"/jupyter-spot/api"
@@ -163,4 +197,5 @@ def handlers(app: SpotApp) -> list[tuple[str, type[SpotHandler]]]:
         (rf"{api}/sessions/([^/]+)/snapshots", SnapshotsHandler),
         (rf"{api}/sessions/([^/]+)/snapshots/([^/]+)", SnapshotHandler),
         (rf"{api}/sessions/([^/]+)/restore", RestoreHandler),
+        (rf"{api}/sessions/([^/]+)/discard", DiscardHandler),
     ]

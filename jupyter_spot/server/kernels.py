@@ -32,11 +32,12 @@ from jupyter_core.paths import jupyter_runtime_dir
 from jupyter_core.utils import ensure_async
 from tornado import web
 
-from ..config import NOTEBOOK_PATH_ENV, SESSION_ENV, STORE_ENV
+from ..config import KEEP_INTERRUPTED_DAYS_ENV, NOTEBOOK_PATH_ENV, SESSION_ENV, STORE_ENV
 from ..store import StoreError
 from ..store.keys import KMS_ENV
 from .catalog import (
     LiveKernel,
+    close_kernel_lines,
     fresh_holders,
     isoformat,
     renamed_session,
@@ -169,6 +170,7 @@ class SpotKernels:
                 STORE_ENV: self.app.store_url,
                 SERVER_WATCHES_ENV: "1",
                 NOTICE_FILE_ENV: str(notice_file),
+                KEEP_INTERRUPTED_DAYS_ENV: repr(self.app.keep_interrupted_days),
             }
         )
         if os.environ.get(KMS_ENV):  # the server's KMS key (c.SpotApp.kms_key_id too): one key for both
@@ -281,11 +283,24 @@ class SpotKernels:
             self.live[kernel_id].restored = None
         elif data.get("action") == "shutdown":
             if not self.stopping:  # a server going down is not the user closing the notebook
+                await self._close_lines(kernel_id)
                 await self._write_session_record(kernel_id, "closed")
             self.live.pop(kernel_id, None)
             notice_file = self.notice_files.pop(kernel_id, None)
             if notice_file is not None:
                 notice_file.unlink(missing_ok=True)
+
+    async def _close_lines(self, kernel_id: str) -> None:
+        """The user shut the kernel down: its lines are closed, so no restore is offered for them."""
+        live = self.live.get(kernel_id)
+        if live is None:
+            return
+        try:
+            await asyncio.to_thread(
+                close_kernel_lines, self.app.snapshot_store, live.session, kernel_id, self.app.line_index
+            )
+        except StoreError as error:
+            self.app.log.warning("jupyter-spot: could not close the lines of kernel %s: %s", kernel_id, error)
 
     async def on_contents_action(self, logger: Any, schema_id: str, data: dict[str, Any]) -> None:
         """Listener for contents events: a renamed or moved notebook's kernel snapshots under its new path."""
@@ -306,6 +321,7 @@ class SpotKernels:
         launch = getattr(self.km.get_kernel(kernel_id), "_launch_args", None)
         if isinstance(launch, dict) and isinstance(launch.get("env"), dict):
             launch["env"][SESSION_ENV] = session
+        await self._close_lines(kernel_id)
         await self._write_session_record(kernel_id, "closed", renamed_to=session)
         self.live[kernel_id].session = session
         await self._write_session_record(kernel_id, "live")

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 
 from ..faults import fault_point
 from .base import ManifestError, Store, StoreError
+from .lines import KEEP_INTERRUPTED_DAYS, LineIndex, load_decisions, protected_snapshots
 from .manifest import unverified_body
 
 #: A blob younger than this is never collected: a snapshot being written right
@@ -63,17 +64,47 @@ def pinned_blobs(store: Store) -> set[str]:
     return pinned
 
 
+def snapshots_to_delete(
+    store: Store,
+    session: str,
+    keep: int,
+    keep_interrupted_days: float = KEEP_INTERRUPTED_DAYS,
+    index: LineIndex | None = None,
+    spare: frozenset[str] = frozenset(),
+) -> list[str]:
+    """The session's snapshots beyond its newest ``keep``, except the newest snapshot of
+    every line nobody restored or discarded (for ``keep_interrupted_days``) and ``spare``.
+
+    Every retention (a kernel's after each commit, the server's GC, ``jupyter spot gc``)
+    goes through here, so none of them can collect state a user has not decided about.
+    """
+    if keep < 1:
+        raise ValueError("keep must be at least 1: the latest snapshot is never collected")
+    ids = store.list_snapshots(session)
+    beyond = [snapshot_id for snapshot_id in ids[:-keep] if snapshot_id not in spare]
+    if not beyond:
+        return []
+    lines = (index or LineIndex(store)).lines(session, ids)
+    protected = protected_snapshots(lines, load_decisions(store, session), keep_interrupted_days)
+    return [snapshot_id for snapshot_id in beyond if snapshot_id not in protected]
+
+
 def collect_garbage(
-    store: Store, keep: int, session: str | None = None, grace_seconds: float = GRACE_SECONDS
+    store: Store,
+    keep: int,
+    session: str | None = None,
+    grace_seconds: float = GRACE_SECONDS,
+    keep_interrupted_days: float = KEEP_INTERRUPTED_DAYS,
 ) -> GCReport:
-    """Keep the newest ``keep`` snapshots of each session (or of one), then
-    delete unreferenced blobs older than ``grace_seconds``."""
+    """Keep the newest ``keep`` snapshots of each session (or of one) and the newest of
+    every undecided line, then delete unreferenced blobs older than ``grace_seconds``."""
     if keep < 1:
         raise ValueError("keep must be at least 1: the latest snapshot is never collected")
     report = GCReport()
     sessions = [session] if session is not None else store.list_sessions()
+    index = LineIndex(store)
     for name in sessions:
-        for snapshot_id in store.list_snapshots(name)[:-keep]:
+        for snapshot_id in snapshots_to_delete(store, name, keep, keep_interrupted_days, index):
             store.delete_snapshot(name, snapshot_id)
             report.snapshots_deleted.append(f"{name}/{snapshot_id}")
     # A store shared by writers on other machines (S3) says whether blobs may

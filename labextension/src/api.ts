@@ -60,7 +60,17 @@ export interface ISession {
   live_kernel: string | null;
   live_elsewhere: ILiveElsewhere | null;
   reason: string | null;
+  /** What a restore of "latest" loads: the interrupted line's newest snapshot while there is one. */
   latest: ISnapshot;
+  /** The line of descent `latest` belongs to. */
+  line: string;
+  /** The session's newest snapshot (the new kernel's own, when the user ran cells before restoring). */
+  newest: ISnapshot;
+}
+
+export interface IDiscardResult {
+  line: string;
+  snapshot: ISnapshot;
 }
 
 /** A notebook whose snapshots were signed with a key this server lacks: nothing to restore, but a fix. */
@@ -153,6 +163,14 @@ export class SpotApi {
       `sessions/${encodeURIComponent(session)}/restore`,
       { method: 'POST', body: JSON.stringify(body) }
     );
+  }
+
+  /** Stop offering the line of `snapshot` (default: the interrupted line); nothing is deleted. */
+  discard(session: string, snapshot?: string): Promise<IDiscardResult> {
+    return this._request<IDiscardResult>(`sessions/${encodeURIComponent(session)}/discard`, {
+      method: 'POST',
+      body: JSON.stringify(snapshot ? { snapshot } : {})
+    });
   }
 
   async deleteSnapshot(session: string, snapshot: string): Promise<void> {

@@ -56,7 +56,11 @@ export function renderReport(result: IRestoreResult): HTMLElement {
   return summary;
 }
 
-/** The banner at the top of a notebook whose session was interrupted. */
+/**
+ * The banner at the top of a notebook whose session was interrupted. It stays until
+ * Restore or Discard (running cells does not end an interruption: the server keeps
+ * offering the line); Dismiss only hides it in this view.
+ */
 export class RestoreBanner extends Widget {
   constructor(
     private readonly _api: SpotApi,
@@ -84,16 +88,29 @@ export class RestoreBanner extends Widget {
       className: 'jp-spot-restore-button jp-mod-styled jp-mod-accept',
       text: 'Restore'
     });
+    this._discardButton = h('button', {
+      className: 'jp-spot-discard-button jp-mod-styled jp-mod-warn',
+      text: 'Discard',
+      title: 'Stop offering this snapshot; its state is not loaded (garbage collection removes it later)'
+    });
     const dismiss = h('button', { className: 'jp-spot-dismiss-button jp-mod-styled', text: 'Dismiss' });
     const details = h('button', { className: 'jp-spot-details-button jp-mod-styled', text: 'Details' });
     this._details = this._renderDetails();
     this._details.hidden = true;
     this._restoreButton.addEventListener('click', () => void this.restore());
+    this._discardButton.addEventListener('click', () => void this.discard());
     dismiss.addEventListener('click', () => this.dispose());
     details.addEventListener('click', () => {
       this._details.hidden = !this._details.hidden;
     });
-    this._buttons = h('div', { className: 'jp-spot-restore-buttons' }, this._restoreButton, dismiss, details);
+    this._buttons = h(
+      'div',
+      { className: 'jp-spot-restore-buttons' },
+      this._restoreButton,
+      this._discardButton,
+      dismiss,
+      details
+    );
     this._status = h('div', { className: 'jp-spot-restore-status' });
     const body = h(
       'div',
@@ -113,9 +130,33 @@ export class RestoreBanner extends Widget {
     super.dispose();
   }
 
+  /** Stop offering the interrupted line: the session is no longer interrupted, nothing is loaded. */
+  async discard(): Promise<void> {
+    this._restoreButton.disabled = true;
+    this._discardButton.disabled = true;
+    this.node.dataset.state = 'discarding';
+    try {
+      const result = await this._api.discard(this._session.id, this._session.latest.id);
+      this.node.dataset.state = 'discarded';
+      this._message.textContent =
+        `Discarded the snapshot of ${formatTime(result.snapshot.created)}: it is no longer offered ` +
+        '(its snapshots stay until garbage collection removes them).';
+      this._skipped.hidden = true;
+      this._details.hidden = true;
+      this._status.replaceChildren();
+      this._closeOnly();
+    } catch (error) {
+      this.node.dataset.state = 'failed';
+      this._restoreButton.disabled = false;
+      this._discardButton.disabled = false;
+      this._status.textContent = `Discard failed: ${(error as Error).message}`;
+    }
+  }
+
   /** Restore the latest snapshot into this notebook's kernel, showing progress then the report. */
   async restore(): Promise<void> {
     this._restoreButton.disabled = true;
+    this._discardButton.disabled = true;
     this.node.dataset.state = 'restoring';
     this._status.replaceChildren(
       h('progress', { className: 'jp-spot-progress' }),
@@ -127,16 +168,20 @@ export class RestoreBanner extends Widget {
       this._message.textContent = 'Session restored.';
       this._skipped.hidden = true; // the report below says what is missing
       this._details.hidden = true;
-      this._buttons.replaceChildren(
-        h('button', { className: 'jp-spot-dismiss-button jp-mod-styled', text: 'Close' })
-      );
-      this._buttons.firstElementChild!.addEventListener('click', () => this.dispose());
+      this._closeOnly();
       this._status.replaceChildren(renderReport(result));
     } catch (error) {
       this.node.dataset.state = 'failed';
       this._restoreButton.disabled = false;
+      this._discardButton.disabled = false;
       this._status.textContent = `Restore failed: ${(error as Error).message}`;
     }
+  }
+
+  private _closeOnly(): void {
+    const close = h('button', { className: 'jp-spot-dismiss-button jp-mod-styled', text: 'Close' });
+    close.addEventListener('click', () => this.dispose());
+    this._buttons.replaceChildren(close);
   }
 
   private _renderDetails(): HTMLElement {
@@ -170,6 +215,7 @@ export class RestoreBanner extends Widget {
   private readonly _skipped: HTMLElement;
   private readonly _buttons: HTMLElement;
   private readonly _restoreButton: HTMLButtonElement;
+  private readonly _discardButton: HTMLButtonElement;
   private readonly _status: HTMLElement;
   private readonly _details: HTMLElement;
   private readonly _observer: ResizeObserver;

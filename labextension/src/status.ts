@@ -72,7 +72,7 @@ export class SnapshotStatus extends Widget {
         this._statusAge = 0;
       }
       const session = panel ? await this._api.session(sessionName(panel)) : null;
-      const snapshot = session?.latest ?? null;
+      const snapshot = session?.newest ?? session?.latest ?? null;
       this._error = null;
       if (snapshot?.id !== this._snapshot?.id) {
         this._snapshot = snapshot;

@@ -1,0 +1,194 @@
+"""This kernel's line of descent, and what it says about state it did not restore.
+
+A kernel owns no line until it restores one (it then continues that line) or
+takes its first snapshot (it then starts a line of its own, ``beside`` the
+undecided line it could have restored). ``latest`` means the interrupted line's
+newest snapshot until someone restores or discards that line (see
+jupyter_spot/store/lines.py and docs/kernel.md).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from typing import Any
+
+from ..store import ManifestError, Store, StoreError
+from ..store.lines import (
+    DISCARDED,
+    RESTORED,
+    Line,
+    LineIndex,
+    SnapshotLine,
+    interrupted_line,
+    load_decisions,
+    record_decision,
+)
+from ..units import human_bytes
+
+#: Variables named in a notice or report before "…".
+NAMES_SHOWN = 12
+
+
+@dataclass
+class LatestChoice:
+    """Which snapshots ``restore latest`` tries, in order, and what to say about the choice."""
+
+    candidates: list[str]
+    notes: list[str] = field(default_factory=list)
+    #: The notes hold only if one of these loads (else the fallbacks tell the story).
+    line_snapshots: set[str] = field(default_factory=set)
+
+
+def describe_snapshot(manifest: dict[str, Any]) -> str:
+    """``20261129T… (taken 2026-11-29 17:40:01 UTC, 2 variables, 1.2 KB: data, x)``"""
+    created = manifest.get("created")
+    try:
+        when = datetime.fromisoformat(str(created)).astimezone(timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
+    except ValueError:
+        when = "at an unknown time"
+    names = sorted(manifest.get("variables") or {})
+    shown = ", ".join(names[:NAMES_SHOWN]) + (", …" if len(names) > NAMES_SHOWN else "")
+    count = len(names)
+    return (
+        f"{manifest['id']} (taken {when}, {count} variable{'s' if count != 1 else ''}, "
+        f"{human_bytes(int(manifest.get('size') or 0))}{': ' + shown if shown else ''})"
+    )
+
+
+class KernelLines:
+    """The engine's line bookkeeping: own line, the first-cell notice, ``latest``, discard."""
+
+    def __init__(self, store: Store, kernel_id: str) -> None:
+        self.store = store
+        self.index = LineIndex(store)
+        self.kernel_id = kernel_id
+        self.line: str | None = None
+        self.beside: str | None = None
+        self.announced = False
+
+    @property
+    def by(self) -> str:
+        return f"kernel {self.kernel_id}"
+
+    def _owned(self) -> set[str]:
+        return {self.line} if self.line else set()
+
+    def interrupted(self, session: str) -> tuple[Line | None, dict[str, Line]]:
+        """The session's interrupted line as this kernel sees it (its own line is never one)."""
+        lines = self.index.lines(session)
+        return interrupted_line(lines, load_decisions(self.store, session), self._owned()), lines
+
+    # -- snapshots -------------------------------------------------------------
+    def manifest_fields(self, session: str, snapshot_id: str) -> dict[str, Any]:
+        """``line``, ``beside`` and ``kernel`` of the snapshot being taken; the first one starts a line."""
+        if self.line is None:
+            try:
+                seen, _ = self.interrupted(session)
+            except (StoreError, OSError):
+                seen = None  # the commit will fail and say why; the line starts all the same
+            self.line, self.beside = snapshot_id, seen.id if seen else None
+            self.announced = True  # from now on `%spot list` and `latest` say what there is
+        return {"line": self.line, "beside": self.beside, "kernel": self.kernel_id or None}
+
+    # -- what a new kernel says once ---------------------------------------------
+    def announcement(self, session: str) -> str | None:
+        """Once, before this kernel owns a line: the interrupted line it could restore, if any.
+
+        Raises what the store raises; the engine warns (once) instead of printing this.
+        """
+        if self.announced:
+            return None
+        self.announced = True
+        line, _ = self.interrupted(session)
+        if line is None:
+            return None
+        manifest = self.store.load_manifest(session, line.newest_id)
+        return (
+            f"jupyter-spot: session {session!r} has state this kernel did not restore: snapshot "
+            f"{describe_snapshot(manifest)}.\n"
+            f"  %spot restore    loads it into this kernel (its line then continues here)\n"
+            f"  %spot discard    stops offering it (`%spot restore {line.newest_id}` still loads it until GC)\n"
+            "Until then this kernel's snapshots form a line of their own and do not replace it."
+        )
+
+    # -- restore ---------------------------------------------------------------
+    def choose_latest(self, session: str, ids: list[str]) -> LatestChoice:
+        """The interrupted line's snapshots first (newest first), then every other one, newest first.
+
+        Snapshots newer than the line's that do not load come first, so that the
+        report names them as fallbacks instead of passing over them in silence.
+        """
+        newest_first = ids[::-1]
+        try:
+            line, lines = self.interrupted(session)
+        except StoreError as error:
+            return LatestChoice(newest_first, [f"could not read the session's lines ({error}): trying the newest "
+                                               "snapshot first"])
+        if line is None:
+            return LatestChoice(newest_first)
+        known = {snapshot_id for each in lines.values() for snapshot_id in each.snapshots}
+        ours = line.snapshots[::-1]
+        damaged = [snapshot_id for snapshot_id in newest_first if snapshot_id not in known and snapshot_id > ours[0]]
+        first = damaged + ours
+        candidates = first + [snapshot_id for snapshot_id in newest_first if snapshot_id not in set(first)]
+        notes = []
+        newest = max(lines.values(), key=lambda each: each.newest_id)
+        if newest.id != line.id:
+            whose = "this kernel's own line" if newest.id == self.line else f"line {newest.id}"
+            notes.append(
+                f"latest: restored the interrupted line {line.id} (nobody restored or discarded it), not the "
+                f"newest snapshot {newest.newest_id} of the session ({whose}); `%spot restore {newest.newest_id}` "
+                "loads that one"
+            )
+        return LatestChoice(candidates, notes, set(ours))
+
+    def restored(self, session: str, manifest: dict[str, Any]) -> list[str]:
+        """This kernel continues the restored snapshot's line: record that, set its own line aside."""
+        self.announced = True
+        self.index.remember(session, manifest)
+        restored = SnapshotLine.of(manifest)
+        notes = []
+        try:
+            lines = self.index.lines(session)
+            line = lines.get(restored.line)
+            newest = line.newest_id if line is not None else restored.id
+            record_decision(self.store, session, restored.line, RESTORED, max(newest, restored.id), self.by)
+            own = lines.get(self.line) if self.line and self.line != restored.line else None
+            if own is not None:
+                record_decision(self.store, session, own.id, DISCARDED, own.newest_id,
+                                f"{self.by} (it restored line {restored.line} over it)")
+                notes.append(
+                    f"this kernel's own line {own.id} (newest snapshot {own.newest_id}) is set aside as discarded: "
+                    "its variables are still in this kernel unless the restore replaced them, and the next "
+                    f"snapshot continues line {restored.line}"
+                )
+        except StoreError as error:
+            notes.append(f"could not record the restore of line {restored.line} ({error}); it may be offered again")
+        self.line, self.beside = restored.line, restored.beside
+        return notes
+
+    # -- discard ---------------------------------------------------------------
+    def discard(self, session: str, snapshot: str | None = None) -> str:
+        """Stop offering the interrupted line (or ``snapshot``'s line); its snapshots stay until GC."""
+        if snapshot is None:
+            line, _ = self.interrupted(session)
+            if line is None:
+                return (f"jupyter-spot: nothing to discard: session {session!r} has no interrupted line (every "
+                        "line was restored, discarded or closed, or is this kernel's own)")
+        else:
+            lines = self.index.lines(session)
+            line = next((each for each in lines.values() if snapshot in each.snapshots), None)
+            if line is None:
+                raise ManifestError(
+                    f"session {session!r} has no usable snapshot {snapshot!r} (`%spot list` shows them)"
+                )
+            if line.id == self.line:
+                raise ManifestError(f"{snapshot} is in this kernel's own line: it cannot discard what it is writing")
+        record_decision(self.store, session, line.id, DISCARDED, line.newest_id, self.by)
+        self.announced = True
+        return (
+            f"jupyter-spot: discarded line {line.id} of session {session!r} (newest snapshot {line.newest_id}): "
+            f"`%spot restore latest` no longer picks it; `%spot restore {line.newest_id}` still loads it until "
+            "GC removes it"
+        )
