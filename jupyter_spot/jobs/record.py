@@ -14,10 +14,12 @@ from __future__ import annotations
 import os
 import secrets
 import socket
+from collections.abc import Iterator
 from datetime import datetime, timezone
 from typing import Any
 
 from ..store import ManifestError, Store
+from ..store.base import report_bad_record
 
 PREFIX = "job-"
 CHECKPOINT_SUFFIX = ".checkpoint"
@@ -92,25 +94,32 @@ def result(store: Store, record: dict[str, Any]) -> dict[str, Any]:
     return verify(store, record["result"], f"outputs of job {record['id']}")
 
 
-def session_jobs(store: Store, session: str) -> list[dict[str, Any]]:
-    """The session's job records, oldest first."""
-    jobs = []
+def job_records(store: Store) -> Iterator[dict[str, Any]]:
+    """Every job record whose ``id`` names it; others are skipped with one warning each."""
     for name in store.list_records():
         if name.startswith(PREFIX) and not name.endswith(CHECKPOINT_SUFFIX):
             record = store.get_record(name)
-            if record is not None and record.get("session") == session:
-                jobs.append(record)
+            if record is None:
+                continue
+            if record.get("id") != name[len(PREFIX) :]:
+                report_bad_record(store.url, name, f"its 'id' is {str(record.get('id'))[:40]!r}, not its name's")
+                continue
+            yield record
+
+
+def session_jobs(store: Store, session: str) -> list[dict[str, Any]]:
+    """The session's job records, oldest first."""
+    jobs = [record for record in job_records(store) if record.get("session") == session]
     return sorted(jobs, key=lambda record: record["id"])
 
 
 def active_on_host(store: Store, on_host: str) -> list[dict[str, Any]]:
     """Jobs queued or running on ``on_host``, in brief: what a notice record lists as about to be lost."""
-    found = []
-    for name in store.list_records():
-        if name.startswith(PREFIX) and not name.endswith(CHECKPOINT_SUFFIX):
-            job = store.get_record(name)
-            if job is not None and job.get("state") in ACTIVE and job.get("host") == on_host:
-                found.append({key: job.get(key) for key in ("id", "name", "session", "state", "pid", "attempt")})
+    found = [
+        {key: job.get(key) for key in ("id", "name", "session", "state", "pid", "attempt")}
+        for job in job_records(store)
+        if job.get("state") in ACTIVE and job.get("host") == on_host
+    ]
     return sorted(found, key=lambda job: job["id"])
 
 

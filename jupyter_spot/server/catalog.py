@@ -38,6 +38,7 @@ from datetime import datetime, timezone
 from typing import Any
 
 from ..store import ManifestError, Store, StoreError
+from ..store.base import report_bad_record
 
 NOTICE_RECORD_PREFIX = "notice-"
 SESSION_RECORD_PREFIX = "session-"
@@ -122,6 +123,34 @@ def session_record_name(session: str) -> str:
     return SESSION_RECORD_PREFIX + hashlib.sha256(session.encode()).hexdigest()[:40]
 
 
+#: The fields readers of a session record use, with their types (any may be absent or null).
+SESSION_RECORD_FIELDS: dict[str, type] = {
+    "session": str, "state": str, "kernel_id": str, "host": str, "server": str, "started": str,
+    "closed_at": str, "renamed_to": str, "kernel": dict, "holders": dict,
+}
+NOTICE_RECORD_FIELDS: dict[str, type] = {
+    "at": str, "host": str, "server": str, "notice": dict, "kernels": list, "jobs": list,
+}
+
+
+def well_shaped(store: Store, name: str, record: dict[str, Any] | None, fields: dict[str, type]) -> dict[str, Any] | None:
+    """``record`` if every field it has is of the type its readers expect; else None, with one warning."""
+    if record is None:
+        return None
+    for field, kind in fields.items():
+        value = record.get(field)
+        if value is not None and not isinstance(value, kind):
+            report_bad_record(store.url, name, f"its {field!r} is a {type(value).__name__}, not a {kind.__name__}")
+            return None
+    return record
+
+
+def read_session_record(store: Store, session: str) -> dict[str, Any]:
+    """The session's record, or {} when there is none or it is malformed (a warning says which)."""
+    name = session_record_name(session)
+    return well_shaped(store, name, store.get_record(name), SESSION_RECORD_FIELDS) or {}
+
+
 def renamed_session(session: str, old: str, new: str) -> str | None:
     """The session's name once ``old`` (its notebook, or a folder holding it) is renamed to ``new``."""
     if session == old:
@@ -159,8 +188,11 @@ def notice_records(store: Store) -> list[dict[str, Any]]:
     for name in reversed(store.list_records()):
         if name.startswith(NOTICE_RECORD_PREFIX):
             try:
-                record = store.get_record(name)
+                record = well_shaped(store, name, store.get_record(name), NOTICE_RECORD_FIELDS)
             except StoreError:
+                continue
+            if record and not all(isinstance(entry, dict) for entry in record.get("kernels") or []):
+                report_bad_record(store.url, name, "its 'kernels' are not all objects")
                 continue
             if record:
                 records.append(record)
@@ -248,7 +280,7 @@ def describe_session(
     created = parse_time(manifest.get("created")) or utcnow()
     mine = [k for k in live if k.session == session]
     live_kernel = mine[-1].kernel_id if mine else None
-    record = store.get_record(session_record_name(session)) or {}
+    record = read_session_record(store, session)
 
     caught_up = any(k.restored is not None or k.started <= created for k in mine)
     closed_at = parse_time(record.get("closed_at")) if record.get("state") == "closed" else None
