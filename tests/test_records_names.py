@@ -186,8 +186,9 @@ def spot_list(store_root: Path) -> subprocess.CompletedProcess[str]:
 
 @pytest.mark.parametrize(
     "content",
-    [b"", b"{not json", b'["x"]', b"null", b'{"state": "live", "holders": ["x"], "kernel": "k"}', b"\xff\xfe"],
-    ids=["empty", "invalid-json", "list", "null", "wrong-field-types", "not-utf8"],
+    [b"", b"{not json", b'["x"]', b"null", b'{"state": "live", "holders": ["x"], "kernel": "k"}', b"\xff\xfe",
+     b"[" * 100_000 + b"]" * 100_000],
+    ids=["empty", "invalid-json", "list", "null", "wrong-field-types", "not-utf8", "nested-too-deep"],
 )
 async def test_a_malformed_session_or_notice_record_is_skipped_with_one_warning(
     content: bytes, raw_fetch: Any, spot_env: Path, store: Any

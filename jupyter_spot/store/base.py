@@ -120,8 +120,8 @@ def parse_record(where: str, name: str, data: bytes) -> dict[str, Any] | None:
         return None
     try:
         record = json.loads(data)
-    except ValueError as error:  # JSONDecodeError and UnicodeDecodeError alike
-        report_bad_record(where, name, f"it is not valid JSON ({error})")
+    except (ValueError, RecursionError) as error:  # also UnicodeDecodeError; nested deeper than the parser goes
+        report_bad_record(where, name, f"it is not valid JSON ({str(error)[:200]})")
         return None
     if not isinstance(record, dict):
         report_bad_record(where, name, f"it holds a JSON {type(record).__name__}, not an object")
