@@ -353,6 +353,18 @@ async def test_a_session_name_unlike_the_file_name_does_not_change_the_identity(
     assert record is not None and record["kernel_id"] == json.loads(body)["kernel"]["id"]
 
 
+def test_a_kernel_outside_the_server_does_not_take_a_folder_for_its_notebook(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """jupyter_server without our extension still sets JPY_SESSION_NAME to the folder for an empty name."""
+    from jupyter_spot.config import resolve_session
+
+    monkeypatch.setenv("JPY_SESSION_NAME", f"{tmp_path}/work/")
+    assert resolve_session(kernel_id="k-1") == "k-1"
+    monkeypatch.setenv("JPY_SESSION_NAME", f"{tmp_path}/work/a.ipynb")
+    assert resolve_session(kernel_id="k-1") == f"{tmp_path}/work/a.ipynb"
+
+
 # -- hostile names: 400 or 404, never 500 -------------------------------------------------------------------------
 
 HOSTILE = [

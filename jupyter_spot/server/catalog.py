@@ -133,7 +133,9 @@ NOTICE_RECORD_FIELDS: dict[str, type] = {
 }
 
 
-def well_shaped(store: Store, name: str, record: dict[str, Any] | None, fields: dict[str, type]) -> dict[str, Any] | None:
+def well_shaped(
+    store: Store, name: str, record: dict[str, Any] | None, fields: dict[str, type]
+) -> dict[str, Any] | None:
     """``record`` if every field it has is of the type its readers expect; else None, with one warning."""
     if record is None:
         return None
