@@ -286,6 +286,19 @@ def test_long_names_on_s3_keep_keys_under_1024_bytes(
     assert f"team/spot/sessions/short.ipynb/{ids['short.ipynb']}.json" in keys  # short names: layout unchanged
     assert any(key.startswith("team/spot/sessions/m%2F%C3%A9") and "%~" not in key for key in keys)
 
+    # Through a local cache (tiered): each tier maps the name its own way; both list the real name.
+    from jupyter_spot.store.filesystem import FileStore
+    from jupyter_spot.store.tiered import TieredStore
+
+    tiered = TieredStore(FileStore(spot_env.parent / "cache"), open_store(f"s3://{bucket}/team/other"))
+    try:
+        snapshot_id = commit(tiered, middle)
+        assert tiered.flush_replication(time.time() + 60) == []
+        assert tiered.durable.list_sessions() == tiered.fast.list_sessions() == [middle]
+        assert tiered.load_manifest(middle, snapshot_id)["session"] == middle
+    finally:
+        tiered.close()
+
 
 def test_a_long_names_folder_does_not_answer_for_another_name(spot_env: Path, store: Any) -> None:
     """The readable name kept inside is checked against the folder it is in."""
