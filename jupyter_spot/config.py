@@ -33,14 +33,15 @@ def resolve_store_url(configured: str = "") -> str:
 
 
 def resolve_session(configured: str = "", kernel_id: str = "") -> str:
-    """``$JUPYTER_SPOT_SESSION``, else config, else the notebook path, else the kernel id."""
-    return (
-        os.environ.get(SESSION_ENV)
-        or configured
-        or os.environ.get(NOTEBOOK_PATH_ENV)
-        or kernel_id
-        or f"pid-{os.getpid()}"
-    )
+    """``$JUPYTER_SPOT_SESSION``, else config, else the notebook path, else the kernel id.
+
+    ``JPY_SESSION_NAME`` ending in a separator names a folder (a client opened the
+    notebook with an empty session name): every notebook there would share it.
+    """
+    notebook = os.environ.get(NOTEBOOK_PATH_ENV, "")
+    if notebook.endswith(("/", os.sep)):
+        notebook = ""
+    return os.environ.get(SESSION_ENV) or configured or notebook or kernel_id or f"pid-{os.getpid()}"
 
 
 def resolve_keep_interrupted_days(configured: float = KEEP_INTERRUPTED_DAYS) -> float:

@@ -18,7 +18,9 @@ The variable holds ``point=action[@hit]`` items separated by ``;``:
 ``replicate``        a tiered store sent a snapshot's blobs to S3 but not its manifest;
 ``restore``          a manifest is loaded, nothing is in the namespace yet;
 ``notice-flush``     a notice's flush starts;
-``key-create``       a KMS data key is made but its key object not yet written to the store.
+``key-create``       a KMS data key is made but its key object not yet written to the store;
+``kernel-started``   the server started a kernel process and is about to record its session;
+``heartbeat``        the server starts a round of heartbeats on its sessions' records.
 """
 
 from __future__ import annotations

@@ -4,12 +4,16 @@ One daemon thread per source, so a source that waits for a change (GCP's
 hanging GET, a signal) never delays another. A dead endpoint (a laptop has no
 metadata service) is logged once and polled ever less often, up to
 ``max_backoff``; a callback that raises is logged and the others still run.
+Two polls of one source start at least ``min_gap`` seconds apart, so an
+endpoint that answers a long poll at once (ignoring GCP's ``wait_for_change``)
+is not asked again in a tight loop.
 """
 
 from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Callable, Iterable
 
 from .model import Notice
@@ -18,6 +22,8 @@ from .source import NoticeSource
 log = logging.getLogger("jupyter_spot.notice")
 
 Callback = Callable[[Notice], object]
+#: The least time between the starts of two polls of one source, in seconds.
+MIN_POLL_GAP = 0.5
 
 
 class NoticeWatcher:
@@ -33,10 +39,12 @@ class NoticeWatcher:
         sources: Iterable[NoticeSource],
         callbacks: Iterable[Callback] = (),
         max_backoff: float = 30.0,
+        min_gap: float = MIN_POLL_GAP,
     ) -> None:
         self.sources = list(sources)
         self.callbacks = list(callbacks)
         self.max_backoff = max_backoff
+        self.min_gap = min_gap
         self.notices: list[Notice] = []  # every distinct notice seen, oldest first
         self._seen: set[tuple[str, str, str]] = set()
         self._lock = threading.Lock()
@@ -74,6 +82,7 @@ class NoticeWatcher:
     def _run(self, source: NoticeSource) -> None:
         failures = 0
         while not self._stop.is_set():
+            started = time.monotonic()
             try:
                 notice = source.poll()
             except Exception as e:  # OSError for a dead endpoint; anything else is a bug, logged the same way
@@ -92,7 +101,7 @@ class NoticeWatcher:
                 delay = source.interval
                 if notice is not None:
                     self._dispatch(source, notice)
-            self._stop.wait(delay)
+            self._stop.wait(max(delay, self.min_gap - (time.monotonic() - started)))
 
     def _dispatch(self, source: NoticeSource, notice: Notice) -> None:
         with self._lock:

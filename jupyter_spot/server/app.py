@@ -154,6 +154,8 @@ class SpotApp(ExtensionApp):
                 self.log.info("jupyter-spot: garbage collection %s", report)
             except StoreError as error:
                 self.log.warning("jupyter-spot: garbage collection failed: %s", error)
+            except Exception:  # noqa: BLE001 - one bad round must not end collection for the server's life
+                self.log.exception("jupyter-spot: garbage collection failed; trying again in %g s", self.gc_interval)
 
     async def collect_garbage(self) -> GCReport:
         """One collection: ``keep`` snapshots per session, every undecided line's newest, referenced blobs."""
@@ -162,9 +164,13 @@ class SpotApp(ExtensionApp):
         )
 
     async def _beat_periodically(self) -> None:
+        """Every few seconds, forever: one failed beat is logged, and the next one still comes."""
         while True:
             await asyncio.sleep(self.heartbeat_interval)
-            await self.kernels.heartbeat()
+            try:
+                await self.kernels.heartbeat()
+            except Exception:  # noqa: BLE001 - a dead heartbeat makes other servers offer live kernels for restore
+                self.log.exception("jupyter-spot: heartbeat failed; beating again in %g s", self.heartbeat_interval)
 
     async def session_is_interrupted(self, session: str) -> bool:
         try:

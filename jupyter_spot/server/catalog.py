@@ -53,6 +53,7 @@ from ..store.lines import (
     load_decisions,
     record_decision,
 )
+from ..store.base import report_bad_record
 
 NOTICE_RECORD_PREFIX = "notice-"
 SESSION_RECORD_PREFIX = "session-"
@@ -137,6 +138,36 @@ def session_record_name(session: str) -> str:
     return SESSION_RECORD_PREFIX + hashlib.sha256(session.encode()).hexdigest()[:40]
 
 
+#: The fields readers of a session record use, with their types (any may be absent or null).
+SESSION_RECORD_FIELDS: dict[str, type] = {
+    "session": str, "state": str, "kernel_id": str, "host": str, "server": str, "started": str,
+    "closed_at": str, "renamed_to": str, "kernel": dict, "holders": dict,
+}
+NOTICE_RECORD_FIELDS: dict[str, type] = {
+    "at": str, "host": str, "server": str, "notice": dict, "kernels": list, "jobs": list,
+}
+
+
+def well_shaped(
+    store: Store, name: str, record: dict[str, Any] | None, fields: dict[str, type]
+) -> dict[str, Any] | None:
+    """``record`` if every field it has is of the type its readers expect; else None, with one warning."""
+    if record is None:
+        return None
+    for field, kind in fields.items():
+        value = record.get(field)
+        if value is not None and not isinstance(value, kind):
+            report_bad_record(store.url, name, f"its {field!r} is a {type(value).__name__}, not a {kind.__name__}")
+            return None
+    return record
+
+
+def read_session_record(store: Store, session: str) -> dict[str, Any]:
+    """The session's record, or {} when there is none or it is malformed (a warning says which)."""
+    name = session_record_name(session)
+    return well_shaped(store, name, store.get_record(name), SESSION_RECORD_FIELDS) or {}
+
+
 def renamed_session(session: str, old: str, new: str) -> str | None:
     """The session's name once ``old`` (its notebook, or a folder holding it) is renamed to ``new``."""
     if session == old:
@@ -174,8 +205,11 @@ def notice_records(store: Store) -> list[dict[str, Any]]:
     for name in reversed(store.list_records()):
         if name.startswith(NOTICE_RECORD_PREFIX):
             try:
-                record = store.get_record(name)
+                record = well_shaped(store, name, store.get_record(name), NOTICE_RECORD_FIELDS)
             except StoreError:
+                continue
+            if record and not all(isinstance(entry, dict) for entry in record.get("kernels") or []):
+                report_bad_record(store.url, name, "its 'kernels' are not all objects")
                 continue
             if record:
                 records.append(record)
@@ -310,8 +344,7 @@ def session_lines(
 ) -> tuple[dict[str, Line], Line | None, dict[str, Any] | None, dict[str, Any]]:
     """The session's lines, its interrupted line, a kernel live elsewhere, and its session record."""
     lines = (index or LineIndex(store)).lines(session)
-    record = store.get_record(session_record_name(session)) or {}
-    record = record if isinstance(record, dict) else {}
+    record = read_session_record(store, session)
     mine = [k for k in live if k.session == session]
     owned = {line.id for line in lines.values() if _owned_here(line, mine) or _closed_by_record(line, record)}
     elsewhere = None

@@ -191,11 +191,12 @@ class DiscardHandler(SpotHandler):
 def handlers(app: SpotApp) -> list[tuple[str, type[SpotHandler]]]:
     """The routes, relative to the server's base_url (ExtensionApp prefixes it)."""
     api = r"/jupyter-spot/api"
+    # ``[^/]*``: an empty id reaches the handler and gets its 400, not the server's fallback.
     return [
         (rf"{api}/status", StatusHandler),
         (rf"{api}/sessions", SessionsHandler),
-        (rf"{api}/sessions/([^/]+)/snapshots", SnapshotsHandler),
-        (rf"{api}/sessions/([^/]+)/snapshots/([^/]+)", SnapshotHandler),
-        (rf"{api}/sessions/([^/]+)/restore", RestoreHandler),
-        (rf"{api}/sessions/([^/]+)/discard", DiscardHandler),
+        (rf"{api}/sessions/([^/]*)/snapshots", SnapshotsHandler),
+        (rf"{api}/sessions/([^/]*)/snapshots/([^/]*)", SnapshotHandler),
+        (rf"{api}/sessions/([^/]*)/restore", RestoreHandler),
+        (rf"{api}/sessions/([^/]*)/discard", DiscardHandler),
     ]

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import ast
 import asyncio
+import contextvars
 import json
 import os
 import socket
@@ -33,6 +34,7 @@ from jupyter_core.utils import ensure_async
 from tornado import web
 
 from ..config import KEEP_INTERRUPTED_DAYS_ENV, NOTEBOOK_PATH_ENV, SESSION_ENV, STORE_ENV
+from ..faults import fault_point
 from ..store import StoreError
 from ..store.keys import KMS_ENV
 from .catalog import (
@@ -40,6 +42,7 @@ from .catalog import (
     close_kernel_lines,
     fresh_holders,
     isoformat,
+    read_session_record,
     renamed_session,
     session_record_name,
     skipped_list,
@@ -56,6 +59,10 @@ KERNEL_ACTIONS_SCHEMA = "https://events.jupyter.org/jupyter_server/kernel_action
 CONTENTS_SCHEMA = "https://events.jupyter.org/jupyter_server/contents_service/v1"
 #: A busy kernel takes the rename when its running cell ends; one busier than this keeps the old name.
 RENAME_TIMEOUT = 3600.0
+
+
+#: The notebook path of the sessions-API request starting a kernel, while it starts it.
+_notebook_path: contextvars.ContextVar[str | None] = contextvars.ContextVar("jupyter_spot_notebook", default=None)
 
 
 class KernelRestoreError(Exception):
@@ -124,6 +131,24 @@ class SpotKernels:
         self._record_lock = asyncio.Lock()
         self._start = self.km.start_kernel
         self.km.start_kernel = self.start_kernel
+        sessions = getattr(app.serverapp, "session_manager", None)
+        if sessions is not None:
+            self._start_for_session = sessions.start_kernel_for_session
+            sessions.start_kernel_for_session = self.start_kernel_for_session
+
+    async def start_kernel_for_session(self, session_id: str, path: str | None, *args: Any, **kwargs: Any) -> str:
+        """``SessionManager.start_kernel_for_session``, noting the notebook's path for :meth:`session_for`.
+
+        The path is the notebook's identity. ``JPY_SESSION_NAME`` is built from
+        the client's session *name* instead, which a client may leave empty (then
+        it names the folder, and every notebook in it would share one session)
+        or set to anything.
+        """
+        token = _notebook_path.set(path.strip("/") if isinstance(path, str) and path.strip("/") else None)
+        try:
+            return await self._start_for_session(session_id, path, *args, **kwargs)
+        finally:
+            _notebook_path.reset(token)
 
     def live_kernels(self) -> list[LiveKernel]:
         """Live kernels, oldest first; kernels that died on their own drop out."""
@@ -132,10 +157,15 @@ class SpotKernels:
         return sorted(self.live.values(), key=lambda k: k.started)
 
     def session_for(self, env: dict[str, str], kernel_id: str) -> str:
-        """The notebook path relative to the root dir, else the kernel id."""
+        """An explicit ``JUPYTER_SPOT_SESSION``, else the notebook path relative to the root dir (from the
+        sessions API, else ``JPY_SESSION_NAME``), else the kernel id."""
         if env.get(SESSION_ENV):
             return env[SESSION_ENV]
+        if _notebook_path.get():
+            return _notebook_path.get()  # type: ignore[return-value]
         path = env.get(NOTEBOOK_PATH_ENV, "")
+        if path.endswith(("/", os.sep)):
+            return kernel_id  # a folder, not a notebook: an empty session name
         if not path:
             return kernel_id
         root = os.path.realpath(self.app.serverapp.root_dir)
@@ -184,15 +214,32 @@ class SpotKernels:
             interrupted = await self.app.session_is_interrupted(session)
         started = utcnow()
         kernel_id = await self._start(kernel_id=kernel_id, path=path, **kwargs)
-        cwd = self.km.cwd_for_path(path, env=env) if path is not None else os.getcwd()
-        self.live[kernel_id] = LiveKernel(kernel_id, session, started, cwd=cwd)
-        self.notice_files[kernel_id] = notice_file
-        await self._write_session_record(kernel_id, "live")
+        try:
+            fault_point("kernel-started")
+            cwd = self.km.cwd_for_path(path, env=env) if path is not None else os.getcwd()
+            self.live[kernel_id] = LiveKernel(kernel_id, session, started, cwd=cwd)
+            self.notice_files[kernel_id] = notice_file
+            await self._write_session_record(kernel_id, "live")
+        except BaseException:
+            await self._discard_kernel(kernel_id)
+            raise
         if interrupted:
             self.app.log.info("jupyter-spot: restoring interrupted session %r into kernel %s", session, kernel_id)
             task = asyncio.ensure_future(self.restore(session, "latest", kernel_id))
             task.add_done_callback(self._log_auto_restore)
         return kernel_id
+
+    async def _discard_kernel(self, kernel_id: str) -> None:
+        """Shut down a kernel whose start failed after its process began: the caller gets an error, not a kernel,
+        so nobody else would ever stop it."""
+        self.live.pop(kernel_id, None)
+        notice_file = self.notice_files.pop(kernel_id, None)
+        if notice_file is not None:
+            notice_file.unlink(missing_ok=True)
+        try:
+            await self.km.shutdown_kernel(kernel_id, now=True)
+        except Exception as error:  # noqa: BLE001 - the start's own error is the one to raise
+            self.app.log.error("jupyter-spot: could not shut down half-started kernel %s: %s", kernel_id, error)
 
     def _log_auto_restore(self, task: asyncio.Future[Any]) -> None:
         if task.cancelled():
@@ -233,7 +280,7 @@ class SpotKernels:
             return
         store, name = self.app.snapshot_store, session_record_name(live.session)
         try:
-            previous = await asyncio.to_thread(store.get_record, name) or {}
+            previous = await asyncio.to_thread(read_session_record, store, live.session)
         except StoreError:
             previous = {}
         # Other servers' live kernels of this session keep their entries; ours is replaced.
@@ -268,10 +315,15 @@ class SpotKernels:
 
     async def heartbeat(self, *, beating: bool = True) -> None:
         """Mark every live kernel's session as still running here (servers sharing the store read it)."""
+        fault_point("heartbeat")
         for kernel in self.live_kernels():
             async with self._record_lock:
-                if kernel.kernel_id in self.live:  # not shut down while we waited
+                if kernel.kernel_id not in self.live:  # shut down while we waited
+                    continue
+                try:
                     await self._put_session_record(kernel.kernel_id, "live", beating)
+                except Exception:  # noqa: BLE001 - one session's trouble must not stop the others' beats
+                    self.app.log.exception("jupyter-spot: heartbeat for session %r failed", kernel.session)
 
     async def on_kernel_action(self, logger: Any, schema_id: str, data: dict[str, Any]) -> None:
         """Listener for jupyter_server's kernel_actions events: restarts and clean shutdowns."""
@@ -365,8 +417,12 @@ class SpotKernels:
 
     async def _start_for(self, session: str) -> str:
         """A kernel like the one the session last had (spec and directory), if we can tell."""
-        record = await asyncio.to_thread(self.app.snapshot_store.get_record, session_record_name(session)) or {}
-        spec_name = ((record.get("kernel") or {}).get("kernel_spec") or {}).get("name")
+        try:
+            record = await asyncio.to_thread(read_session_record, self.app.snapshot_store, session)
+        except StoreError:
+            record = {}
+        spec = (record.get("kernel") or {}).get("kernel_spec")
+        spec_name = spec.get("name") if isinstance(spec, dict) else None
         if spec_name not in self.km.kernel_spec_manager.find_kernel_specs():
             spec_name = None
         directory = session.rsplit("/", 1)[0] if "/" in session else ""

@@ -16,7 +16,10 @@ snapshot or the new one, never a mix.
 from __future__ import annotations
 
 import hashlib
+import json
+import logging
 import re
+import threading
 import urllib.parse
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
@@ -26,9 +29,22 @@ from ..faults import fault_point
 
 Buffer = Union[bytes, bytearray, memoryview]
 
+log = logging.getLogger("jupyter_spot.store")
+
 _DIGEST = re.compile(r"^[0-9a-f]{64}$")
 _SNAPSHOT_ID = re.compile(r"^[0-9A-Za-z][0-9A-Za-z._-]{0,127}$")
 _RECORD_NAME = re.compile(r"^[0-9A-Za-z][0-9A-Za-z._-]{0,127}$")
+#: The longest file or folder name local disks and EFS take (NAME_MAX), in bytes.
+MAX_COMPONENT_BYTES = 255
+#: Where a long session name's folder name turns into its hash. ``quote`` never writes a ``%``
+#: that is not followed by two hex digits, so no name that fits is ever encoded with it.
+HASHED_MARK = "%~"
+#: Percent-encoded characters of a long name kept, readable, before its hash.
+READABLE_START = 60
+#: Beside a long-named session's manifests: its real name, UTF-8.
+SESSION_NAME_FILE = "session-name"
+#: Records are small JSON documents; anything bigger is damage (or an attack on a reader's memory).
+MAX_RECORD_BYTES = 4 << 20
 
 
 class StoreError(Exception):
@@ -74,22 +90,97 @@ def check_record_name(name: str) -> str:
     return name
 
 
-def encode_session(session: str) -> str:
-    """A session name (often a notebook path) as one safe path component.
+_reported: set[tuple[str, str, str]] = set()
+_reported_lock = threading.Lock()
 
-    Reversible, never contains ``/`` and never starts with ``.``, so no session
-    name — however hostile — can point outside the store.
+
+def warn_once(where: str, what: str, message: str) -> None:
+    """Log ``message`` once per store, thing and message, though servers re-read the store every poll."""
+    key = (where, what, message)
+    with _reported_lock:
+        if key in _reported:
+            return
+        _reported.add(key)
+    log.warning("%s", message)
+
+
+def report_bad_record(where: str, name: str, problem: str) -> None:
+    """Warn (once) that a record is ignored, and why."""
+    warn_once(where, name, f"jupyter-spot: record {name} in {where} is ignored: {problem}")
+
+
+def parse_record(where: str, name: str, data: bytes) -> dict[str, Any] | None:
+    """A record's bytes as a JSON object; None (absent) with one warning when they are anything else.
+
+    Records sit in a shared store that any writer (or a crash mid-copy) may have
+    left empty, truncated or of another shape; none of that may stop a server.
+    """
+    if not data:
+        report_bad_record(where, name, "it is empty")
+        return None
+    try:
+        record = json.loads(data)
+    except (ValueError, RecursionError) as error:  # also UnicodeDecodeError; nested deeper than the parser goes
+        report_bad_record(where, name, f"it is not valid JSON ({str(error)[:200]})")
+        return None
+    if not isinstance(record, dict):
+        report_bad_record(where, name, f"it holds a JSON {type(record).__name__}, not an object")
+        return None
+    return record
+
+
+def encode_session(session: str, limit: int = MAX_COMPONENT_BYTES) -> str:
+    """A session name (often a notebook path) as one safe path component of at most ``limit`` bytes.
+
+    Never contains ``/`` and never starts with ``.``, so no session name — however
+    hostile — can point outside the store. A name that fits percent-encoded is
+    kept as it is, so stores written before long names were mapped read the
+    same. A longer one becomes a readable start, :data:`HASHED_MARK` and a hash
+    of the whole name; the store keeps the name itself beside its manifests
+    (:data:`SESSION_NAME_FILE`) so it is still listed under its real name.
     """
     if not isinstance(session, str) or not session or len(session) > 1024:
         raise StoreError(f"not a session name: {session!r}")
-    encoded = urllib.parse.quote(session, safe="")
+    try:
+        encoded = urllib.parse.quote(session, safe="")
+    except UnicodeEncodeError:
+        raise StoreError(f"not a session name: {session!r}") from None
     if encoded.startswith("."):
         encoded = "%2E" + encoded[1:]
-    return encoded
+    if len(encoded) <= limit:
+        return encoded
+    start, length = "", 0
+    for char in session:  # whole characters only, so the start still reads as text
+        length += len(urllib.parse.quote(char, safe=""))
+        if length > READABLE_START:
+            break
+        start += char
+    start = urllib.parse.quote(start, safe="").replace(".", "%2E", 1 if start.startswith(".") else 0)
+    return start + HASHED_MARK + hashlib.sha256(session.encode()).hexdigest()[:40]
+
+
+def is_hashed_session(component: str) -> bool:
+    """Whether a session folder's name is a long name's hash (its real name is in :data:`SESSION_NAME_FILE`)."""
+    return HASHED_MARK in component
 
 
 def decode_session(component: str) -> str:
     return urllib.parse.unquote(component)
+
+
+def hashed_session_name(where: str, component: str, data: bytes, limit: int = MAX_COMPONENT_BYTES) -> str | None:
+    """The real name of the session in folder ``component``, from its name file; None (one warning) if that
+    file does not name a session which maps to this very folder — it cannot make a folder answer for another."""
+    try:
+        session = data.decode()
+        if encode_session(session, limit) == component:
+            return session
+        problem = "it names a session that belongs in another folder"
+    except (UnicodeDecodeError, StoreError):
+        problem = "it does not hold a session name"
+    warn_once(where, component, f"jupyter-spot: session folder {component} in {where} is skipped: its "
+              f"{SESSION_NAME_FILE} file is damaged ({problem})")
+    return None
 
 
 class Store(ABC):

@@ -11,6 +11,8 @@ Layout under the root::
     blobs/ab/abcdef…            content-addressed bytes
     blobs/.<random>.tmp          a blob being written (never listed as a blob)
     sessions/<session>/<id>.json one signed manifest per snapshot
+    sessions/<long…%~hash>/      a session whose encoded name is over 255 bytes,
+        session-name             with its real name beside its manifests
     records/<name>.json          the server's records
 """
 
@@ -28,6 +30,8 @@ from typing import Any
 
 from ..faults import fault_point
 from .base import (
+    MAX_RECORD_BYTES,
+    SESSION_NAME_FILE,
     Buffer,
     CorruptBlobError,
     ManifestError,
@@ -41,6 +45,10 @@ from .base import (
     decode_session,
     digest_of,
     encode_session,
+    hashed_session_name,
+    is_hashed_session,
+    parse_record,
+    report_bad_record,
 )
 
 #: Blobs at least this big are read through a copy-on-write mmap: no copy up
@@ -291,6 +299,8 @@ class FileStore(Store):
     def _write_manifest(self, session: str, snapshot_id: str, data: bytes) -> None:
         path = self._manifest_path(session, snapshot_id)
         self._ensure_dir(path.parent)
+        if is_hashed_session(path.parent.name):
+            self._keep_session_name(path.parent, session)
         try:
             tmp = _write_durably(path, data)
         except OSError as error:
@@ -314,15 +324,36 @@ class FileStore(Store):
         except OSError as error:
             raise ManifestError(f"snapshot {snapshot_id} of session {session!r}: {error.strerror}") from error
 
+    def _keep_session_name(self, folder: Path, session: str) -> None:
+        """A long name's folder is named by its hash: keep the name itself in it (once)."""
+        target = folder / SESSION_NAME_FILE
+        if target.is_file():
+            return
+        try:
+            os.replace(_write_durably(target, session.encode()), target)
+        except OSError as error:
+            raise self._wrap(error, f"naming session {session!r}") from error
+
+    def _session_name(self, folder: Path) -> str | None:
+        if not is_hashed_session(folder.name):
+            return decode_session(folder.name)
+        try:
+            with open(folder / SESSION_NAME_FILE, "rb") as handle:
+                data = handle.read(8192)
+        except OSError:
+            data = b""
+        return hashed_session_name(str(self.root), folder.name, data)
+
     def list_sessions(self) -> list[str]:
         base = self.root / "sessions"
         if not base.is_dir():
             return []
-        return sorted(
-            decode_session(path.name)
+        folders = [
+            path
             for path in base.iterdir()
             if path.is_dir() and any(p.suffix == ".json" and not p.name.startswith(".") for p in path.iterdir())
-        )
+        ]
+        return sorted(name for name in map(self._session_name, folders) if name is not None)
 
     def list_snapshots(self, session: str) -> list[str]:
         directory = self._session_dir(session)
@@ -356,11 +387,16 @@ class FileStore(Store):
 
     def get_record(self, name: str) -> dict[str, Any] | None:
         try:
-            return json.loads(self._record_path(name).read_bytes())
+            with open(self._record_path(name), "rb") as handle:
+                data = handle.read(MAX_RECORD_BYTES + 1)
         except FileNotFoundError:
             return None
-        except (ValueError, RecursionError) as error:  # RecursionError: nested deeper than the parser goes
-            raise StoreError(f"record {name} in {self.root} is not valid JSON ({error})") from None
+        except OSError as error:
+            raise self._wrap(error, f"reading record {name}") from error
+        if len(data) > MAX_RECORD_BYTES:
+            report_bad_record(str(self.root), name, f"it is larger than {MAX_RECORD_BYTES} bytes")
+            return None
+        return parse_record(str(self.root), name, data)
 
     def list_records(self) -> list[str]:
         base = self.root / "records"

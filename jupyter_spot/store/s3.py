@@ -4,6 +4,7 @@ Layout under ``s3://bucket/prefix`` mirrors the FileStore::
 
     blobs/ab/abcdef…             content-addressed bytes (multipart above 8 MB)
     sessions/<session>/<id>.json one signed manifest per snapshot
+    sessions/<long…%~hash>/session-name  a session whose key would pass 1024 bytes: its real name
     records/<name>.json          the server's records
     keys/NNNNNN.json             signing keys wrapped by KMS (keys.py), written once each
     locks/write-<token>          a writer's lease, held while it stores a snapshot
@@ -48,6 +49,8 @@ from typing import Any
 
 from ..faults import fault_point
 from .base import (
+    MAX_RECORD_BYTES,
+    SESSION_NAME_FILE,
     Buffer,
     CorruptBlobError,
     ManifestError,
@@ -61,8 +64,14 @@ from .base import (
     decode_session,
     digest_of,
     encode_session,
+    hashed_session_name,
+    is_hashed_session,
+    parse_record,
+    report_bad_record,
 )
 
+#: The longest key S3 takes, in bytes.
+S3_KEY_BYTES = 1024
 #: Blobs at least this big go through s3transfer's multipart upload/download.
 MULTIPART_THRESHOLD = 8 << 20
 #: Below this size a blob is sent with one conditional PUT (S3 refuses it if it
@@ -179,6 +188,9 @@ class S3Store(Store):
         self._transfer = TransferManager(self.client, self.transfer_config)
         self._known: set[str] = set()
         self._lock = threading.Lock()
+        # An S3 key holds at most 1024 bytes: prefix, "sessions/", the session, "/", "<id>.json".
+        self.session_limit = max(128, S3_KEY_BYTES - len(self.prefix.encode()) - len("sessions//.json") - 128)
+        self._named_sessions: set[str] = set()
         self._lease_key = f"{self.prefix}locks/write-{secrets.token_hex(8)}"
         self._lease_taken = 0.0  # time.monotonic() of the lease PUT; 0 when not held
         self._gc_generation: str | None = "not looked yet"
@@ -193,8 +205,11 @@ class S3Store(Store):
         check_digest(digest)
         return self._key("blobs", digest[:2], digest)
 
+    def _session_folder(self, session: str) -> str:
+        return encode_session(session, self.session_limit)
+
     def _manifest_key(self, session: str, snapshot_id: str) -> str:
-        return self._key("sessions", encode_session(session), f"{check_snapshot_id(snapshot_id)}.json")
+        return self._key("sessions", self._session_folder(session), f"{check_snapshot_id(snapshot_id)}.json")
 
     def _record_key(self, name: str) -> str:
         return self._key("records", f"{check_record_name(name)}.json")
@@ -486,6 +501,13 @@ class S3Store(Store):
 
     def _write_manifest(self, session: str, snapshot_id: str, data: bytes) -> None:
         key = self._manifest_key(session, snapshot_id)
+        folder = self._session_folder(session)
+        if is_hashed_session(folder) and folder not in self._named_sessions:
+            with self._calling(f"naming session {session!r}"):
+                self.client.put_object(
+                    Bucket=self.bucket, Key=self._key("sessions", folder, SESSION_NAME_FILE), Body=session.encode()
+                )
+            self._named_sessions.add(folder)
         if not self._put_if_absent(key, data, f"committing snapshot {snapshot_id}"):
             if self._read_manifest(session, snapshot_id) == data:
                 return  # our own write, whose answer was lost and whose retry met it
@@ -509,11 +531,30 @@ class S3Store(Store):
         names = []
         for page in self._list(base, delimiter="/"):
             for common in page.get("CommonPrefixes", []):
-                names.append(decode_session(common["Prefix"][len(base) :].rstrip("/")))
+                folder = common["Prefix"][len(base) :].rstrip("/")
+                name = self._hashed_session_name(folder) if is_hashed_session(folder) else decode_session(folder)
+                if name is not None:
+                    names.append(name)
         return sorted(names)
 
+    def _hashed_session_name(self, folder: str) -> str | None:
+        """A long name's real name, kept beside its manifests; None if it has no snapshot (yet) or is damaged."""
+        from botocore.exceptions import ClientError
+
+        try:
+            stream = self.client.get_object(Bucket=self.bucket, Key=self._key("sessions", folder, SESSION_NAME_FILE))
+            data = stream["Body"].read(8192)
+        except ClientError as error:
+            if self._code(error) not in ("NoSuchKey", "404"):
+                raise self._error(error, f"reading the name of session folder {folder}") from error
+            data = b""
+        except Exception as error:
+            raise self._error(error, f"reading the name of session folder {folder}") from error
+        name = hashed_session_name(self.url, folder, data, self.session_limit)
+        return name if name is not None and self.list_snapshots(name) else None
+
     def list_snapshots(self, session: str) -> list[str]:
-        base = self._key("sessions", encode_session(session), "")
+        base = self._key("sessions", self._session_folder(session), "")
         return sorted(
             name[: -len(".json")]
             for name in (item["Key"][len(base) :] for item in self._list_keys(base))
@@ -537,17 +578,19 @@ class S3Store(Store):
         from botocore.exceptions import ClientError
 
         try:
-            body = self.client.get_object(Bucket=self.bucket, Key=self._record_key(name))["Body"].read()
+            stream = self.client.get_object(Bucket=self.bucket, Key=self._record_key(name))["Body"]
+            body = stream.read(MAX_RECORD_BYTES + 1)
+            stream.close()
         except ClientError as error:
             if self._code(error) in ("NoSuchKey", "404"):
                 return None
             raise self._error(error, f"reading record {name}") from error
         except Exception as error:
             raise self._error(error, f"reading record {name}") from error
-        try:
-            return json.loads(body)
-        except (ValueError, RecursionError) as error:  # RecursionError: nested deeper than the parser goes
-            raise StoreError(f"record {name} in {self.url} is not valid JSON ({error})") from None
+        if len(body) > MAX_RECORD_BYTES:
+            report_bad_record(self.url, name, f"it is larger than {MAX_RECORD_BYTES} bytes")
+            return None
+        return parse_record(self.url, name, body)
 
     def list_records(self) -> list[str]:
         base = self._key("records", "")
