@@ -155,6 +155,8 @@ class SnapshotEngine:
         self.baseline = environment.Baseline()
         self.durable: dict[str, str] = {}
         self.writer = Writer(self.store, self.durable, self._committed, parent=None)
+        self._generation: str | None = None  # the store's collection generation `durable` is valid for
+        self._generation_seen = False
         self.last_result: SnapshotResult | None = None
         self.last_clean_id: str | None = None
         self._ids: dict[str, int] = {}
@@ -289,6 +291,7 @@ class SnapshotEngine:
         result = SnapshotResult(id=self._new_id(), session=self.session, kind=kind, execution_count=cell,
                                 during_cell=during_cell)
         self._jobs = [job for job in self._jobs if not job.done.is_set()]
+        self._forget_if_collected()
         in_flight = {key for job in self._jobs for key, _ in job.blobs}
 
         modules: dict[str, str] = {}
@@ -402,6 +405,7 @@ class SnapshotEngine:
         # Blobs an earlier, still queued snapshot writes are durable before this
         # one commits (the writer goes in order), so they are not written twice.
         blobs = [(key, data) for key, data in new_blobs.items() if key not in self.durable and key not in in_flight]
+        spare = {key: data for key, data in new_blobs.items() if key in self.durable or key in in_flight}
         new_bytes = sum(memoryview(data).nbytes for _, data in blobs)
         background = (
             not wait
@@ -451,10 +455,29 @@ class SnapshotEngine:
                                            "size": group.size}
             return {**manifest, "groups": group_docs, "rng": durable[rng_key], "blobs": sorted(digests)}
 
-        job = Job(result=result, blobs=blobs, build_manifest=build_manifest, started=started)
+        job = Job(result=result, blobs=blobs, build_manifest=build_manifest, started=started, spare=spare)
         self._jobs.append(job)
         self.writer.submit(job)
         return job, background
+
+    def _forget_if_collected(self) -> None:
+        """Forget which blobs are stored once a garbage collection ran since we last
+        looked (it may have deleted any of them), so this snapshot stores them again.
+
+        Only while no snapshot is being written, whose manifest still needs those
+        digests; until then the store's commit check and the writer's repair cover it.
+        """
+        try:
+            generation = self.store.collection_generation()
+        except StoreError:
+            return  # this snapshot's own writes will meet the store's trouble and report it
+        if self._generation_seen and generation == self._generation:
+            return
+        if self._generation_seen and self.durable:
+            if not self.writer.idle:
+                return  # looked at again by the next snapshot
+            self.durable.clear()
+        self._generation, self._generation_seen = generation, True
 
     def _source_of(self, name: str, value: Any) -> str | None:
         """The cell code that defined a notebook definition no pickler can rebuild."""
@@ -578,6 +601,7 @@ class SnapshotEngine:
         session = session or self.session
         report = RestoreReport(snapshot_id=None, session=session)
         self.wait_until_durable(timeout=300)
+        self._forget_if_collected()  # before reading: the blobs read are then known stored as of now
         try:
             ids = self.store.list_snapshots(session)
         except StoreError as error:
