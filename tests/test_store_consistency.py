@@ -111,7 +111,7 @@ def restores_big_list() -> None:
 def test_value_that_comes_back_after_gc_is_written_again(kernel_store: Store) -> None:
     with SpotKernel() as kernel:
         kernel.run("%spot off")
-        kernel.run(f"data = {BIG_LIST}")
+        kernel.run(f"import numpy as np\nsteady = np.arange(2_000_000, dtype='float64')\ndata = {BIG_LIST}")
         assert "snapshot" in kernel.run("%spot snapshot")
         kernel.run("data = 0")
         assert "snapshot" in kernel.run("%spot snapshot")
@@ -124,6 +124,9 @@ def test_value_that_comes_back_after_gc_is_written_again(kernel_store: Store) ->
         settle(kernel)
         assert dangling(kernel_store) == []
     restores_big_list()
+    with SpotKernel() as fresh:
+        fresh.run("%spot restore latest")
+        assert fresh.value("float(steady[-1])") == 1_999_999.0  # what the collection left alone is still there
 
 
 def test_collection_between_blob_writes_and_commit_is_repaired(

@@ -461,11 +461,14 @@ class SnapshotEngine:
         return job, background
 
     def _forget_if_collected(self) -> None:
-        """Forget which blobs are stored once a garbage collection ran since we last
-        looked (it may have deleted any of them), so this snapshot stores them again.
+        """Forget the blobs a garbage collection deleted since we last looked, so this
+        snapshot stores them again.
 
-        Only while no snapshot is being written, whose manifest still needs those
-        digests; until then the store's commit check and the writer's repair cover it.
+        Only blobs of the current state are kept, and only those the store still
+        has (an existence check each, cheaper than storing the state again); the
+        rest — values since replaced — are forgotten. Only while no snapshot is
+        being written, whose manifest still needs those digests; until then the
+        store's commit check and the writer's repair cover it.
         """
         try:
             generation = self.store.collection_generation()
@@ -476,7 +479,14 @@ class SnapshotEngine:
         if self._generation_seen and self.durable:
             if not self.writer.idle:
                 return  # looked at again by the next snapshot
+            current = {key for group in self._groups.values() for key in group.keys}
+            believed = {key: digest for key, digest in self.durable.items() if key in current}
+            try:
+                gone = set(self.store.missing_blobs(sorted(set(believed.values()))))
+            except StoreError:
+                believed, gone = {}, set()
             self.durable.clear()
+            self.durable.update({key: digest for key, digest in believed.items() if digest not in gone})
         self._generation, self._generation_seen = generation, True
 
     def _source_of(self, name: str, value: Any) -> str | None:
