@@ -18,9 +18,10 @@ A blob file of the right size is not trusted until this process wrote it (or
 wrote it again): bytes damaged on disk must never pass for "already stored".
 A commit checks that every blob it names exists, unless this process wrote or
 checked it since the last collection. There are no leases here: a collection
-running *during* a commit is kept off the blobs by their age — the check
-``utime``s each blob, and a collector spares blobs used within its grace
-period, re-reading the age just before each deletion.
+running *during* a commit is kept off the blobs by their age — blobs written or
+checked (``utime``) recently are spared, the age re-read just before each
+deletion — so with a grace period of 0 a collection racing a commit can still
+delete a blob the commit relies on.
 """
 
 from __future__ import annotations
