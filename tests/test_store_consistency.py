@@ -171,6 +171,45 @@ def test_collection_between_blob_writes_and_commit_is_repaired(
     restores_big_list()
 
 
+def test_collection_after_the_commit_check_never_leaves_a_dangling_manifest(
+    kernel_store: Store, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The commit checked its blobs; then, before the manifest is written, a collection
+    deletes one: the commit notices the collection, and the snapshot is repaired."""
+    pauses = tmp_path / "pauses"
+    pauses.mkdir()
+    third_commit = 5 if kernel_store.kind == "tiered" else 3
+    monkeypatch.setenv("JUPYTER_SPOT_FAULTS", f"manifest-write=pause:{pauses}@{third_commit}")
+    with SpotKernel() as kernel:
+        kernel.run("%spot off")
+        kernel.run(f"data = {BIG_LIST}")
+        kernel.run("%spot snapshot")
+        settle(kernel)
+        kernel.run("data = 0")
+        kernel.run("%spot snapshot")
+        settle(kernel)
+        for snapshot_id in kernel_store.list_snapshots(SESSION)[:-1]:
+            kernel_store.delete_snapshot(SESSION, snapshot_id)
+        kernel.run(f"data = {BIG_LIST}")
+        outcome: list[str] = []
+        cell = threading.Thread(target=lambda: outcome.append(kernel.run("%spot snapshot")))
+        cell.start()
+        reached = pauses / "manifest-write.reached"
+        deadline = time.monotonic() + 60
+        while not reached.exists():
+            assert time.monotonic() < deadline, "the third commit never got past its check"
+            time.sleep(0.01)
+        report = collect_garbage(kernel_store, keep=1, grace_seconds=0)
+        (pauses / "manifest-write.release").touch()
+        cell.join(120)
+        assert outcome and "failed" not in outcome[0], outcome
+        assert report.blobs_deferred or report.blobs_deleted > 0
+        settle(kernel)
+        assert dangling(kernel_store) == []
+    monkeypatch.delenv("JUPYTER_SPOT_FAULTS")
+    restores_big_list()
+
+
 # -- 2. a damaged blob is never "already stored" ---------------------------------------
 def test_damaged_blob_is_written_again_not_trusted(spot_env: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("JUPYTER_SPOT_SESSION", SESSION)

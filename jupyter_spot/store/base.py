@@ -203,20 +203,33 @@ class Store(ABC):
         what is durable), so any a collection may have deleted since are checked
         first: a missing one raises :class:`MissingBlobError` (its ``digests``
         say which, to be stored again) instead of committing a dangling manifest.
+        A collection that began between that check and the write is caught by
+        its generation: the blobs are checked again, and a manifest that lost
+        one is taken back before the error is raised.
         """
         session = manifest["session"]
         snapshot_id = check_snapshot_id(manifest["id"])
-        for digest in manifest.get("blobs", []):
+        blobs = manifest.get("blobs", [])
+        for digest in blobs:
             check_digest(digest)
         fault_point("manifest-commit")
-        missing = self.missing_blobs(manifest.get("blobs", []))
+        generation = self.collection_generation()
+        self._refuse_missing(snapshot_id, self.missing_blobs(blobs))
+        fault_point("manifest-write")
+        self._write_manifest(session, snapshot_id, self.signer.encode(manifest))
+        if self.collection_generation() != generation:
+            missing = self.missing_blobs(blobs)
+            if missing:
+                self.delete_snapshot(session, snapshot_id)
+                self._refuse_missing(snapshot_id, missing)
+
+    def _refuse_missing(self, snapshot_id: str, missing: list[str]) -> None:
         if missing:
             raise MissingBlobError(
                 f"snapshot {snapshot_id} was not committed: {len(missing)} blob(s) it names are not in "
                 f"{self.url} (first: {missing[0][:12]}); store them again and retry",
                 missing,
             )
-        self._write_manifest(session, snapshot_id, self.signer.encode(manifest))
 
     def load_manifest(self, session: str, snapshot_id: str) -> dict[str, Any]:
         """The verified manifest; ManifestError names the snapshot if it is bad."""

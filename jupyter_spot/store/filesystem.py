@@ -17,11 +17,12 @@ Layout under the root::
 A blob file of the right size is not trusted until this process wrote it (or
 wrote it again): bytes damaged on disk must never pass for "already stored".
 A commit checks that every blob it names exists, unless this process wrote or
-checked it since the last collection. There are no leases here: a collection
-running *during* a commit is kept off the blobs by their age — blobs written or
-checked (``utime``) recently are spared, the age re-read just before each
-deletion — so with a grace period of 0 a collection racing a commit can still
-delete a blob the commit relies on.
+checked it since the last collection; a collection that begins between that
+check and the manifest write changes the generation, and the commit checks
+again (Store.commit_manifest). There are no leases here: a collection already
+deleting when a commit starts is kept off its blobs by their age — blobs written
+or checked (``utime``) recently are spared, the age re-read just before each
+deletion — so only with a grace period of 0 can it still take one.
 """
 
 from __future__ import annotations
