@@ -14,7 +14,9 @@ The variable holds ``point=action[@hit]`` items separated by ``;``:
 
 ``blob-write``       a blob's bytes are written but not yet durable under its address;
 ``manifest-commit``  every blob is stored, the manifest not yet written;
-``gc-delete``        the collector is about to delete an unreferenced blob;
+``manifest-write``   the commit checked that its blobs exist; the manifest is written next;
+``gc-scan``          the collector is about to read one manifest for the blobs it references;
+``gc-delete``        the collector is about to delete an unreferenced blob (writers were told);
 ``replicate``        a tiered store sent a snapshot's blobs to S3 but not its manifest;
 ``restore``          a manifest is loaded, nothing is in the namespace yet;
 ``notice-flush``     a notice's flush starts;

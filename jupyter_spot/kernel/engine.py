@@ -21,7 +21,7 @@ import IPython
 
 from ..config import SpotSettings, resolve_keep_interrupted_days, resolve_session, resolve_store_url
 from ..faults import fault_point
-from ..store import Store, collect_garbage, open_store
+from ..store import Store, StoreError, collect_garbage, open_store
 from ..store.keys import KMS_ENV
 from ..store.retention import snapshots_to_delete
 from . import environment, serialize, tracking
@@ -102,6 +102,8 @@ class SnapshotEngine(Restorer):
         self.baseline = environment.Baseline()
         self.durable: dict[str, str] = {}
         self.writer = Writer(self.store, self.durable, self._committed, parent=None)
+        self._generation: str | None = None  # the store's collection generation `durable` is valid for
+        self._generation_seen = False
         self.last_result: SnapshotResult | None = None
         self.last_clean_id: str | None = None
         self._ids: dict[str, int] = {}
@@ -259,6 +261,7 @@ class SnapshotEngine(Restorer):
         result = SnapshotResult(id=self._new_id(), session=self.session, kind=kind, execution_count=cell,
                                 during_cell=during_cell)
         self._jobs = [job for job in self._jobs if not job.done.is_set()]
+        self._forget_if_collected()
         in_flight = {key for job in self._jobs for key, _ in job.blobs}
 
         modules: dict[str, str] = {}
@@ -372,6 +375,7 @@ class SnapshotEngine(Restorer):
         # Blobs an earlier, still queued snapshot writes are durable before this
         # one commits (the writer goes in order), so they are not written twice.
         blobs = [(key, data) for key, data in new_blobs.items() if key not in self.durable and key not in in_flight]
+        spare = {key: data for key, data in new_blobs.items() if key in self.durable or key in in_flight}
         new_bytes = sum(memoryview(data).nbytes for _, data in blobs)
         background = (
             not wait
@@ -422,10 +426,39 @@ class SnapshotEngine(Restorer):
                                            "size": group.size}
             return {**manifest, "groups": group_docs, "rng": durable[rng_key], "blobs": sorted(digests)}
 
-        job = Job(result=result, blobs=blobs, build_manifest=build_manifest, started=started)
+        job = Job(result=result, blobs=blobs, build_manifest=build_manifest, started=started, spare=spare)
         self._jobs.append(job)
         self.writer.submit(job)
         return job, background
+
+    def _forget_if_collected(self) -> None:
+        """Forget the blobs a garbage collection deleted since we last looked, so this
+        snapshot stores them again.
+
+        Only blobs of the current state are kept, and only those the store still
+        has (an existence check each, cheaper than storing the state again); the
+        rest — values since replaced — are forgotten. Only while no snapshot is
+        being written, whose manifest still needs those digests; until then the
+        store's commit check and the writer's repair cover it.
+        """
+        try:
+            generation = self.store.collection_generation()
+        except StoreError:
+            return  # this snapshot's own writes will meet the store's trouble and report it
+        if self._generation_seen and generation == self._generation:
+            return
+        if self._generation_seen and self.durable:
+            if not self.writer.idle:
+                return  # looked at again by the next snapshot
+            current = {key for group in self._groups.values() for key in group.keys}
+            believed = {key: digest for key, digest in self.durable.items() if key in current}
+            try:
+                gone = set(self.store.missing_blobs(sorted(set(believed.values()))))
+            except StoreError:
+                believed, gone = {}, set()
+            self.durable.clear()
+            self.durable.update({key: digest for key, digest in believed.items() if digest not in gone})
+        self._generation, self._generation_seen = generation, True
 
     def _source_of(self, name: str, value: Any) -> str | None:
         """The cell code that defined a notebook definition no pickler can rebuild."""

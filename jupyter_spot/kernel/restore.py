@@ -55,6 +55,7 @@ class Restorer:
         session = session or self.session
         report = RestoreReport(snapshot_id=None, session=session)
         self.wait_until_durable(timeout=300)
+        self._forget_if_collected()  # before reading: the blobs read are then known stored as of now
         try:
             ids = self.store.list_snapshots(session)
         except StoreError as error:

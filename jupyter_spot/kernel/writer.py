@@ -5,6 +5,10 @@ so a kernel killed mid-write leaves the previous snapshot as the latest one —
 never a manifest pointing at missing bytes. Snapshots are committed in the
 order they were taken, each naming the one before as its parent.
 
+A garbage collection may delete a blob this kernel believes stored; the
+store's commit then refuses the manifest (MissingBlobError) and the writer
+stores those blobs again from the bytes the snapshot pickled, and commits.
+
 The main thread never blocks on a lock this thread holds for long and never
 waits under one: :meth:`wait` polls, so ``flush()`` can run from a signal
 handler that interrupted the main thread anywhere.
@@ -28,6 +32,9 @@ from .results import SnapshotResult
 #: one at a time, 0.57 s with two); beyond that the disk is the limit.
 BLOB_WORKERS = 2
 
+#: Commits tried per snapshot when collections keep deleting blobs it relies on.
+COMMIT_ATTEMPTS = 3
+
 
 @dataclass
 class Job:
@@ -36,6 +43,9 @@ class Job:
     result: SnapshotResult
     blobs: list[tuple[str, Any]]  # (content key, bytes-like) not yet known durable
     build_manifest: Callable[[dict[str, str]], dict[str, Any]]  # content key → sha256 resolved
+    #: The other bytes this snapshot pickled (believed stored already, or written by an
+    #: earlier snapshot): what it stores again if a collection deleted them meanwhile.
+    spare: dict[str, Any] = field(default_factory=dict)
     started: float = field(default_factory=time.perf_counter)
     done: threading.Event = field(default_factory=threading.Event)
     remaining: int = 0
@@ -106,7 +116,7 @@ class Writer:
                     self._write(job)
                 finally:
                     self._settle(job, job.remaining, job.result.bytes_pending)
-                    job.blobs = []  # let go of copied buffers
+                    job.blobs, job.spare = [], {}  # let go of copied buffers
                     with self._counts:
                         self._outstanding -= 1
                     job.done.set()
@@ -161,6 +171,34 @@ class Writer:
         if failures:
             raise failures[0]
 
+    def _commit(self, job: Job, manifest: dict[str, Any]) -> None:
+        """Commit, storing again any blob a collection deleted since it was believed stored."""
+        for attempt in range(1, COMMIT_ATTEMPTS + 1):
+            try:
+                self.store.commit_manifest(manifest)
+                return
+            except MissingBlobError as error:
+                if attempt == COMMIT_ATTEMPTS or not self._store_again(job, error.digests):
+                    raise
+
+    def _store_again(self, job: Job, digests: list[str]) -> bool:
+        """Store the blobs ``digests`` from the bytes ``job`` holds; False if it lacks some.
+
+        A value the job did not pickle (unchanged since an earlier snapshot) is
+        forgotten instead, so the next snapshot pickles and stores it again.
+        """
+        gone = set(digests)
+        keys = {digest: key for key, digest in list(self.durable.items()) if digest in gone}
+        held = {**job.spare, **dict(job.blobs)}
+        lacking = [digest for digest in gone if keys.get(digest) not in held]
+        if lacking:
+            for digest in lacking:
+                self.durable.pop(keys.get(digest, ""), None)
+            return False
+        for digest in gone:
+            job.result.bytes_written += self.store.put_blob(digest, held[keys[digest]])
+        return True
+
     def _write(self, job: Job) -> None:
         result = job.result
         try:
@@ -171,15 +209,12 @@ class Writer:
                 else:
                     new.append((key, memoryview(data)))
             self._store(job, new)
-            manifest = job.build_manifest(self.durable)
+            try:
+                manifest = job.build_manifest(self.durable)
+            except KeyError:  # an earlier snapshot found a blob it relied on gone, and could not repair it
+                raise MissingBlobError("a blob this snapshot relies on was collected; the next snapshot writes it again")
             manifest["parent"] = self.last_committed
-            self.store.commit_manifest(manifest)
-        except MissingBlobError as error:
-            # Another process's GC removed blobs this kernel believed stored:
-            # forget them all, so the next snapshot writes its data again.
-            self.durable.clear()
-            result.error = str(error)
-            self.last_error = result.error
+            self._commit(job, manifest)
         except StoreError as error:
             result.error = str(error)
             self.last_error = result.error

@@ -56,7 +56,11 @@ class CorruptBlobError(StoreError):
 
 
 class MissingBlobError(StoreError):
-    """A manifest names a blob the store does not have."""
+    """A manifest names a blob the store does not have; ``digests`` says which."""
+
+    def __init__(self, message: str, digests: list[str] | None = None) -> None:
+        super().__init__(message)
+        self.digests: list[str] = list(digests or [])
 
 
 class ManifestError(StoreError):
@@ -242,6 +246,27 @@ class Store(ABC):
     def delete_blob(self, digest: str) -> None:
         """Remove a blob; only garbage collection calls this."""
 
+    def missing_blobs(self, digests: list[str]) -> list[str]:
+        """Which of ``digests`` the store lacks: existence checks only, never a re-hash.
+
+        A store that remembers which blobs it wrote or checked since the last
+        collection checks only the others (FileStore, S3Store).
+        """
+        return [digest for digest in dict.fromkeys(digests) if not self.has_blob(digest)]
+
+    def collection_generation(self) -> str | None:
+        """A cheap token that changes whenever a garbage collection deletes blobs.
+
+        A writer that caches which blobs are stored (the kernel engine) drops its
+        cache when this changes: the collection may have deleted any of them.
+        None when the store has never been collected.
+        """
+        return None
+
+    def announce_collection(self) -> None:
+        """Change :meth:`collection_generation`; a collector calls it before its first deletion,
+        so even a collector killed half-way makes writers re-check what they believed stored."""
+
     # -- manifests -----------------------------------------------------------
     @abstractmethod
     def _write_manifest(self, session: str, snapshot_id: str, data: bytes) -> None:
@@ -264,16 +289,42 @@ class Store(ABC):
         """Remove one snapshot's manifest (its blobs go at the next GC)."""
 
     def commit_manifest(self, manifest: dict[str, Any]) -> None:
-        """Commit a snapshot: call only once every blob it names is durable."""
+        """Commit a snapshot: call only once every blob it names is durable.
+
+        A caller may name blobs it stored long ago (the kernel engine remembers
+        what is durable), so any a collection may have deleted since are checked
+        first: a missing one raises :class:`MissingBlobError` (its ``digests``
+        say which, to be stored again) instead of committing a dangling manifest.
+        A collection that began between that check and the write is caught by
+        its generation: the blobs are checked again, and a manifest that lost
+        one is taken back before the error is raised.
+        """
         session = manifest["session"]
         snapshot_id = check_snapshot_id(manifest["id"])
-        for digest in manifest.get("blobs", []):
+        blobs = manifest.get("blobs", [])
+        for digest in blobs:
             check_digest(digest)
         from .manifest import MANIFEST, snapshot_place
 
         fault_point("manifest-commit")
+        generation = self.collection_generation()
+        self._refuse_missing(snapshot_id, self.missing_blobs(blobs))
+        fault_point("manifest-write")
         data = self.signer.encode(manifest, MANIFEST, snapshot_place(session, snapshot_id))
         self._write_manifest(session, snapshot_id, data)
+        if self.collection_generation() != generation:
+            missing = self.missing_blobs(blobs)
+            if missing:
+                self.delete_snapshot(session, snapshot_id)
+                self._refuse_missing(snapshot_id, missing)
+
+    def _refuse_missing(self, snapshot_id: str, missing: list[str]) -> None:
+        if missing:
+            raise MissingBlobError(
+                f"snapshot {snapshot_id} was not committed: {len(missing)} blob(s) it names are not in "
+                f"{self.url} (first: {missing[0][:12]}); store them again and retry",
+                missing,
+            )
 
     def load_manifest(self, session: str, snapshot_id: str) -> dict[str, Any]:
         """The verified manifest, signed for exactly this session and id; ManifestError names the snapshot if not."""

@@ -14,6 +14,17 @@ Layout under the root::
     sessions/<long…%~hash>/      a session whose encoded name is over 255 bytes,
         session-name             with its real name beside its manifests
     records/<name>.json          the server's records
+    locks/gc-generation          rewritten before a collection deletes its first blob
+
+A blob file of the right size is not trusted until this process wrote it (or
+wrote it again): bytes damaged on disk must never pass for "already stored".
+A commit checks that every blob it names exists, unless this process wrote or
+checked it since the last collection; a collection that begins between that
+check and the manifest write changes the generation, and the commit checks
+again (Store.commit_manifest). There are no leases here: a collection already
+deleting when a commit starts is kept off its blobs by their age — blobs written
+or checked (``utime``) recently are spared, the age re-read just before each
+deletion — so only with a grace period of 0 can it still take one.
 """
 
 from __future__ import annotations
@@ -150,6 +161,12 @@ class FileStore(Store):
         self.root = Path(root).expanduser().resolve()
         super().__init__(str(self.root), signer)
         self._known_dirs: set[Path] = set()
+        #: Blobs whose bytes this process wrote: sound unless damaged since (checked once per process).
+        self._verified: set[str] = set()
+        #: Blobs this process wrote or saw exist since the collection generation ``_present_since``.
+        self._present: set[str] = set()
+        self._present_since: str | None = None
+        self._generation_path = self.root / "locks" / "gc-generation"
 
     def _ensure_dir(self, path: Path) -> None:
         if path in self._known_dirs:
@@ -186,10 +203,19 @@ class FileStore(Store):
         return self._write_blob(data)
 
     def _already_stored(self, path: Path, size: int) -> bool:
-        """Whether the blob at ``path`` is stored already; if so, mark it used."""
+        """Whether the blob at ``path`` is stored already; if so, mark it used.
+
+        Only a blob this process wrote counts: a file of the right size left by
+        another may hold damaged bytes, so it is written again (through a
+        temporary file and a rename) the first time — which costs an fsync,
+        measured cheaper than reading it back to hash it (benchmarks/README.md).
+        """
+        if path.name not in self._verified:
+            return False
         try:
             if path.stat().st_size == size:
                 os.utime(path)  # tells a concurrent GC this blob is in use again
+                self._present.add(path.name)
                 return True
         except FileNotFoundError:
             pass
@@ -231,6 +257,8 @@ class FileStore(Store):
         finally:
             tmp.unlink(missing_ok=True)  # gone already once renamed
         _fsync_dir(path.parent)
+        self._verified.add(digest)
+        self._present.add(digest)
         return digest, view.nbytes
 
     def get_blob(self, digest: str) -> Buffer:
@@ -287,7 +315,46 @@ class FileStore(Store):
         return removed
 
     def delete_blob(self, digest: str) -> None:
+        self._present.discard(digest)
         self._blob_path(digest).unlink(missing_ok=True)
+
+    def collection_generation(self) -> str | None:
+        try:
+            return self._generation_path.read_text()
+        except FileNotFoundError:
+            return None
+        except OSError as error:
+            raise self._wrap(error, "reading the garbage collection generation") from error
+
+    def announce_collection(self) -> None:
+        self._ensure_dir(self._generation_path.parent)
+        try:
+            tmp = _write_durably(self._generation_path, secrets.token_hex(8).encode())
+            os.replace(tmp, self._generation_path)
+        except OSError as error:
+            raise self._wrap(error, "announcing a garbage collection") from error
+        _fsync_dir(self._generation_path.parent)
+
+    def missing_blobs(self, digests: list[str]) -> list[str]:
+        """Which of ``digests`` are gone: one ``utime`` for each blob not written or
+        seen since the last collection, which also tells a running collector it is in use."""
+        generation = self.collection_generation()
+        if generation != self._present_since:
+            self._present.clear()
+            self._present_since = generation
+        missing = []
+        for digest in dict.fromkeys(digests):
+            if digest in self._present:
+                continue
+            try:
+                os.utime(self._blob_path(digest))
+            except FileNotFoundError:
+                missing.append(digest)
+                continue
+            except OSError as error:
+                raise self._wrap(error, f"checking blob {digest[:12]}") from error
+            self._present.add(digest)
+        return missing
 
     # -- manifests -----------------------------------------------------------
     def _session_dir(self, session: str) -> Path:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from ..faults import fault_point
@@ -115,24 +116,44 @@ def collect_garbage(
         report.temporaries_deleted = sweep(grace_seconds)
     guard = getattr(store, "blob_gc_guard", None)
     with guard() if guard else contextlib.nullcontext(lambda: True) as may_delete:
-        if not may_delete():
+        in_use = _blobs_in_use(store, may_delete)
+        if in_use is None:
             report.blobs_deferred = True
             return report
-        in_use: set[str] = set()
-        for name in store.list_sessions():
-            for snapshot_id in store.list_snapshots(name):
-                blobs = referenced_blobs(store, name, snapshot_id)
-                if blobs is not None:
-                    in_use |= blobs
-        in_use |= pinned_blobs(store)
+        announced = False
         for digest in list(store.iter_blobs()):
-            if digest in in_use or store.blob_age(digest) < grace_seconds:
-                report.blobs_kept += 1
-            elif not may_delete():
+            if not may_delete():
                 report.blobs_deferred = True
                 break
-            else:
-                fault_point("gc-delete")
-                store.delete_blob(digest)
-                report.blobs_deleted += 1
+            if digest in in_use or store.blob_age(digest) < grace_seconds:
+                report.blobs_kept += 1
+                continue
+            if not announced:
+                # Before the first deletion, so even a collector killed half-way
+                # makes every writer forget which blobs it believed stored.
+                store.announce_collection()
+                announced = True
+            fault_point("gc-delete")
+            store.delete_blob(digest)
+            report.blobs_deleted += 1
     return report
+
+
+def _blobs_in_use(store: Store, may_delete: Callable[[], bool]) -> set[str] | None:
+    """Every blob a manifest names or a record pins; None as soon as ``may_delete``
+    says a writer came (it asks the store at most once a second), so a writer never
+    waits for a scan of the whole store."""
+    if not may_delete():  # takes the collector's lock before listing what references blobs
+        return None
+    in_use: set[str] = set()
+    for name in store.list_sessions():
+        for snapshot_id in store.list_snapshots(name):
+            if not may_delete():
+                return None
+            fault_point("gc-scan")
+            blobs = referenced_blobs(store, name, snapshot_id)
+            if blobs is not None:
+                in_use |= blobs
+    if not may_delete():
+        return None
+    return in_use | pinned_blobs(store)

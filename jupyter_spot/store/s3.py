@@ -26,8 +26,10 @@ Why these choices:
   S3 lists are strongly consistent): a writer puts its lease *then* lists the
   locks, a collector puts its lock *then* lists the leases, so at least one of
   them sees the other.  A collector that sees a live lease deletes no more
-  blobs (it looks again every second); a writer that sees a live collector
-  waits for it, drops its cache of known blobs whenever the collection
+  blobs and stops reading manifests (it looks again every second); a writer
+  that sees a live collector waits for it — a bounded wait, with locks aged
+  by S3's clock (the Date of the listing), so a dead collector's lock never
+  blocks it for long — drops its cache of known blobs whenever the collection
   generation changed, and checks before committing any blob it has not seen
   since.
 """
@@ -36,6 +38,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import email.utils
 import io
 import json
 import secrets
@@ -82,6 +85,13 @@ ASK_FIRST_SIZE = 1 << 20
 LEASE_SECONDS = 10 * 60
 #: The same for a collector's lock, which a live collector refreshes every second.
 GC_LOCK_SECONDS = 30
+#: The longest a writer waits for collectors' locks to go. A live collector
+#: yields within about a second of seeing the writer's lease and a dead one's
+#: lock expires after GC_LOCK_SECONDS, so a lock still live after this belongs to
+#: a collector that does not yield: the writer fails with an error naming it.
+GC_WAIT_SECONDS = GC_LOCK_SECONDS + 15.0
+#: How often a waiting writer looks at the locks again.
+GC_POLL_SECONDS = 0.2
 
 
 class _BufferFile(io.RawIOBase):
@@ -131,6 +141,10 @@ class _BufferWriter(_BufferFile):
         self._view[self._pos : end] = chunk
         self._pos = end
         return len(chunk)
+
+
+#: ``S3Store._gc_generation`` before the store first looked at it.
+_NOT_LOOKED = "not looked yet"
 
 
 def parse_s3_url(url: str) -> tuple[str, str, dict[str, str]]:
@@ -193,9 +207,8 @@ class S3Store(Store):
         self._named_sessions: set[str] = set()
         self._lease_key = f"{self.prefix}locks/write-{secrets.token_hex(8)}"
         self._lease_taken = 0.0  # time.monotonic() of the lease PUT; 0 when not held
-        self._gc_generation: str | None = "not looked yet"
+        self._gc_generation: str | None = _NOT_LOOKED
         self._generation_key = self._key("locks", "gc-generation")
-        self._collecting = self._announced = False  # inside blob_gc_guard; generation bumped
 
     # -- plumbing ------------------------------------------------------------
     def _key(self, *parts: str) -> str:
@@ -294,9 +307,17 @@ class S3Store(Store):
 
     # -- leases: writers and collectors never overlap ----------------------------
     def _live_locks(self) -> dict[str, list[str]]:
-        """Live ``write``/``gc`` lock keys, aged by S3's clock (we just wrote one of them)."""
-        items = list(self._list_keys(self._key("locks", "")))
-        now = max((item["LastModified"] for item in items), default=datetime.now(timezone.utc))
+        """Live ``write``/``gc`` lock keys, aged by S3's clock: the Date of this very
+        listing (or, from a store that sends none, the newest lock, since we just wrote one)."""
+        items: list[dict[str, Any]] = []
+        now = None
+        for page in self._list(self._key("locks", "")):
+            items += page.get("Contents", [])
+            date = page.get("ResponseMetadata", {}).get("HTTPHeaders", {}).get("date")
+            with contextlib.suppress(TypeError, ValueError):
+                now = email.utils.parsedate_to_datetime(date) if date else now
+        newest = max((item["LastModified"] for item in items), default=datetime.now(timezone.utc))
+        now = max(now, newest) if now is not None else newest
         live: dict[str, list[str]] = {"write": [], "gc": []}
         for item in items:
             kind = item["Key"].rsplit("/", 1)[-1].split("-", 1)[0]
@@ -311,18 +332,58 @@ class S3Store(Store):
             now = time.monotonic()
             if self._lease_taken and now - self._lease_taken < LEASE_SECONDS / 3:
                 return
-            with self._calling("taking a write lease"):
-                self.client.put_object(Bucket=self.bucket, Key=self._lease_key, Body=b"")
+            waited = self._wait_for_collectors()
             self._lease_taken = now
-            waited = False
-            while self._live_locks()["gc"]:
-                waited = True  # the collector stops within a second of seeing our lease
-                time.sleep(0.1)
-            head = self._head(self._generation_key)
-            generation = head["ETag"] if head else None
+            generation = self._read_generation()
             if waited or generation != self._gc_generation:
                 self._known.clear()  # a collection deleted blobs: believe only S3 now
                 self._gc_generation = generation
+
+    def _wait_for_collectors(self) -> bool:
+        """Put this writer's lease, then wait until no collector's lock is live; True if it waited.
+
+        A live collector stops within about a second of seeing the lease. The
+        lease is put again every second while waiting, so it stays live and, on a
+        store whose listings carry no Date, the newest lock's time moves on.
+        Raises StoreError once GC_WAIT_SECONDS have passed.
+        """
+        started = time.monotonic()
+        put_at: float | None = None
+        waited = False
+        while True:
+            if put_at is None or time.monotonic() - put_at >= 1.0:
+                with self._calling("taking a write lease"):
+                    self.client.put_object(Bucket=self.bucket, Key=self._lease_key, Body=b"")
+                put_at = time.monotonic()
+            collectors = self._live_locks()["gc"]
+            if not collectors:
+                return waited
+            waited = True
+            seconds = time.monotonic() - started
+            if seconds >= GC_WAIT_SECONDS:
+                with contextlib.suppress(StoreError), self._calling("dropping the write lease"):
+                    self.client.delete_object(Bucket=self.bucket, Key=self._lease_key)
+                raise StoreError(
+                    f"a garbage collector's lock ({collectors[0]}) in {self.url} stayed live for {seconds:.0f}s while "
+                    "this writer waited to store a snapshot; nothing was written. A collector that does not make way "
+                    "for writers is running: stop it, or delete that lock if no `jupyter spot gc` runs"
+                )
+            time.sleep(GC_POLL_SECONDS)
+
+    def _read_generation(self) -> str | None:
+        head = self._head(self._generation_key)
+        return head["ETag"] if head else None
+
+    def collection_generation(self) -> str | None:
+        """The generation this store saw when it last took a lease (read once if it never did):
+        a writer's lease re-reads it, so this costs no request per snapshot."""
+        if self._gc_generation == _NOT_LOOKED:
+            self._gc_generation = self._read_generation()
+        return self._gc_generation
+
+    def announce_collection(self) -> None:
+        with self._calling("announcing a garbage collection"):
+            self.client.put_object(Bucket=self.bucket, Key=self._generation_key, Body=secrets.token_hex(8).encode())
 
     def _release_lease(self) -> None:
         with self._lock:
@@ -352,11 +413,9 @@ class S3Store(Store):
                 checked = time.monotonic()
             return allowed
 
-        self._collecting, self._announced = True, False
         try:
             yield may_delete
         finally:
-            self._collecting, self._announced = False, False
             with self._calling("releasing the garbage collection lock"):
                 self.client.delete_object(Bucket=self.bucket, Key=key)
 
@@ -466,38 +525,31 @@ class S3Store(Store):
         key = self._blob_key(digest)
         self._known.discard(digest)
         with self._calling(f"deleting blob {digest[:12]}"):
-            if not self._announced:
-                # Before the first deletion, so even a collector killed half-way
-                # makes every writer forget which blobs it believed stored.
-                generation = secrets.token_hex(8).encode()
-                self.client.put_object(Bucket=self.bucket, Key=self._generation_key, Body=generation)
-                self._announced = self._collecting
             self.client.delete_object(Bucket=self.bucket, Key=key)
 
     # -- manifests -----------------------------------------------------------
     def commit_manifest(self, manifest: dict[str, Any]) -> None:
         """Commit under the write lease, then drop it: the blobs are referenced now.
 
-        A caller may name blobs it stored long ago without calling put_blob
-        again (the kernel engine remembers what is durable). Any blob not seen
-        by this store since the last collection is checked first, so a
-        collection that ran meanwhile can never leave this manifest dangling.
+        Under the lease no collector deletes, so the check of blobs not seen
+        since the last collection (:meth:`missing_blobs`) stays true until the
+        manifest is written.
         """
         try:
             self._hold_lease()
-            unseen = [d for d in dict.fromkeys(manifest.get("blobs", [])) if d not in self._known]
-            if unseen:
-                with ThreadPoolExecutor(self.transfer_config.max_concurrency) as pool:
-                    found = list(pool.map(self.has_blob, unseen))
-                missing = [d for d, present in zip(unseen, found) if not present]
-                if missing:
-                    raise MissingBlobError(
-                        f"snapshot {manifest['id']} was not committed: {len(missing)} blob(s) it names are "
-                        f"not in {self.url} (first: {missing[0][:12]}); store them again and retry"
-                    )
             super().commit_manifest(manifest)
         finally:
             self._release_lease()
+
+    def missing_blobs(self, digests: list[str]) -> list[str]:
+        """Which of ``digests`` are gone: a parallel HEAD for each blob this store
+        has not stored or seen since the last collection."""
+        unseen = [digest for digest in dict.fromkeys(digests) if digest not in self._known]
+        if not unseen:
+            return []
+        with ThreadPoolExecutor(self.transfer_config.max_concurrency) as pool:
+            found = list(pool.map(self.has_blob, unseen))
+        return [digest for digest, present in zip(unseen, found) if not present]
 
     def _write_manifest(self, session: str, snapshot_id: str, data: bytes) -> None:
         key = self._manifest_key(session, snapshot_id)

@@ -110,7 +110,13 @@ class TieredStore(Store):
         list(self._pool.map(send, manifest.get("blobs", [])))
         fault_point("replicate")
         try:
-            self.durable.commit_manifest(manifest)
+            try:
+                self.durable.commit_manifest(manifest)
+            except MissingBlobError as error:
+                # A collection of S3 (from any machine) deleted blobs S3 was
+                # believed to hold: send those now rather than after a backoff.
+                list(self._pool.map(send, error.digests))
+                self.durable.commit_manifest(manifest)
         except SnapshotExistsError:
             if self.durable.load_manifest(session, snapshot_id) != manifest:
                 log.warning(
@@ -243,6 +249,18 @@ class TieredStore(Store):
     def delete_blob(self, digest: str) -> None:
         self.fast.delete_blob(digest)
         self.durable.delete_blob(digest)
+
+    def missing_blobs(self, digests: list[str]) -> list[str]:
+        """A commit lands in the fast tier, and replication sends from there."""
+        return self.fast.missing_blobs(digests)
+
+    def collection_generation(self) -> str | None:
+        """The fast tier's: writes land there (replication checks S3 on its own)."""
+        return self.fast.collection_generation()
+
+    def announce_collection(self) -> None:
+        self.durable.announce_collection()
+        self.fast.announce_collection()
 
     @contextlib.contextmanager
     def blob_gc_guard(self) -> Iterator[Callable[[], bool]]:
