@@ -36,7 +36,12 @@ CHECKS = (SILENT_ROLLBACK, ROLLBACK, SILENT_FALLBACK, UNREADABLE, MISSING_BLOB, 
 
 
 def _probe(kernel: TrialKernel, line: str) -> dict:
-    return ast.literal_eval(kernel.run(PROBE.format(line=line), timeout=CELL_TIMEOUT).text.strip())
+    """The probe's line of the cell's output (a warning on stderr may come with it)."""
+    text = kernel.run(PROBE.format(line=line), timeout=CELL_TIMEOUT).text
+    found = [row for row in text.splitlines() if row.startswith("PROBE ")]
+    if not found:
+        raise RuntimeError(f"the probe printed no result: {text[-300:]!r}")
+    return ast.literal_eval(found[0].removeprefix("PROBE "))
 
 
 def _state(snapshot: Snapshot) -> tuple[str, int] | None:
@@ -108,19 +113,33 @@ def check(trial: Trial, result: TrialResult, kernel: TrialKernel, snapshots: dic
                 fail(MISSING_BLOB, f"S3 holds manifest {snapshot_id} but not its blob(s) "
                                    f"{', '.join(d[:12] for d in lacking)}")
 
+    # a tiered store's notice flush said these reached S3: the machine's cache may be gone, S3 alone restores them
+    for snapshot_id in sorted(ledger.in_s3 - store.damaged_manifests):
+        s3 = store.tiers()["s3"]
+        try:
+            manifest = s3.load_manifest(trial.session, snapshot_id)
+            lacking = [d for d in manifest.get("blobs", []) if d not in damaged_blobs and not s3.has_blob(d)]
+        except Exception as error:
+            lacking = [f"its manifest ({error})"]
+        if lacking:
+            fail(LOST_CONFIRMED, f"the notice flush said {snapshot_id} was in S3; S3 lacks {', '.join(lacking)[:200]}")
+
     # newest usable state of each interrupted line
     newest: dict[str, tuple[str, int]] = {}
     for snapshot in snapshots.values():
         state = _state(snapshot)
         if snapshot.usable and state is not None and state[0] in interrupted:
             newest[state[0]] = (snapshot.id, state[1])  # ids sort by time: the last one wins
+    lost: dict[str, tuple[str, int]] = {}  # per line, the newest confirmed state that is gone
     for snapshot_id, (line, k) in sorted(ledger.confirmed.items()):
         if line not in interrupted or damaged_by_trial(snapshots.get(snapshot_id), snapshot_id):
             continue
         have = newest.get(line)
-        if have is None or have[1] < k:
-            fail(LOST_CONFIRMED, f"{snapshot_id} (line {line}, cell {k}) was confirmed durable; "
-                                 f"newest usable of line {line} now: {have}")
+        if (have is None or have[1] < k) and k >= lost.get(line, ("", 0))[1]:
+            lost[line] = (snapshot_id, k)
+    for line, (snapshot_id, k) in sorted(lost.items()):
+        fail(LOST_CONFIRMED, f"{snapshot_id} (line {line}, cell {k}) was confirmed durable; "
+                             f"newest usable of line {line} now: {newest.get(line)}")
     expected = max(((sid, line, k) for line, (sid, k) in newest.items()), default=None)
 
     # what `%spot restore latest` did

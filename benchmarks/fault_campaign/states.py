@@ -22,7 +22,7 @@ CELL_NAME = re.compile(r"^([A-Z])_cell_(\d+)$")
 #: Evaluated in a kernel: a summary of the namespace, compared with :func:`fingerprint`.
 PROBE = """\
 import hashlib
-print(repr({{
+print('PROBE', repr({{
     'cells': sorted(n for n in globals() if n.startswith({line!r} + '_cell_')),
     'owner': globals().get('owner'),
     'step': globals().get('step'),

@@ -32,6 +32,7 @@ class Campaign:
         self._scratch = tempfile.TemporaryDirectory(prefix="spot-faults-")
         self.root = Path(self._scratch.name)
         self.key = "campaign-" + secrets.token_hex(8)
+        self._environ = dict(os.environ)  # given back by close(): this process reads the stores too
         self.moto: MotoServer | None = None
         self.proxy: ErrorProxy | None = None
         self.bucket = ""
@@ -59,18 +60,22 @@ class Campaign:
             self.proxy = ErrorProxy(self.moto.port)
             self.bucket = f"spot-faults-{secrets.token_hex(4)}"
             env = {k: v for k, v in self.base_env.items() if k.startswith("AWS_")}
-            os.environ.update(env)  # this process reads the stores too
+            os.environ.update(env)
             boto3.client("s3", endpoint_url=self.moto.url).create_bucket(Bucket=self.bucket)
         os.environ["JUPYTER_SPOT_SIGNING_KEY"] = self.key
         self.pool = KernelPool(self.base_env)
 
     def close(self) -> None:
-        self.pool.close()
-        if self.proxy is not None:
-            self.proxy.stop()
-        if self.moto is not None:
-            self.moto.stop()
-        self._scratch.cleanup()
+        try:
+            self.pool.close()
+            if self.proxy is not None:
+                self.proxy.stop()
+            if self.moto is not None:
+                self.moto.stop()
+            self._scratch.cleanup()
+        finally:
+            os.environ.clear()
+            os.environ.update(self._environ)
 
 
 @dataclass

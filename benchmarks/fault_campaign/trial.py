@@ -42,6 +42,7 @@ class Ledger:
     events: list[str] = field(default_factory=list)
     blocked: list[str] = field(default_factory=list)
     fired: bool = False  # the planned fault took effect (a death, an error, a notice flush)
+    in_s3: set[str] = field(default_factory=set)  # snapshots a notice flush said had reached S3
 
     def note(self, text: str) -> None:
         self.events.append(text)
@@ -248,9 +249,12 @@ class Trial:
             kernel.kill()
             self.log(f"notice during cell {k}; SIGKILL {self.plan.kill_fraction * 0.3:.3f}s later")
             return
-        kernel.wait(cell, CELL_TIMEOUT, until=lambda c: bool(_SNAPSHOT_LINE.search(c.text)) or "failed" in c.text
-                    or "could not save" in c.text)
+        # "⚠ jupyter-spot: … Saving this session now." then "⚠ jupyter-spot: <what the flush did>"
+        kernel.wait(cell, CELL_TIMEOUT, until=lambda c: c.text.count("jupyter-spot:") >= 2)
         _confirm_output(cell.text, kernel.name, k, self.ledger)
+        if self.store.kind == "tiered" and _SNAPSHOT_LINE.search(cell.text) and "not yet in S3" not in cell.text:
+            # the flush waited for S3: the machine (and its cache) may go now
+            self.ledger.in_s3.add(_SNAPSHOT_LINE.search(cell.text).group(1))
         self.log(f"notice during cell {k} flushed: {cell.text.strip().splitlines()[-1][:120]}")
         kernel.kill()
 
@@ -260,7 +264,7 @@ class Trial:
         cell = kernel.run("%load_ext jupyter_spot", timeout=CELL_TIMEOUT)
         self._deliver_notice(kernel)
         try:
-            kernel.wait(cell, CELL_TIMEOUT, until=lambda c: "jupyter-spot: snapshot" in c.text or "could not" in c.text)
+            kernel.wait(cell, CELL_TIMEOUT, until=lambda c: c.text.count("jupyter-spot:") >= 2)
         except CellTimeout:
             pass  # it may rightly decline to flush an empty namespace
         self.log(f"fresh kernel F saw a notice: {cell.text.strip()[-120:]!r}")
