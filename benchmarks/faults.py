@@ -96,6 +96,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"    {check}: {text}")
         if r.error:
             print(f"    harness error: {r.error}")
+        print("    what happened: " + " | ".join(r.events))
         print(f"    replay: python benchmarks/faults.py --replay {r.plan.seed}")
     print(table(results))
     injected = campaign.proxy.injected if campaign.proxy is not None else {}

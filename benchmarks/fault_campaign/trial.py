@@ -15,7 +15,6 @@ import sys
 import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from pathlib import Path
 
 from jupyter_spot.notice.kernel_watch import deliver_notice_to_kernel
 from jupyter_spot.notice.model import Notice, deadline_in
@@ -318,6 +317,3 @@ class Trial:
         if self.gc is not None and self.gc.poll() is None:
             self.gc.kill()
 
-
-def replay_command(seed: int) -> str:
-    return f"python {Path(__file__).resolve().parents[1] / 'faults.py'} --replay {seed}"
