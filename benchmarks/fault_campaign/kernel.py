@@ -55,6 +55,8 @@ class TrialKernel:
         self.client.start_channels()
         self.client.wait_for_ready(timeout=60)
         self.cells: dict[str, Cell] = {}
+        #: Output of no request of ours: what an idle kernel prints (a notice handled between cells).
+        self.stray = Cell("", "")
         self.dead = False
 
     @property
@@ -78,6 +80,8 @@ class TrialKernel:
         while msg is not None:
             cell = self.cells.get(msg.get("parent_header", {}).get("msg_id", ""))
             kind, content = msg["msg_type"], msg["content"]
+            if cell is None and kind == "stream":
+                cell = self.stray
             if cell is not None:
                 if kind == "stream":
                     cell.output.append(content["text"])

@@ -262,11 +262,12 @@ class Trial:
         kernel = self.kernels["F"]
         cell = kernel.run("%load_ext jupyter_spot", timeout=CELL_TIMEOUT)
         self._deliver_notice(kernel)
+        said = lambda c: c.text + kernel.stray.text  # noqa: E731 -- idle: its output may belong to no request
         try:
-            kernel.wait(cell, CELL_TIMEOUT, until=lambda c: c.text.count("jupyter-spot:") >= 2)
+            kernel.wait(cell, CELL_TIMEOUT, until=lambda c: said(c).count("jupyter-spot:") >= 2)
         except CellTimeout:
-            pass  # it may rightly decline to flush an empty namespace
-        self.log(f"fresh kernel F saw a notice: {cell.text.strip()[-120:]!r}")
+            self.ledger.blocked.append(f"a fresh kernel said nothing within {CELL_TIMEOUT:.0f}s of a notice")
+        self.log(f"fresh kernel F saw a notice: {said(cell).strip()[-120:]!r}")
         kernel.kill()
 
     # -- GC concurrent with a writer -----------------------------------------------------
@@ -289,8 +290,8 @@ class Trial:
             self.gc.kill()
             out, _ = self.gc.communicate()
             self.ledger.blocked.append("the collector did not finish in 60s")
-        if self.gc.returncode == -9:
-            self.ledger.fired = True
+        # the collector ran to its end, or was killed at its planned deletion
+        self.ledger.fired = self.gc.returncode == (-9 if self.plan.action == "kill" else 0)
         self.log(f"collector exited {self.gc.returncode}: {out.strip()[-160:]!r}")
 
     # -- damage -----------------------------------------------------------------------------
