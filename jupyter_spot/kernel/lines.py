@@ -23,6 +23,7 @@ from ..store.lines import (
     interrupted_line,
     load_decisions,
     record_decision,
+    undecided,
 )
 from ..units import human_bytes
 
@@ -141,6 +142,15 @@ class KernelLines:
                 f"newest snapshot {newest.newest_id} of the session ({whose}); `%spot restore {newest.newest_id}` "
                 "loads that one"
             )
+        # Two kernels lost on one session leave two lines: the one not chosen is named, never passed over.
+        named = {line.id, newest.id, self.line}
+        decisions = load_decisions(self.store, session)
+        for other in sorted(lines.values(), key=lambda each: each.newest_id, reverse=True):
+            if other.id not in named and undecided(other, decisions):
+                notes.append(
+                    f"line {other.id} was interrupted too and nobody restored it (newest snapshot "
+                    f"{other.newest_id}); `%spot restore {other.newest_id}` loads it instead"
+                )
         return LatestChoice(candidates, notes, set(ours))
 
     def restored(self, session: str, manifest: dict[str, Any]) -> list[str]:

@@ -113,7 +113,7 @@ class ManifestSigner:
     def _sign(key: Key, message: bytes) -> str:
         return hmac.new(key.secret, message, hashlib.sha256).hexdigest()
 
-    def _keys_for(self, envelope: dict[str, Any], where: str) -> list[Key]:
+    def _keys_for(self, envelope: dict[str, Any], kind: str, where: str) -> list[Key]:
         """The key the envelope names, or every key for envelopes older than key ids."""
         key_id = envelope.get("key")
         if key_id is None:
@@ -122,8 +122,8 @@ class ManifestSigner:
             except StoreError as error:
                 raise UnknownKeyError(f"{where}: cannot get the keys to verify it: {error}.", "", str(error)) from None
         if not isinstance(key_id, str) or not key_id:
-            raise ManifestError(f"{where}: the document names no valid key id ({str(key_id)[:80]!r})")
-        refusal = f"{where}: not signed by this machine's key ({self.key_source}); refusing to unpickle it."
+            raise ManifestError(f"{where}: {kind} names no valid key id ({str(key_id)[:80]!r})")
+        refusal = f"{where}: {kind} is not signed by this machine's key ({self.key_source}); refusing to unpickle it."
         try:
             key = self.ring.find(key_id)
         except StoreError as error:
@@ -139,7 +139,7 @@ class ManifestSigner:
     def _check_signature(self, envelope: dict[str, Any], message: bytes, kind: str, where: str) -> None:
         """Raise unless the envelope's signature is ``message`` signed with a key of the ring
         (the one place keys are chosen to verify)."""
-        keys = self._keys_for(envelope, where)
+        keys = self._keys_for(envelope, kind, where)
         # As bytes: compare_digest refuses non-ASCII str, and a forged signature may hold any.
         signature = envelope["signature"].encode()
         if any(hmac.compare_digest(signature, self._sign(key, message).encode()) for key in keys):
