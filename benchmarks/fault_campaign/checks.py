@@ -156,16 +156,20 @@ def check(trial: Trial, result: TrialResult, kernel: TrialKernel, snapshots: dic
         elif restored_id != exp_id:
             what = (f"restore latest loaded {restored_id} (state {restored_state}) instead of {exp_id} "
                     f"(line {exp_line}, cell {exp_k}), the newest usable committed state")
-            if exp_id not in report:
-                fail(SILENT_ROLLBACK, what + ", without naming it")
+            exp_line_id = (snapshots[exp_id].manifest or {}).get("line")
+            if exp_id not in report and not (isinstance(exp_line_id, str) and f"line {exp_line_id}" in report):
+                fail(SILENT_ROLLBACK, what + ", without naming it or its line")
             elif restored_state is not None and restored_state[0] == exp_line:
                 fail(ROLLBACK, what + f" (it said: {report.strip()[:200]!r})")
-    # no silent fallback: newer snapshots of interrupted lines it passed over are named in the report
+    # no silent fallback: newer snapshots of interrupted lines it passed over are named in the report,
+    # by id or by their line (restore names another interrupted line it did not load, with its newest id)
     if restored_id is not None:
         for snapshot in snapshots.values():
             state = _state(snapshot)
+            line_id = (snapshot.manifest or {}).get("line")
+            named = snapshot.id in report or (isinstance(line_id, str) and f"line {line_id}" in report)
             if snapshot.id > restored_id and not snapshot.usable and (state is None or state[0] in interrupted) \
-                    and snapshot.id not in report:
+                    and not named:
                 fail(SILENT_FALLBACK, f"restore passed over {snapshot.id} ({snapshot.problem}) without a word")
     # the values are those the state's cells computed
     checked: set[str] = set()

@@ -316,6 +316,8 @@ class S3Store(Store):
             date = page.get("ResponseMetadata", {}).get("HTTPHeaders", {}).get("date")
             with contextlib.suppress(TypeError, ValueError):
                 now = email.utils.parsedate_to_datetime(date) if date else now
+                if now is not None and now.tzinfo is None:  # a "-0000" zone parses as naive: it is UTC
+                    now = now.replace(tzinfo=timezone.utc)
         newest = max((item["LastModified"] for item in items), default=datetime.now(timezone.utc))
         now = max(now, newest) if now is not None else newest
         live: dict[str, list[str]] = {"write": [], "gc": []}
