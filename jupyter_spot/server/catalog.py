@@ -28,8 +28,9 @@ and nobody restored, discarded or closed. Concretely, a line that:
 Of several such lines the newest is the interrupted one, except that a line
 started beside another undecided one never hides it (store/lines.py).
 
-The ``reason`` comes from the records: the notice record that named the
-session's last kernel, else the session record of a kernel that never shut
+The ``reason`` comes from the records: the cause of a kernel the server lost
+without the user asking (its exit status, or idle culling; server/losses.py),
+else the notice record that named the session's last kernel, else the session record of a kernel that never shut
 down cleanly, else "written by a kernel outside this server".
 """
 
@@ -39,7 +40,7 @@ import hashlib
 import os
 import re
 import socket
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any
 
@@ -53,6 +54,7 @@ from ..store.lines import (
     load_decisions,
     record_decision,
 )
+from .losses import largest_variables
 
 NOTICE_RECORD_PREFIX = "notice-"
 SESSION_RECORD_PREFIX = "session-"
@@ -166,6 +168,8 @@ class LiveKernel:
     started: datetime
     cwd: str | None = None
     restored: str | None = None  # snapshot id loaded into it through the server
+    #: Its earlier processes lost without the user asking (server/losses.py), oldest first.
+    losses: list[dict[str, Any]] = field(default_factory=list)
 
 
 def notice_records(store: Store) -> list[dict[str, Any]]:
@@ -259,7 +263,9 @@ def _owned_here(line: Line, mine: list[LiveKernel]) -> bool:
     if any(k.restored in line.snapshots for k in mine):
         return True
     if line.kernel is not None:
-        return line.kernel in {k.kernel_id for k in mine}
+        # Same kernel id, but written before its current process started: the process that died wrote it.
+        created = line.newest.created if line.newest else None
+        return any(line.kernel == k.kernel_id and (created is None or created >= k.started) for k in mine)
     created = line.newest.created if line.newest else None  # a snapshot from before lines: by time
     return created is not None and any(k.started <= created for k in mine)
 
@@ -277,7 +283,11 @@ def _closed_by_record(line: Line, record: dict[str, Any]) -> bool:
 def _reason(
     line: Line, record: dict[str, Any], mine: list[LiveKernel], notices: list[dict[str, Any]], session: str
 ) -> str:
-    """Why the line stopped: its kernel's notice, an unfinished run, an unclean stop, else who wrote it."""
+    """Why the line stopped: its kernel's loss (exit status, culling), its notice, an unfinished run,
+    an unclean stop, else who wrote it."""
+    loss = line_loss(line, record)
+    if loss is not None:
+        return str(loss.get("text"))
     kernel = line.kernel or record.get("kernel_id")
     if kernel in {k.kernel_id for k in mine}:
         kernel = None  # our own new kernel wrote the record last: it is not the one that stopped
@@ -290,6 +300,19 @@ def _reason(
     if reason is None and kernel and kernel in _recorded_kernels(record):
         reason = f"kernel {kernel} stopped without a clean shutdown"
     return reason or _notice_reason(notices, session, None) or "written by a kernel no server here is running"
+
+
+def line_loss(line: Line, record: dict[str, Any]) -> dict[str, Any] | None:
+    """The record's ``lost`` entry for the process that wrote the line: same kernel, lost after its newest snapshot."""
+    created = line.newest.created if line.newest else None
+    losses = record.get("lost")
+    if not isinstance(losses, list) or line.kernel is None or created is None:
+        return None
+    for loss in losses:
+        at = parse_time(loss.get("at")) if isinstance(loss, dict) else None
+        if at is not None and loss.get("kernel_id") == line.kernel and at >= created and loss.get("text"):
+            return loss
+    return None
 
 
 def _recorded_kernels(record: dict[str, Any]) -> set[str]:
@@ -352,10 +375,14 @@ def describe_session(
         if manifest is None:
             return None
     mine = [k for k in live if k.session == session]
-    reason = None
+    reason, cause, largest = None, None, []
     if interrupted is not None:
         notices = notice_records(store) if notices is None else notices
         reason = _reason(interrupted, record, mine, notices, session)
+        loss = line_loss(interrupted, record)
+        cause = loss.get("kind") if loss else None
+        if cause == "oom":  # so the user can %spot exclude or free them before restoring into the same memory
+            largest = largest_variables(manifest)
     newest_id = max(line.newest_id for line in lines.values())
     newest = manifest if newest_id == manifest["id"] else store.load_manifest(session, newest_id)
     return {
@@ -364,6 +391,8 @@ def describe_session(
         "live_kernel": mine[-1].kernel_id if mine else None,
         "live_elsewhere": elsewhere,
         "reason": reason,
+        "cause": cause,
+        "largest_variables": largest,
         "latest": snapshot_summary(manifest),
         "line": interrupted.id if interrupted is not None else manifest.get("line") or "legacy",
         "newest": snapshot_summary(newest),
