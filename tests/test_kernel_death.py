@@ -130,6 +130,25 @@ async def test_an_oom_killed_kernel_is_offered_back_with_the_cause_and_its_large
     assert (await session(jp_fetch))["interrupted"] is False
 
 
+async def test_a_crashed_kernel_is_offered_back_as_a_crash(
+    jp_fetch: Any, jp_serverapp: Any, notebook: str, spot_env: Path
+) -> None:
+    store = open_store(str(spot_env))
+    km = jp_serverapp.kernel_manager
+    kernel_id = await open_notebook(jp_fetch)
+    await execute(km, kernel_id, "x = 42")
+    await snapshotted(store, {"x"})
+    os.kill(km.get_kernel(kernel_id).provisioner.pid, signal.SIGSEGV)  # a segfault in native code
+
+    async def interrupted() -> dict[str, Any] | None:
+        described = await session(jp_fetch)
+        return described if described and described["interrupted"] else None
+
+    described = await wait_until(interrupted, "the session to be offered back after the crash")
+    assert (described["reason"], described["cause"]) == ("the kernel crashed (signal 11)", "crash"), described
+    assert described["largest_variables"] == []  # named only after an OOM
+
+
 async def test_a_restart_the_user_asked_for_is_a_clean_end(
     jp_fetch: Any, jp_serverapp: Any, notebook: str, spot_env: Path
 ) -> None:

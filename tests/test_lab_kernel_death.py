@@ -157,3 +157,16 @@ def test_notebook7_shows_the_notice_countdown_as_a_notification(
     first = toast.first.inner_text()
     expect(toast.first).not_to_have_text(first, timeout=5_000)  # the countdown is live
     shot(page, "notice-notebook7")
+
+
+def test_a_notice_with_no_kernel_running_does_not_wait_for_kernel_state(
+    page: Page, lab_factory: Callable[..., Lab], imds: Simulator
+) -> None:
+    lab = lab_factory()
+    page.goto(f"{lab.url}lab?reset&token={lab.token}", timeout=SLOW)  # the launcher: no notebook, no kernel
+    expect(page.locator(".jp-Launcher").first).to_be_visible(timeout=SLOW)
+    assert lab.api("api/kernels") == []
+    imds.fire(lead_time=120)
+    message = page.locator("#jp-spot-notice .jp-spot-notice-message")
+    expect(message).to_contain_text("no kernel was running, so there is no kernel state to save", timeout=30_000)
+    assert lab.api("jupyter-spot/api/status")["last_notice"]["kernels"] == 0

@@ -16,6 +16,8 @@ export interface INotice {
   deadline: string | null;
   source: string;
   seconds_left: number | null;
+  /** How many kernels the server tells to flush (0: no kernel state to save); absent from older servers. */
+  kernels?: number | null;
 }
 
 export interface IFlush {

@@ -111,9 +111,14 @@ export class NoticeBanner extends Widget {
     }
     const verb = VERBS[notice.action] ?? 'reclaimed';
     const rows = [...this._rows.values()];
+    const noKernels = notice.kernels === 0 && rows.length === 0;
     const flushed = rows.length > 0 && rows.every(row => row.dataset.status !== 'started');
     const failed = rows.some(row => row.dataset.status === 'failed');
-    const saving = !this._saved
+    const saving = noKernels
+      ? this._saved
+        ? 'notebooks saved; no kernel was running, so there is no kernel state to save.'
+        : 'saving notebooks (no kernel is running)…'
+      : !this._saved
       ? 'saving notebooks and kernel state…'
       : !flushed
         ? 'notebooks saved, saving kernel state…'
