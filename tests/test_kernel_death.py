@@ -123,6 +123,10 @@ async def test_an_oom_killed_kernel_is_offered_back_with_the_cause_and_its_large
     # jupyter_server restarted it under the same id: the restore goes into that kernel.
     await wait_until(lambda: asyncio.sleep(0, kernel_id in km and km.get_kernel(kernel_id).provisioner.pid != pid),
                      "the automatic restart")
+    # The restarted kernel's first cell says what it did not restore; running it does not end the offer.
+    hint = await execute(km, kernel_id, "z = 1")
+    assert "has state this kernel did not restore" in hint and described["latest"]["id"] in hint, hint
+    assert (await session(jp_fetch))["interrupted"] is True
     response = await jp_fetch(*restore_path(), method="POST", body=json.dumps({"snapshot": "latest"}))
     restored = json.loads(response.body)
     assert restored["kernel_id"] == kernel_id and "x" in restored["report"]["restored"], restored

@@ -139,8 +139,9 @@ class SpotKernels:
             self.km.cull_kernel_if_idle = self.cull_kernel_if_idle
 
     def live_kernels(self) -> list[LiveKernel]:
-        """Live kernels, oldest first; kernels that died on their own drop out."""
-        for kernel_id in [k for k in self.live if k not in self.km]:
+        """Live kernels, oldest first; kernels that died on their own drop out once their loss is recorded."""
+        recording = self.pending_losses.keys() | self.culling.keys()
+        for kernel_id in [k for k in self.live if k not in self.km and k not in recording]:
             del self.live[kernel_id]
         return sorted(self.live.values(), key=lambda k: k.started)
 
@@ -218,9 +219,8 @@ class SpotKernels:
         cause = exit_cause(process.poll() if process is not None else None)
         cause.update(kernel_id=kernel_id, at=isoformat(utcnow()))
         self.app.log.warning("jupyter-spot: kernel %s lost: %s", kernel_id, cause["text"])
-        if event == "restart":
-            self.pending_losses[kernel_id] = cause  # the restart event that follows records it
-        else:  # restarts failed: jupyter_server drops the kernel; its lines stay offered
+        self.pending_losses[kernel_id] = cause  # until recorded: the restart event that follows, or now
+        if event == "dead":  # restarts failed: jupyter_server drops the kernel; its lines stay offered
             asyncio.ensure_future(self._record_loss(kernel_id, cause, ended=True))
 
     async def _record_loss(self, kernel_id: str, cause: dict[str, Any], *, ended: bool) -> None:
@@ -335,14 +335,17 @@ class SpotKernels:
             return
         if data.get("action") == "restart":
             loss = self.pending_losses.pop(kernel_id, None)
+            # Both before the old process's lines stop counting as this kernel's (``started`` below),
+            # so the sessions API never offers them without their cause, nor after a user restart.
             if loss is None:  # the user asked: a clean end of the old process's lines
                 await self._close_lines(kernel_id)
-            self.live[kernel_id].started = utcnow()
-            self.live[kernel_id].restored = None
-            if loss is not None:  # died and restarted on its own: its lines stay offered, with the cause
+            else:  # died and restarted on its own: its lines stay offered, with the cause
                 await self._record_loss(kernel_id, loss, ended=False)
+            if kernel_id in self.live:
+                self.live[kernel_id].started = utcnow()
+                self.live[kernel_id].restored = None
         elif data.get("action") == "shutdown":
-            culled = self.culling.pop(kernel_id, None)
+            culled = self.culling.get(kernel_id)  # dropped by _forget, once the loss is recorded
             if culled is not None:
                 cause = {**cull_cause(culled), "kernel_id": kernel_id, "at": isoformat(utcnow())}
                 await self._record_loss(kernel_id, cause, ended=True)
@@ -354,6 +357,7 @@ class SpotKernels:
     def _forget(self, kernel_id: str) -> None:
         self.live.pop(kernel_id, None)
         self.pending_losses.pop(kernel_id, None)
+        self.culling.pop(kernel_id, None)
         notice_file = self.notice_files.pop(kernel_id, None)
         if notice_file is not None:
             notice_file.unlink(missing_ok=True)
