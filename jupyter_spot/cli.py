@@ -17,6 +17,11 @@ class SpotCLI(JupyterApp):
         "gc": ("jupyter_spot.server.cli_apps.GCApp", "Keep the newest N snapshots per session; delete unused blobs."),
         "key": ("jupyter_spot.server.cli_apps.KeyApp", "Show the signing keys; `key rotate` makes a new KMS-wrapped key."),
         "doctor": ("jupyter_spot.server.cli_apps.DoctorApp", "Check the store, signing key and notice sources."),
+        "enable": (
+            "jupyter_spot.kernel.enable.EnableApp",
+            "`enable --kernel`: load jupyter_spot in every IPython kernel (VS Code, nbclient, console…).",
+        ),
+        "disable": ("jupyter_spot.kernel.enable.DisableApp", "`disable --kernel`: undo `enable --kernel`."),
         "run": ("jupyter_spot.run.RunApp", "Run a notebook, snapshotting after each cell; resume after an interruption."),
         "simulate": (
             "jupyter_spot.notice.simulator.SimulateApp",

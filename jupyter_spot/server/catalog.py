@@ -28,8 +28,9 @@ and nobody restored, discarded or closed. Concretely, a line that:
 Of several such lines the newest is the interrupted one, except that a line
 started beside another undecided one never hides it (store/lines.py).
 
-The ``reason`` comes from the records: the notice record that named the
-session's last kernel, else the session record of a kernel that never shut
+The ``reason`` comes from the records: the cause of a kernel the server lost
+without the user asking (its exit status, or idle culling; server/losses.py),
+else the notice record that named the session's last kernel, else the session record of a kernel that never shut
 down cleanly, else "written by a kernel outside this server".
 """
 
@@ -39,7 +40,7 @@ import hashlib
 import os
 import re
 import socket
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any
 
@@ -54,6 +55,7 @@ from ..store.lines import (
     record_decision,
 )
 from ..store.base import report_bad_record
+from .losses import largest_variables
 
 NOTICE_RECORD_PREFIX = "notice-"
 SESSION_RECORD_PREFIX = "session-"
@@ -141,7 +143,7 @@ def session_record_name(session: str) -> str:
 #: The fields readers of a session record use, with their types (any may be absent or null).
 SESSION_RECORD_FIELDS: dict[str, type] = {
     "session": str, "state": str, "kernel_id": str, "host": str, "server": str, "started": str,
-    "closed_at": str, "renamed_to": str, "kernel": dict, "holders": dict,
+    "closed_at": str, "renamed_to": str, "kernel": dict, "holders": dict, "lost": list,
 }
 NOTICE_RECORD_FIELDS: dict[str, type] = {
     "at": str, "host": str, "server": str, "notice": dict, "kernels": list, "jobs": list,
@@ -154,10 +156,10 @@ def well_shaped(
     """``record`` if every field it has is of the type its readers expect; else None, with one warning."""
     if record is None:
         return None
-    for field, kind in fields.items():
-        value = record.get(field)
+    for key, kind in fields.items():
+        value = record.get(key)
         if value is not None and not isinstance(value, kind):
-            report_bad_record(store.url, name, f"its {field!r} is a {type(value).__name__}, not a {kind.__name__}")
+            report_bad_record(store.url, name, f"its {key!r} is a {type(value).__name__}, not a {kind.__name__}")
             return None
     return record
 
@@ -197,6 +199,8 @@ class LiveKernel:
     started: datetime
     cwd: str | None = None
     restored: str | None = None  # snapshot id loaded into it through the server
+    #: Its earlier processes lost without the user asking (server/losses.py), oldest first.
+    losses: list[dict[str, Any]] = field(default_factory=list)
 
 
 def notice_records(store: Store) -> list[dict[str, Any]]:
@@ -293,7 +297,9 @@ def _owned_here(line: Line, mine: list[LiveKernel]) -> bool:
     if any(k.restored in line.snapshots for k in mine):
         return True
     if line.kernel is not None:
-        return line.kernel in {k.kernel_id for k in mine}
+        # Same kernel id, but written before its current process started: the process that died wrote it.
+        created = line.newest.created if line.newest else None
+        return any(line.kernel == k.kernel_id and (created is None or created >= k.started) for k in mine)
     created = line.newest.created if line.newest else None  # a snapshot from before lines: by time
     return created is not None and any(k.started <= created for k in mine)
 
@@ -311,7 +317,11 @@ def _closed_by_record(line: Line, record: dict[str, Any]) -> bool:
 def _reason(
     line: Line, record: dict[str, Any], mine: list[LiveKernel], notices: list[dict[str, Any]], session: str
 ) -> str:
-    """Why the line stopped: its kernel's notice, an unfinished run, an unclean stop, else who wrote it."""
+    """Why the line stopped: its kernel's loss (exit status, culling), its notice, an unfinished run,
+    an unclean stop, else who wrote it."""
+    loss = line_loss(line, record)
+    if loss is not None:
+        return str(loss.get("text"))
     kernel = line.kernel or record.get("kernel_id")
     if kernel in {k.kernel_id for k in mine}:
         kernel = None  # our own new kernel wrote the record last: it is not the one that stopped
@@ -324,6 +334,19 @@ def _reason(
     if reason is None and kernel and kernel in _recorded_kernels(record):
         reason = f"kernel {kernel} stopped without a clean shutdown"
     return reason or _notice_reason(notices, session, None) or "written by a kernel no server here is running"
+
+
+def line_loss(line: Line, record: dict[str, Any]) -> dict[str, Any] | None:
+    """The record's ``lost`` entry for the process that wrote the line: same kernel, lost after its newest snapshot."""
+    created = line.newest.created if line.newest else None
+    losses = record.get("lost")
+    if not isinstance(losses, list) or line.kernel is None or created is None:
+        return None
+    for loss in losses:
+        at = parse_time(loss.get("at")) if isinstance(loss, dict) else None
+        if at is not None and loss.get("kernel_id") == line.kernel and at >= created and loss.get("text"):
+            return loss
+    return None
 
 
 def _recorded_kernels(record: dict[str, Any]) -> set[str]:
@@ -385,10 +408,14 @@ def describe_session(
         if manifest is None:
             return None
     mine = [k for k in live if k.session == session]
-    reason = None
+    reason, cause, largest = None, None, []
     if interrupted is not None:
         notices = notice_records(store) if notices is None else notices
         reason = _reason(interrupted, record, mine, notices, session)
+        loss = line_loss(interrupted, record)
+        cause = loss.get("kind") if loss else None
+        if cause == "oom":  # so the user can %spot exclude or free them before restoring into the same memory
+            largest = largest_variables(manifest)
     newest_id = max(line.newest_id for line in lines.values())
     newest = manifest if newest_id == manifest["id"] else store.load_manifest(session, newest_id)
     return {
@@ -397,6 +424,8 @@ def describe_session(
         "live_kernel": mine[-1].kernel_id if mine else None,
         "live_elsewhere": elsewhere,
         "reason": reason,
+        "cause": cause,
+        "largest_variables": largest,
         "latest": snapshot_summary(manifest),
         "line": interrupted.id if interrupted is not None else manifest.get("line") or "legacy",
         "newest": snapshot_summary(newest),

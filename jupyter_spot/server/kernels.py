@@ -13,8 +13,11 @@ it). The wrapper gives each kernel:
   server watches for notices and hands them over (docs/notices.md);
 * ``--ext=jupyter_spot`` for IPython kernels, so no ``%load_ext`` is needed.
 
-Clean shutdowns are learned from jupyter_server's own ``kernel_actions``
-events, not by wrapping ``shutdown_kernel``.
+Clean shutdowns and user restarts are learned from jupyter_server's own
+``kernel_actions`` events, not by wrapping ``shutdown_kernel``. Kernels lost
+without the user asking are learned from jupyter_client's restarter callbacks
+(death, auto-restart) and a wrapped ``cull_kernel_if_idle`` (server/losses.py):
+their lines stay offered for restore, with the cause.
 """
 
 from __future__ import annotations
@@ -49,6 +52,7 @@ from .catalog import (
     snapshot_summary,
     utcnow,
 )
+from .losses import cull_cause, exit_cause
 
 if TYPE_CHECKING:
     from .app import SpotApp
@@ -57,6 +61,8 @@ SERVER_WATCHES_ENV = "JUPYTER_SPOT_SERVER_WATCHES"
 NOTICE_FILE_ENV = "JUPYTER_SPOT_NOTICE_FILE"
 KERNEL_ACTIONS_SCHEMA = "https://events.jupyter.org/jupyter_server/kernel_actions/v1"
 CONTENTS_SCHEMA = "https://events.jupyter.org/jupyter_server/contents_service/v1"
+#: Losses kept per session record (the newest), enough to name the cause of every line still offered.
+LOSSES_KEPT = 10
 #: A busy kernel takes the rename when its running cell ends; one busier than this keeps the old name.
 RENAME_TIMEOUT = 3600.0
 
@@ -149,10 +155,18 @@ class SpotKernels:
             return await self._start_for_session(session_id, path, *args, **kwargs)
         finally:
             _notebook_path.reset(token)
+        #: Kernels the restarter found dead, until the restart event that follows: the cause of the loss.
+        self.pending_losses: dict[str, dict[str, Any]] = {}
+        #: Kernels the idle culler is shutting down: their shutdown is a loss, not the user's clean end.
+        self.culling: dict[str, float] = {}
+        self._cull = getattr(self.km, "cull_kernel_if_idle", None)
+        if self._cull is not None:
+            self.km.cull_kernel_if_idle = self.cull_kernel_if_idle
 
     def live_kernels(self) -> list[LiveKernel]:
-        """Live kernels, oldest first; kernels that died on their own drop out."""
-        for kernel_id in [k for k in self.live if k not in self.km]:
+        """Live kernels, oldest first; kernels that died on their own drop out once their loss is recorded."""
+        recording = self.pending_losses.keys() | self.culling.keys()
+        for kernel_id in [k for k in self.live if k not in self.km and k not in recording]:
             del self.live[kernel_id]
         return sorted(self.live.values(), key=lambda k: k.started)
 
@@ -219,6 +233,11 @@ class SpotKernels:
             cwd = self.km.cwd_for_path(path, env=env) if path is not None else os.getcwd()
             self.live[kernel_id] = LiveKernel(kernel_id, session, started, cwd=cwd)
             self.notice_files[kernel_id] = notice_file
+            manager = self.km.get_kernel(kernel_id)
+            for event in ("restart", "dead"):  # fired only for kernels that died on their own
+                self.km.add_restart_callback(
+                    kernel_id, lambda event=event: self._on_kernel_lost(kernel_id, manager, event), event
+                )
             await self._write_session_record(kernel_id, "live")
         except BaseException:
             await self._discard_kernel(kernel_id)
@@ -240,6 +259,37 @@ class SpotKernels:
             await self.km.shutdown_kernel(kernel_id, now=True)
         except Exception as error:  # noqa: BLE001 - the start's own error is the one to raise
             self.app.log.error("jupyter-spot: could not shut down half-started kernel %s: %s", kernel_id, error)
+
+    def _on_kernel_lost(self, kernel_id: str, manager: Any, event: str) -> None:
+        """Restarter callback: the kernel process died; keep why (its exit status) for the restart event."""
+        process = getattr(getattr(manager, "provisioner", None), "process", None)
+        cause = exit_cause(process.poll() if process is not None else None)
+        cause.update(kernel_id=kernel_id, at=isoformat(utcnow()))
+        self.app.log.warning("jupyter-spot: kernel %s lost: %s", kernel_id, cause["text"])
+        self.pending_losses[kernel_id] = cause  # until recorded: the restart event that follows, or now
+        if event == "dead":  # restarts failed: jupyter_server drops the kernel; its lines stay offered
+            asyncio.ensure_future(self._record_loss(kernel_id, cause, ended=True))
+
+    async def _record_loss(self, kernel_id: str, cause: dict[str, Any], *, ended: bool) -> None:
+        """Keep the cause in the session record; an ended kernel leaves the live set with it."""
+        live = self.live.get(kernel_id)
+        if live is None:
+            return
+        live.losses = [*live.losses, cause][-LOSSES_KEPT:]
+        await self._write_session_record(kernel_id, "lost" if ended else "live")
+        if ended:
+            self._forget(kernel_id)
+
+    async def cull_kernel_if_idle(self, kernel_id: str) -> Any:
+        """``MappingKernelManager.cull_kernel_if_idle``, remembering the idle time of a kernel it shuts down."""
+        kernel = self.km.get_kernel(kernel_id) if kernel_id in self.km else None
+        last = getattr(kernel, "last_activity", None)
+        self.culling[kernel_id] = (utcnow() - last).total_seconds() if last is not None else 0.0
+        try:
+            return await ensure_async(self._cull(kernel_id))
+        finally:
+            if kernel_id in self.km:  # not idle enough: not culled
+                self.culling.pop(kernel_id, None)
 
     def _log_auto_restore(self, task: asyncio.Future[Any]) -> None:
         if task.cancelled():
@@ -306,6 +356,11 @@ class SpotKernels:
         }
         if state == "closed":
             record["closed_at"] = isoformat(utcnow())
+        # Losses of earlier kernels of the session stay: their lines may still be offered.
+        earlier = previous.get("lost") if isinstance(previous.get("lost"), list) else []
+        losses = [loss for loss in earlier if isinstance(loss, dict) and loss not in live.losses] + live.losses
+        if losses:
+            record["lost"] = losses[-LOSSES_KEPT:]
         if renamed_to is not None:
             record["renamed_to"] = renamed_to
         try:
@@ -331,16 +386,33 @@ class SpotKernels:
         if data.get("status") != "success" or kernel_id not in self.live:
             return
         if data.get("action") == "restart":
-            self.live[kernel_id].started = utcnow()
-            self.live[kernel_id].restored = None
+            loss = self.pending_losses.pop(kernel_id, None)
+            # Both before the old process's lines stop counting as this kernel's (``started`` below),
+            # so the sessions API never offers them without their cause, nor after a user restart.
+            if loss is None:  # the user asked: a clean end of the old process's lines
+                await self._close_lines(kernel_id)
+            else:  # died and restarted on its own: its lines stay offered, with the cause
+                await self._record_loss(kernel_id, loss, ended=False)
+            if kernel_id in self.live:
+                self.live[kernel_id].started = utcnow()
+                self.live[kernel_id].restored = None
         elif data.get("action") == "shutdown":
-            if not self.stopping:  # a server going down is not the user closing the notebook
+            culled = self.culling.get(kernel_id)  # dropped by _forget, once the loss is recorded
+            if culled is not None:
+                cause = {**cull_cause(culled), "kernel_id": kernel_id, "at": isoformat(utcnow())}
+                await self._record_loss(kernel_id, cause, ended=True)
+            elif not self.stopping:  # a server going down is not the user closing the notebook
                 await self._close_lines(kernel_id)
                 await self._write_session_record(kernel_id, "closed")
-            self.live.pop(kernel_id, None)
-            notice_file = self.notice_files.pop(kernel_id, None)
-            if notice_file is not None:
-                notice_file.unlink(missing_ok=True)
+            self._forget(kernel_id)
+
+    def _forget(self, kernel_id: str) -> None:
+        self.live.pop(kernel_id, None)
+        self.pending_losses.pop(kernel_id, None)
+        self.culling.pop(kernel_id, None)
+        notice_file = self.notice_files.pop(kernel_id, None)
+        if notice_file is not None:
+            notice_file.unlink(missing_ok=True)
 
     async def _close_lines(self, kernel_id: str) -> None:
         """The user shut the kernel down: its lines are closed, so no restore is offered for them."""

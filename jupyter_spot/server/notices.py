@@ -72,6 +72,7 @@ class NoticeCoordinator:
         self.watcher = watcher
         self.provider = provider
         self.last_notice: Notice | None = None
+        self.last_kernels: int | None = None
         self.loop = app.serverapp.io_loop.asyncio_loop
         if watcher is not None:
             watcher.add_callback(self.on_notice)
@@ -80,7 +81,9 @@ class NoticeCoordinator:
         sources = [s.name for s in self.watcher.sources] if self.watcher else []
         return {
             "watcher": {"running": self.watcher is not None, "provider": self.provider, "sources": sources},
-            "last_notice": notice_event(self.last_notice) if self.last_notice else None,
+            "last_notice": (
+                {**notice_event(self.last_notice), "kernels": self.last_kernels} if self.last_notice else None
+            ),
         }
 
     def on_notice(self, notice: Notice) -> None:
@@ -91,12 +94,15 @@ class NoticeCoordinator:
 
     async def handle(self, notice: Notice) -> dict[str, Any]:
         """Everything the server does for one notice; returns the record it wrote."""
-        self.last_notice = notice
-        self.app.serverapp.event_logger.emit(schema_id=NOTICE_SCHEMA, data=notice_event(notice))
         kernels = self.app.kernels
         if notice.kind in ENDING_KINDS:
             kernels.refuse_reason = f"this machine is being reclaimed ({notice.describe()}); not starting new kernels"
         live = kernels.live_kernels()
+        # How many flushes follow: with none, a front end must not wait for "kernel state saved".
+        self.last_notice, self.last_kernels = notice, len(live)
+        self.app.serverapp.event_logger.emit(
+            schema_id=NOTICE_SCHEMA, data={**notice_event(notice), "kernels": len(live)}
+        )
         before = await asyncio.gather(*(self._newest(k.session) for k in live))
         entries = [kernels.kernel_info(k.kernel_id) for k in live]
         for entry, newest in zip(entries, before, strict=True):

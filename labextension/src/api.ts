@@ -16,6 +16,8 @@ export interface INotice {
   deadline: string | null;
   source: string;
   seconds_left: number | null;
+  /** How many kernels the server tells to flush (0: no kernel state to save); absent from older servers. */
+  kernels?: number | null;
 }
 
 export interface IFlush {
@@ -60,6 +62,10 @@ export interface ISession {
   live_kernel: string | null;
   live_elsewhere: ILiveElsewhere | null;
   reason: string | null;
+  /** How the server lost the interrupted line's kernel ("oom", "crash", "culled", …), or null. */
+  cause?: string | null;
+  /** After an OOM: the snapshot's largest variables, largest first. */
+  largest_variables?: { name: string; type: string | null; size: number }[];
   /** What a restore of "latest" loads: the interrupted line's newest snapshot while there is one. */
   latest: ISnapshot;
   /** The line of descent `latest` belongs to. */

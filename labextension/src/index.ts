@@ -3,10 +3,10 @@
  * notebook running on another server, a note saying so) and the snapshot status item,
  * all fed by the server extension's REST API and events.
  */
-import { JupyterFrontEnd, JupyterFrontEndPlugin } from '@jupyterlab/application';
-import { ICommandPalette } from '@jupyterlab/apputils';
+import { ILabShell, JupyterFrontEnd, JupyterFrontEndPlugin } from '@jupyterlab/application';
+import { ICommandPalette, Notification } from '@jupyterlab/apputils';
 import { INotebookTracker, NotebookActions, NotebookPanel } from '@jupyterlab/notebook';
-import { Event } from '@jupyterlab/services';
+import { Event, Kernel } from '@jupyterlab/services';
 import { ISettingRegistry } from '@jupyterlab/settingregistry';
 import { IStatusBar } from '@jupyterlab/statusbar';
 import { Signal } from '@lumino/signaling';
@@ -19,6 +19,9 @@ import { UnverifiedBanner } from './unverified';
 import { SnapshotStatus, SnapshotsPanel, sessionName } from './status';
 
 const PLUGIN_ID = 'jupyter-spot:plugin';
+/** After a kernel is lost, ask the server this many times, this often, whether it offers the state back. */
+const LOSS_POLLS = 60;
+const LOSS_POLL_MS = 1000;
 
 namespace CommandIDs {
   export const openSnapshots = 'jupyter-spot:open-snapshots';
@@ -46,13 +49,14 @@ const plugin: JupyterFrontEndPlugin<void> = {
   description: 'Interruption warning, restore banner and snapshot status for spot instances.',
   autoStart: true,
   requires: [INotebookTracker],
-  optional: [ISettingRegistry, IStatusBar, ICommandPalette],
+  optional: [ISettingRegistry, IStatusBar, ICommandPalette, ILabShell],
   activate: (
     app: JupyterFrontEnd,
     tracker: INotebookTracker,
     registry: ISettingRegistry | null,
     statusBar: IStatusBar | null,
-    palette: ICommandPalette | null
+    palette: ICommandPalette | null,
+    labShell: ILabShell | null
   ) => {
     const api = new SpotApi(app.serviceManager.serverSettings);
     const settings: ISpotSettings = { ...DEFAULTS };
@@ -65,7 +69,20 @@ const plugin: JupyterFrontEndPlugin<void> = {
       }
     });
     notice.id = 'jp-spot-notice';
-    app.shell.add(notice, 'header', { rank: 10 });
+    if (labShell) {
+      app.shell.add(notice, 'header', { rank: 10 });
+    } else {
+      // Notebook 7 has no Lab header area: the same warning as a notification, updated every second.
+      let toast: string | null = null;
+      notice.textChanged.connect((_, text) => {
+        const options = { autoClose: false as const, data: { spot: 'notice' } };
+        if (toast === null) {
+          toast = Notification.warning(text, options);
+        } else if (!Notification.update({ id: toast, message: text, type: 'warning', ...options })) {
+          toast = Notification.warning(text, options); // the user closed it; a new notice shows again
+        }
+      });
+    }
     app.serviceManager.events.stream.connect((_, event: Event.Emission) => {
       if (event.schema_id === NOTICE_SCHEMA) {
         notice.showNotice(event as unknown as INotice);
@@ -140,6 +157,35 @@ const plugin: JupyterFrontEndPlugin<void> = {
       status.cellExecuted();
     };
     tracker.widgetAdded.connect((_, nb) => void checkSession(nb));
+
+    // A kernel lost while the notebook is open (OOM kill, crash): jupyter_server restarts it
+    // empty under the same id. The server decides whether the state is offered back (a restart
+    // the user asked for is not), so ask it until it has recorded the loss, then show the banner.
+    const watchForLoss = async (nb: NotebookPanel): Promise<void> => {
+      const shown = banners.get(nb);
+      if (shown && ['restored', 'discarded'].includes(shown.node.dataset.state ?? '')) {
+        shown.dispose(); // a banner about an earlier loss, already settled
+      }
+      for (let attempt = 0; attempt < LOSS_POLLS && !nb.isDisposed && !banners.has(nb); attempt++) {
+        try {
+          const { session } = await api.sessionState(sessionName(nb));
+          if (session?.interrupted) {
+            await checkSession(nb);
+            return;
+          }
+        } catch (error) {
+          console.warn('jupyter-spot: cannot ask the server about this notebook', error);
+        }
+        await new Promise(resolve => setTimeout(resolve, LOSS_POLL_MS));
+      }
+    };
+    tracker.widgetAdded.connect((_, nb) => {
+      nb.sessionContext.statusChanged.connect((_, kernelStatus: Kernel.Status) => {
+        if (kernelStatus === 'autorestarting' || kernelStatus === 'dead') {
+          void watchForLoss(nb);
+        }
+      });
+    });
 
     app.commands.addCommand(CommandIDs.openSnapshots, {
       label: 'Show Snapshots of This Notebook',

@@ -5,6 +5,7 @@
  * The notice is the last chance to save; the banner exists so the user stops
  * starting new work and sees that their state made it to the store.
  */
+import { ISignal, Signal } from '@lumino/signaling';
 import { Widget } from '@lumino/widgets';
 
 import { IFlush, INotice } from './api';
@@ -41,6 +42,11 @@ export class NoticeBanner extends Widget {
     this.node.append(body);
     this._observer = fitToContent(this.node, body, () => this.parent?.fit());
     this.hide();
+  }
+
+  /** The warning's one-line text, each time it changes (Notebook 7 shows it as a notification). */
+  get textChanged(): ISignal<this, string> {
+    return this._textChanged;
   }
 
   /** The notice this banner shows, or null before any. */
@@ -105,9 +111,14 @@ export class NoticeBanner extends Widget {
     }
     const verb = VERBS[notice.action] ?? 'reclaimed';
     const rows = [...this._rows.values()];
+    const noKernels = notice.kernels === 0 && rows.length === 0;
     const flushed = rows.length > 0 && rows.every(row => row.dataset.status !== 'started');
     const failed = rows.some(row => row.dataset.status === 'failed');
-    const saving = !this._saved
+    const saving = noKernels
+      ? this._saved
+        ? 'notebooks saved; no kernel was running, so there is no kernel state to save.'
+        : 'saving notebooks (no kernel is running)…'
+      : !this._saved
       ? 'saving notebooks and kernel state…'
       : !flushed
         ? 'notebooks saved, saving kernel state…'
@@ -128,6 +139,11 @@ export class NoticeBanner extends Widget {
     }
     this._message.textContent = ' ' + text;
     this.node.dataset.kind = notice.kind;
+    const line = `Spot interruption: ${text}`;
+    if (line !== this._text) {
+      this._text = line;
+      this._textChanged.emit(line);
+    }
   }
 
   private async _save(): Promise<void> {
@@ -143,6 +159,8 @@ export class NoticeBanner extends Widget {
   }
 
   private _notice: INotice | null = null;
+  private _text = '';
+  private readonly _textChanged = new Signal<this, string>(this);
   private _deadline: number | null = null;
   private _timer: number | null = null;
   private _saved = false;

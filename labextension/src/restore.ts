@@ -73,12 +73,24 @@ export class RestoreBanner extends Widget {
     this.node.setAttribute('aria-label', 'Restore interrupted session');
     const snapshot = _session.latest;
     const why = _session.reason ? ` (${_session.reason})` : '';
+    const what = _session.cause && _session.reason ? `was lost: ${_session.reason}` : `was interrupted${why}`;
     this._message = h('div', {
       className: 'jp-spot-restore-message',
       text:
-        `This notebook's kernel was interrupted${why}. Its last snapshot, taken ` +
+        `This notebook's kernel ${what}. Its last snapshot, taken ` +
         `${formatAge(snapshot.created)} (${formatTime(snapshot.created)}), holds ${describeSnapshot(snapshot)}.`
     });
+    if (_session.cause) {
+      this.node.dataset.cause = _session.cause;
+    }
+    const largest = _session.largest_variables ?? [];
+    this._largest = h('div', {
+      className: 'jp-spot-restore-largest',
+      text:
+        `Largest variables: ${largest.map(v => `${v.name} (${formatBytes(v.size)})`).join(', ')} — ` +
+        'free them or run `%spot exclude NAME` before restoring into the same memory.'
+    });
+    this._largest.hidden = !largest.length;
     this._skipped = h('div', {
       className: 'jp-spot-restore-skipped',
       text: `Not in the snapshot: ${snapshot.skipped.map(item => `${item.name} (${item.type})`).join(', ')} — see Details.`
@@ -116,6 +128,7 @@ export class RestoreBanner extends Widget {
       'div',
       { className: 'jp-spot-restore-body' },
       this._message,
+      this._largest,
       this._skipped,
       this._buttons,
       this._status,
@@ -142,6 +155,7 @@ export class RestoreBanner extends Widget {
         `Discarded the snapshot of ${formatTime(result.snapshot.created)}: it is no longer offered ` +
         '(its snapshots stay until garbage collection removes them).';
       this._skipped.hidden = true;
+      this._largest.hidden = true;
       this._details.hidden = true;
       this._status.replaceChildren();
       this._closeOnly();
@@ -167,6 +181,7 @@ export class RestoreBanner extends Widget {
       this.node.dataset.state = 'restored';
       this._message.textContent = 'Session restored.';
       this._skipped.hidden = true; // the report below says what is missing
+      this._largest.hidden = true;
       this._details.hidden = true;
       this._closeOnly();
       this._status.replaceChildren(renderReport(result));
@@ -213,6 +228,7 @@ export class RestoreBanner extends Widget {
 
   private readonly _message: HTMLElement;
   private readonly _skipped: HTMLElement;
+  private readonly _largest: HTMLElement;
   private readonly _buttons: HTMLElement;
   private readonly _restoreButton: HTMLButtonElement;
   private readonly _discardButton: HTMLButtonElement;
