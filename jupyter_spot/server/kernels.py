@@ -137,6 +137,13 @@ class SpotKernels:
         self._record_lock = asyncio.Lock()
         self._start = self.km.start_kernel
         self.km.start_kernel = self.start_kernel
+        #: Kernels the restarter found dead, until the restart event that follows: the cause of the loss.
+        self.pending_losses: dict[str, dict[str, Any]] = {}
+        #: Kernels the idle culler is shutting down: their shutdown is a loss, not the user's clean end.
+        self.culling: dict[str, float] = {}
+        self._cull = getattr(self.km, "cull_kernel_if_idle", None)
+        if self._cull is not None:
+            self.km.cull_kernel_if_idle = self.cull_kernel_if_idle
         sessions = getattr(app.serverapp, "session_manager", None)
         if sessions is not None:
             self._start_for_session = sessions.start_kernel_for_session
@@ -155,13 +162,6 @@ class SpotKernels:
             return await self._start_for_session(session_id, path, *args, **kwargs)
         finally:
             _notebook_path.reset(token)
-        #: Kernels the restarter found dead, until the restart event that follows: the cause of the loss.
-        self.pending_losses: dict[str, dict[str, Any]] = {}
-        #: Kernels the idle culler is shutting down: their shutdown is a loss, not the user's clean end.
-        self.culling: dict[str, float] = {}
-        self._cull = getattr(self.km, "cull_kernel_if_idle", None)
-        if self._cull is not None:
-            self.km.cull_kernel_if_idle = self.cull_kernel_if_idle
 
     def live_kernels(self) -> list[LiveKernel]:
         """Live kernels, oldest first; kernels that died on their own drop out once their loss is recorded."""
