@@ -10,6 +10,7 @@ engine cannot run on is refused in one line before anything is written.
 
 from __future__ import annotations
 
+import logging
 import subprocess
 from typing import Any, Protocol
 
@@ -49,6 +50,12 @@ class LocalEngine:
         return None
 
 
+def quiet_ray_import() -> None:
+    """Imported in a kernel (by a job, or by a restore re-importing what the kernel had), Ray logs a line
+    about ipywidgets for rich displays, which jobs do not use."""
+    logging.getLogger("ray.widgets.util").setLevel(logging.WARNING)
+
+
 def settings(parent: Any = None) -> SpotJobs:
     return SpotJobs(parent=parent)
 
@@ -70,6 +77,7 @@ def get(name: str | None, store: Store, config: SpotJobs | None = None) -> Engin
             f"--engine {name} runs the job on other machines, which cannot reach this notebook's {store.kind} store "
             f"{store.url}: use an s3:// store (c.SpotSettings.store / $JUPYTER_SPOT_STORE), or set "
             "c.SpotJobs.shared_store = True if that directory is a mount every node shares")
+    quiet_ray_import()
     try:
         from . import ray_engine
     except ImportError as error:

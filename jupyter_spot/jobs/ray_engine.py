@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 import threading
 from typing import Any
 
@@ -33,6 +34,18 @@ def actor_name(job_id: str) -> str:
     return f"jupyter-spot-{job_id}"
 
 
+def _unreachable(address: str, timeout: float = 3.0) -> str | None:
+    """Why nothing answers at a ``host:port`` or ``ray://host:port`` address (None if it answers, or for 'auto')."""
+    host, _, port = address.removeprefix("ray://").rpartition(":")
+    if not host or not port.isdigit():
+        return None  # 'auto', or a form ray.init judges itself
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout).close()
+    except OSError as error:
+        return f"{error.strerror or error}"
+    return None
+
+
 class JobActor:
     """Runs one job's runner on whichever node Ray placed (or re-placed) it."""
 
@@ -44,10 +57,14 @@ class JobActor:
 
     def _run(self, restarted: bool) -> None:
         store = open_store(self.store_url)
+        node = ray.get_runtime_context().get_node_id()
         if restarted:  # its node died: say so, then run it again from the checkpoint
             job = record.read(store, self.job_id)
             record.update(store, self.job_id, state="queued", attempt=job.get("attempt", 1) + 1, pid=None,
-                          host=record.host(), runner=None, error=f"restarted by Ray after losing {job.get('host')}")
+                          host=record.host(), runner=None, ray_node=node,
+                          error=f"restarted by Ray after losing node {job.get('ray_node')}")
+        else:
+            record.update(store, self.job_id, ray_node=node)
         process = submit.launch(self.store_url, self.job_id, None, extra_env={PARENT_ENV: str(os.getpid())})
         self.exit_code = process.wait()
         job = record.read(store, self.job_id)
@@ -73,6 +90,10 @@ class RayEngine:
     def connect(cls, address: str, num_cpus: float = 1.0) -> RayEngine:
         """Join the cluster at ``address`` as a driver (once per kernel); ValueError in one line if none answers."""
         if not ray.is_initialized():
+            unreachable = _unreachable(address)
+            if unreachable:  # ray.init would retry an address nobody answers at for minutes
+                raise ValueError(f"--engine ray: no Ray cluster reachable at {address!r} ({unreachable}); start one "
+                                 "(`ray start --head`) or set c.SpotJobs.ray_address / $JUPYTER_SPOT_RAY_ADDRESS")
             try:
                 ray.init(address=address, namespace=NAMESPACE, log_to_driver=False, logging_level=logging.WARNING,
                          configure_logging=False)

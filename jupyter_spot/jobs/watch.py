@@ -387,6 +387,7 @@ def load(shell: Any, engine: SnapshotEngine) -> JobWatcher:
     global WATCHER
     from .magics import JobMagics
 
+    engines.quiet_ray_import()
     watcher = JobWatcher(shell, engine)
     shell.events.register("pre_run_cell", watcher.pre_run_cell)
     register_after_restore(watcher.after_restore)
