@@ -16,7 +16,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from test_jobs import _job, _jobs, _kernel, _runners, _until, store  # noqa: F401  (store is a fixture)
+from test_jobs import _job, _jobs, _kernel, _runners, _until, store  # noqa: F401, F811  (store is a fixture)
 
 from jupyter_spot.jobs import record
 from jupyter_spot.store import open_store

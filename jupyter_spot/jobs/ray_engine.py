@@ -28,6 +28,7 @@ from . import record, submit
 from .runner import PARENT_ENV
 
 NAMESPACE = "jupyter_spot"
+_START_ONE = "start one (`ray start --head`) or set c.SpotJobs.ray_address / $JUPYTER_SPOT_RAY_ADDRESS"
 
 
 def actor_name(job_id: str) -> str:
@@ -92,15 +93,14 @@ class RayEngine:
         if not ray.is_initialized():
             unreachable = _unreachable(address)
             if unreachable:  # ray.init would retry an address nobody answers at for minutes
-                raise ValueError(f"--engine ray: no Ray cluster reachable at {address!r} ({unreachable}); start one "
-                                 "(`ray start --head`) or set c.SpotJobs.ray_address / $JUPYTER_SPOT_RAY_ADDRESS")
+                raise ValueError(f"--engine ray: no Ray cluster reachable at {address!r} ({unreachable}); {_START_ONE}")
             try:
                 ray.init(address=address, namespace=NAMESPACE, log_to_driver=False, logging_level=logging.WARNING,
                          configure_logging=False)
             except (ConnectionError, RuntimeError, ValueError) as error:
                 reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-                raise ValueError(f"--engine ray: no Ray cluster reachable at {address!r} ({reason}); start one "
-                                 "(`ray start --head`) or set c.SpotJobs.ray_address / $JUPYTER_SPOT_RAY_ADDRESS") from None
+                message = f"--engine ray: no Ray cluster reachable at {address!r} ({reason}); {_START_ONE}"
+                raise ValueError(message) from None
         return cls(num_cpus)
 
     def start(self, store_url: str, job: dict[str, Any], cwd: str | None) -> None:

@@ -106,6 +106,15 @@ def run(store_url: str, job_id: str) -> int:
     return code
 
 
+class _Stopped(BaseException):
+    """SIGTERM reached a Python job: not an error of the job (``except Exception`` in it lets this through)."""
+
+
+def _stop_python_job(signum: int, frame: Any) -> None:
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # a second SIGTERM ends the process at once
+    raise _Stopped(signal.Signals(signum).name)
+
+
 def _die_with_parent() -> None:
     """Under a cluster engine's actor: end the whole group (the job's programs too) once the actor is gone,
     so that the actor Ray restarts elsewhere is the only one running the job."""
@@ -154,6 +163,7 @@ def _run_python(store: Store, session: str, job_id: str, spec: dict[str, Any], h
     source = spec["source"]
     linecache.cache[filename] = (len(source), None, source.splitlines(True), filename)
     sys.path[:0] = [path for path in spec.get("sys_path", []) if path not in sys.path]
+    signal.signal(signal.SIGTERM, _stop_python_job)
     try:
         os.chdir(spec["cwd"] if spec.get("cwd") and os.path.isdir(spec["cwd"]) else submit.work_directory(job_id))
         namespace.update(pack.load(store, spec["inputs"], namespace))
@@ -165,6 +175,11 @@ def _run_python(store: Store, session: str, job_id: str, spec: dict[str, Any], h
                 raise
         dumped, skipped = _outputs(namespace, spec["outputs"], spec["explicit_outputs"])
         result = {"outputs": pack.write(store, dumped), "skipped": skipped}
+    except _Stopped as stopped:  # its checkpoint holds what it finished: a restore re-runs it from there
+        print(f"stopped by {stopped}", file=sys.stderr, flush=True)
+        heartbeat.finish(state="interrupted",
+                         error=f"stopped by {stopped}; a restore re-runs it from its checkpoint")
+        code = 3
     except (Exception, SystemExit) as error:
         trace = _job_traceback(error, filename)
         print(trace, file=sys.stderr, flush=True)

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from ..store import Store
-from . import files, record, submit
+from . import files, submit
 
 #: Environment variables a shell job gets.
 CHECKPOINT_ENV = "SPOT_CHECKPOINT_DIR"
@@ -99,8 +99,8 @@ class ShellRun:
         if self.stop.is_set():
             print(f"stopped by {self.stopped_by}; checkpoint synced ({len(self.checkpoint.listing)} file(s))",
                   flush=True)
-            return {"state": "interrupted",
-                    "error": f"stopped by {self.stopped_by}; its checkpoint was synced, a restore re-runs it from there"}
+            why = f"stopped by {self.stopped_by}; its checkpoint was synced, a restore re-runs it from there"
+            return {"state": "interrupted", "error": why}
         if code != 0:
             how = f"killed by signal {-code}" if code < 0 else f"exit status {code}"
             return {"state": "failed", "error": f"the script ended with {how}"}
@@ -117,7 +117,7 @@ class ShellRun:
         script left running, or everything on a stop), SIGKILL to any left after the grace period."""
         pgid = os.getpgid(0)
         if self.stop.is_set():
-            _signal_all([pid for pid in group_members(pgid)], signal.SIGTERM)
+            _signal_all(group_members(pgid), signal.SIGTERM)
         else:
             process.wait()
             _signal_all(group_members(pgid), signal.SIGTERM)

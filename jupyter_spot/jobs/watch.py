@@ -261,7 +261,10 @@ class JobWatcher:
         if job["state"] not in record.ACTIVE:
             return f"job {job['name']} is {job['state']}: nothing to cancel"
         if job.get("engine", "local") != "local":
-            self._engine(job["engine"]).cancel(job)
+            try:
+                self._engine(job["engine"]).cancel(job)
+            except ValueError as error:  # no cluster reachable from here, Ray not installed
+                raise record.JobError(f"job {job['name']} runs on the {job['engine']} cluster: {error}") from None
             record.update(self.store, job["id"], state="cancelled", finished=record.now(), error="cancelled")
             self.watching.discard(job["id"])
             return f"job {job['name']} cancelled"
