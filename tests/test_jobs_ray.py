@@ -11,7 +11,6 @@ worker is taken. Marked ``ray``: ``pytest -m ray`` runs these alone,
 from __future__ import annotations
 
 import contextlib
-import os
 import secrets
 import shutil
 from collections.abc import Iterator
@@ -25,6 +24,7 @@ from s3_server import MotoServer, free_port
 from test_jobs import _until
 from test_jobs_shell import _cell, _synced_state, _uninterrupted_result
 
+from jupyter_spot.jobs.shell import group_members  # live (not zombie) processes of a process group
 from jupyter_spot.store import open_store
 
 ray = pytest.importorskip("ray")
@@ -104,13 +104,6 @@ def _lines(path: Path) -> list[int]:
     return [int(step) for step in path.read_text().split()] if path.exists() else []
 
 
-def _in_group(pid: int, group: int) -> bool:
-    try:
-        return os.getpgid(pid) == group
-    except ProcessLookupError:
-        return False
-
-
 def _node_of(cluster: Any, job: dict[str, Any]) -> Any:
     (node,) = [node for node in cluster.worker_nodes if node.node_id == job.get("ray_node")]
     return node
@@ -156,15 +149,14 @@ def test_jobs_resume_on_another_node_and_a_new_kernel_collects_them(cluster: Any
     cluster.remove_node(py_node, allow_graceful=False)
     third = cluster.add_node(num_cpus=1, **NODE)
     # the runner ends with its actor's worker process, as it would with the machine; only then may the job go on
-    _until("the lost node's runner to end", lambda: not Path(f"/proc/{py_runner}").exists(), DEADLINE)
+    _until("the lost node's runner to end", lambda: not group_members(py_runner), DEADLINE)
     py_gate.touch()
     _until("the py job to finish", lambda: _job(s3_store, "py")["state"] == "done", DEADLINE)
     assert _job(s3_store, "py")["attempt"] == 2 and _job(s3_store, "py")["ray_node"] == third.node_id
     # now the sh job's node: it resumes on the node the py job freed
     sh_runner = _job(s3_store, "sh")["pid"]
     cluster.remove_node(sh_node, allow_graceful=False)
-    _until("the lost node's runner and program to end", lambda: not Path(f"/proc/{sh_runner}").exists() and
-           not [pid for pid in os.listdir("/proc") if pid.isdigit() and _in_group(int(pid), sh_runner)], DEADLINE)
+    _until("the lost node's runner and program to end", lambda: not group_members(sh_runner), DEADLINE)
     sh_gate.touch()
     _until("the sh job to finish", lambda: _job(s3_store, "sh")["state"] == "done", DEADLINE)
     assert _job(s3_store, "sh")["attempt"] == 2 and _job(s3_store, "sh")["ray_node"] == third.node_id

@@ -26,6 +26,8 @@ from . import checkpoint, pack, record, shell, submit
 
 #: Set by a cluster engine: the pid of the actor process the runner must not outlive.
 PARENT_ENV = "JUPYTER_SPOT_RUNNER_PARENT"
+#: How often a runner checks that the record still names it (and not a successor).
+FENCE_SECONDS = 2.0
 #: How long a finished job waits for a tiered store to copy its record and outputs to S3.
 REPLICATION_SECONDS = 60.0
 
@@ -62,19 +64,31 @@ def _outputs(namespace: dict[str, Any], wanted: list[str], explicit: bool) -> tu
 
 class _Heartbeat(threading.Thread):
     """Stamps the record now and then, so a kernel on another machine can tell
-    a job that still runs from one whose machine is gone."""
+    a job that still runs from one whose machine is gone; and ends this runner
+    (its whole process group) once the record names another runner or none, so
+    a runner taken for lost (its node partitioned, its actor restarted elsewhere,
+    its job re-run by a restore) never goes on writing beside its successor."""
 
-    def __init__(self, store: Store, job_id: str) -> None:
+    def __init__(self, store: Store, job_id: str, claim: str) -> None:
         super().__init__(name="jupyter-spot-job-heartbeat", daemon=True)
-        self.store, self.job_id = store, job_id
+        self.store, self.job_id, self.claim = store, job_id, claim
         self.lock = threading.Lock()  # the record is read-modified-written: one writer at a time
         self.stopped = threading.Event()
 
     def run(self) -> None:
-        while not self.stopped.wait(record.HEARTBEAT_SECONDS):
+        stamped = time.monotonic()
+        while not self.stopped.wait(FENCE_SECONDS):
             with self.lock:
-                if not self.stopped.is_set():
+                if self.stopped.is_set():
+                    return
+                current = record.read(self.store, self.job_id)
+                if current.get("runner") != self.claim:
+                    print(f"the job's record names another runner (attempt {current.get('attempt')}, "
+                          f"{current.get('state')}): this one stops", file=sys.stderr, flush=True)
+                    os.killpg(os.getpgid(0), signal.SIGKILL)
+                if time.monotonic() - stamped >= record.HEARTBEAT_SECONDS:
                     record.update(self.store, self.job_id, heartbeat=record.now())
+                    stamped = time.monotonic()
 
     def finish(self, **fields: Any) -> None:
         with self.lock:
@@ -93,7 +107,7 @@ def run(store_url: str, job_id: str) -> int:
                         started=record.now(), heartbeat=record.now(), finished=None, error=None, traceback=None)
     print(f"jupyter-spot job {job_id} ({spec['name']}), attempt {job.get('attempt', 1)}, "
           f"pid {os.getpid()} on {record.host()}", flush=True)
-    heartbeat = _Heartbeat(store, job_id)
+    heartbeat = _Heartbeat(store, job_id, claim)
     heartbeat.start()
     _die_with_parent()
     if spec.get("kind") == "shell":
