@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import secrets
 import shutil
+import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -156,7 +157,13 @@ def test_jobs_resume_on_another_node_and_a_new_kernel_collects_them(cluster: Any
     # now the sh job's node: it resumes on the node the py job freed
     sh_runner = _job(s3_store, "sh")["pid"]
     cluster.remove_node(sh_node, allow_graceful=False)
-    _until("the lost node's runner and program to end", lambda: not group_members(sh_runner), DEADLINE)
+    try:
+        _until("the lost node's runner and program to end", lambda: not group_members(sh_runner), DEADLINE)
+    except AssertionError:  # say which processes survived the node
+        tree = subprocess.run(["ps", "-eo", "pid,ppid,pgid,stat,etime,args"], capture_output=True, text=True).stdout
+        raise AssertionError(f"members {group_members(sh_runner)} of {sh_runner}; record {_job(s3_store, 'sh')}\n"
+                             + "\n".join(line for line in tree.splitlines() if "ray" in line or "steps" in line
+                                          or "bash" in line or "runner" in line)) from None
     sh_gate.touch()
     _until("the sh job to finish", lambda: _job(s3_store, "sh")["state"] == "done", DEADLINE)
     assert _job(s3_store, "sh")["attempt"] == 2 and _job(s3_store, "sh")["ray_node"] == third.node_id

@@ -19,6 +19,7 @@ import pytest
 from test_jobs import _job, _jobs, _kernel, _runners, _until, store  # noqa: F401, F811  (store is a fixture)
 
 from jupyter_spot.jobs import record
+from jupyter_spot.jobs.shell import group_members
 from jupyter_spot.store import open_store
 from jupyter_spot.store.manifest import JOB_CHECKPOINT_FILES
 
@@ -198,6 +199,13 @@ def test_cancel_and_bad_shell_cells(store: Path, tmp_path: Path) -> None:  # noq
         assert _job(store, "sleeper")["state"] == "cancelled"
         _until("its processes to go", lambda: not _runners(store))
         assert "sleeper" in kernel.run("%spot_job list").text
+        # the runner alone SIGKILLed (the OOM killer; Ray killing its actor's child): its programs go with it
+        kernel.run("%%spot_job --shell --name orphan\nsleep 600")
+        runner = _until("the orphan job to run", lambda: (job := _job(store, "orphan"))["state"] == "running" and
+                        job["pid"])
+        _until("its sleep to start", lambda: len(group_members(runner)) >= 3)  # bash, sleep, the guardian
+        os.kill(runner, signal.SIGKILL)
+        _until("the job's programs to go", lambda: not group_members(runner))
 
 
 @pytest.fixture(autouse=True)

@@ -15,6 +15,7 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -30,6 +31,18 @@ CHECKPOINT_ENV = "SPOT_CHECKPOINT_DIR"
 def checkpoint_directory(job_id: str) -> Path:
     """The job's local checkpoint directory, beside its log on the machine that runs it."""
     return submit.log_path(job_id).with_suffix(".checkpoint")
+
+
+#: Run in the runner's process group beside the script: when the runner dies alone (SIGKILLed by
+#: the OOM killer, or by Ray with the actor's worker, which kills its child but not the child's group),
+#: it SIGKILLs the group, so that no program of the job runs on without a runner to sync its checkpoint.
+GUARDIAN = """
+import os, signal, sys, time
+parent = int(sys.argv[1])
+while os.getppid() == parent:
+    time.sleep(0.2)
+os.killpg(0, signal.SIGKILL)
+"""
 
 
 def group_members(pgid: int) -> list[int]:
@@ -88,6 +101,7 @@ class ShellRun:
                "SPOT_JOB_NAME": self.spec["name"], "SPOT_JOB_ATTEMPT": str(attempt)}
         process = subprocess.Popen(["bash", str(script)], cwd=self.cwd, env=env,
                                    stdin=subprocess.DEVNULL)
+        guardian = subprocess.Popen([sys.executable, "-c", GUARDIAN, str(os.getpid())], stdin=subprocess.DEVNULL)
         next_sync = time.monotonic() + self.sync_every
         while process.poll() is None and not self.stop.is_set():
             self.stop.wait(min(0.2, max(0.0, next_sync - time.monotonic())))
@@ -95,6 +109,8 @@ class ShellRun:
                 self.checkpoint.sync("every {:g}s".format(self.sync_every))
                 next_sync = time.monotonic() + self.sync_every
         code = self._end_group(process)
+        guardian.kill()
+        guardian.wait()
         self.checkpoint.sync(self.stopped_by or "at exit")
         if self.stop.is_set():
             print(f"stopped by {self.stopped_by}; checkpoint synced ({len(self.checkpoint.listing)} file(s))",
