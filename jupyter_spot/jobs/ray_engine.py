@@ -52,31 +52,29 @@ class JobActor:
 
     def __init__(self, store_url: str, job_id: str) -> None:
         self.store_url, self.job_id = store_url, job_id
-        self.exit_code: int | None = None
         restarted = ray.get_runtime_context().was_current_actor_reconstructed
         threading.Thread(target=self._run, args=(restarted,), name="jupyter-spot-runner", daemon=True).start()
 
     def _run(self, restarted: bool) -> None:
         store = open_store(self.store_url)
         node = ray.get_runtime_context().get_node_id()
-        if restarted:  # its node died: say so, then run it again from the checkpoint
-            job = record.read(store, self.job_id)
-            record.update(store, self.job_id, state="queued", attempt=job.get("attempt", 1) + 1, pid=None,
-                          host=record.host(), runner=None, ray_node=node,
-                          error=f"restarted by Ray after losing node {job.get('ray_node')}")
-        else:
-            record.update(store, self.job_id, ray_node=node)
-        process = submit.launch(self.store_url, self.job_id, None, extra_env={PARENT_ENV: str(os.getpid())})
-        self.exit_code = process.wait()
         job = record.read(store, self.job_id)
-        if job["state"] in record.ACTIVE:  # the runner died without a word (killed, out of memory)
-            record.update(store, self.job_id, state="failed", finished=record.now(),
-                          error=f"the runner ended without finishing (exit code {self.exit_code}) on {record.host()}")
+        if job["state"] in record.ACTIVE:
+            if restarted:  # its node died: say so, then run it again from the checkpoint
+                job = record.update(store, self.job_id, state="queued", attempt=job.get("attempt", 1) + 1, pid=None,
+                                    host=record.host(), runner=None, ray_node=node,
+                                    error=f"restarted by Ray after losing node {job.get('ray_node')}")
+            else:
+                job = record.update(store, self.job_id, ray_node=node)
+            process = submit.launch(self.store_url, self.job_id, None, extra_env={PARENT_ENV: str(os.getpid())})
+            exit_code = process.wait()
+            now = record.read(store, self.job_id)
+            if now["state"] in record.ACTIVE and now.get("attempt") == job.get("attempt"):
+                # the runner died without a word (killed, out of memory), and no later attempt took over
+                record.update(store, self.job_id, state="failed", finished=record.now(),
+                              error=f"the runner ended without finishing (exit code {exit_code}) on {record.host()}")
+        # finished (or found finished after a restart: nothing to run again): this actor's work is over
         ray.kill(ray.get_runtime_context().current_actor, no_restart=True)
-
-    def ping(self) -> int | None:
-        """The runner's exit code once it has ended (a call that also shows the actor answers)."""
-        return self.exit_code
 
 
 class RayEngine:
