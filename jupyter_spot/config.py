@@ -91,3 +91,23 @@ class SpotSettings(Configurable):
         True, help="Watch for interruption notices from inside the kernel when no server extension does."
     ).tag(config=True)
     notice_poll_interval = Float(5.0, help="Seconds between polls of the cloud's metadata service.").tag(config=True)
+
+
+RAY_ADDRESS_ENV = "JUPYTER_SPOT_RAY_ADDRESS"
+
+
+class SpotJobs(Configurable):
+    """Where ``%%spot_job`` runs jobs (``c.SpotJobs.…`` in ipython_kernel_config.py)."""
+
+    engine = Unicode("local", help="Where jobs run unless a cell says --engine: 'local' (a detached process "
+                     "on the notebook's machine) or 'ray' (a detached actor on a Ray cluster).").tag(config=True)
+    ray_address = Unicode("", help="The Ray cluster's address (ray://host:10001, host:6379 or 'auto'). "
+                          f"${RAY_ADDRESS_ENV} wins; default 'auto': the cluster this machine is part of.").tag(
+        config=True
+    )
+    shared_store = Bool(False, help="The store is a directory every node of the cluster mounts at the same "
+                        "path (NFS, EFS), so --engine ray may use it.").tag(config=True)
+    ray_num_cpus = Float(1.0, help="CPUs a Ray job's actor reserves on its node.").tag(config=True)
+
+    def resolved_ray_address(self) -> str:
+        return os.environ.get(RAY_ADDRESS_ENV) or self.ray_address or "auto"

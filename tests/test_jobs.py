@@ -181,3 +181,31 @@ def test_unpicklable_input_is_refused_and_nothing_starts(store: Path, tmp_path: 
         assert "Nothing was started" in message
         assert _jobs(store) == [] and not _runners(store)
         assert "no jobs" in kernel.run("%spot_job list").text
+
+
+def test_python_job_stopped_by_sigterm_is_interrupted_and_a_restore_resumes_it(store: Path, tmp_path: Path) -> None:
+    steps, go = tmp_path / "steps", tmp_path / "go"
+    kernel = _kernel(tmp_path)
+    kernel.run(f"steps = {str(steps)!r}\ngo = {str(go)!r}")
+    kernel.run(
+        "%%spot_job --name loop\n"
+        "import os, time\n"
+        "from jupyter_spot.jobs import checkpoint\n"
+        "for i in checkpoint.range(6):\n"
+        "    with open(steps, 'a') as f:\n"
+        "        f.write(f'{i}\\n')\n"
+        "    while i == 2 and not os.path.exists(go):\n"
+        "        time.sleep(0.02)\n"
+    )
+    _until("step 2", lambda: steps.exists() and steps.read_text().split()[-1:] == ["2"])
+    os.kill(_job(store, "loop")["pid"], signal.SIGTERM)  # a notice, a node drain: not a failure of the job
+    ended = _until("the job to stop", lambda: (job := _job(store, "loop"))["state"] != "running" and job)
+    assert ended["state"] == "interrupted" and "stopped by SIGTERM" in ended["error"], ended
+    kernel.wait_until_durable()
+    kernel.kill()
+    go.touch()
+    with contextlib.closing(_kernel(tmp_path)) as fresh:
+        report = fresh.run("%spot restore latest")
+        assert "job loop was interrupted: re-running it (attempt 2, resuming from its checkpoint: 2/6)" in report.text
+        assert "job loop done in" in fresh.run("%spot_job wait loop --timeout 60").text
+    assert steps.read_text().split() == ["0", "1", "2", "2", "3", "4", "5"]

@@ -9,7 +9,7 @@ from IPython.core.magic import Magics, cell_magic, line_magic, magics_class
 from IPython.core.magic_arguments import argument, magic_arguments, parse_argstring
 
 from ..store import StoreError
-from . import pack, record
+from . import engines, pack, record
 from .watch import JobWatcher, elapsed
 
 COMMANDS = ("list", "status", "wait", "cancel")
@@ -24,14 +24,27 @@ class JobMagics(Magics):
     @magic_arguments(name="%spot_job")
     @argument("--name", default=None, help="what to call the job in %spot_job status/wait/cancel (default: its id)")
     @argument("--outputs", default=None,
-              help="comma-separated names to bring back (default: every name the cell assigns at top level)")
+              help="comma-separated names to bring back (default: every name the cell assigns at top level); "
+                   "with --shell: files, relative to the notebook's directory, stored at the end and put back there")
+    @argument("--shell", action="store_true", help="the cell is a bash script (compile and run programs)")
+    @argument("--sync-every", type=float, default=60.0,
+              help="--shell: seconds between syncs of $SPOT_CHECKPOINT_DIR to the store (also on SIGTERM and at exit)")
+    @argument("--grace", type=float, default=30.0,
+              help="--shell: seconds the program gets after SIGTERM (a notice, cancel) before SIGKILL")
+    @argument("--engine", default=None, choices=engines.ENGINES,
+              help="where the job runs (default: c.SpotJobs.engine): local, or ray (a Ray cluster)")
     @cell_magic("spot_job")
     def spot_job_cell(self, line: str, cell: str) -> None:
         """Run this cell as a job that outlives the kernel: the variables it reads are sent along,
-        the ones it assigns come back into the namespace at the next cell after it finishes."""
+        the ones it assigns come back into the namespace at the next cell after it finishes.
+        With --shell, the cell is a bash script; its --outputs files come back into the notebook's directory."""
         args = parse_argstring(self.spot_job_cell, line)
         try:
-            job = self.watcher.submit(cell, args.name, args.outputs)
+            if args.shell:
+                job = self.watcher.submit_shell(cell, args.name, args.outputs, args.sync_every, args.grace,
+                                                args.engine)
+            else:
+                job = self.watcher.submit(cell, args.name, args.outputs, args.engine)
         except ValueError as error:
             raise UsageError(f"%%spot_job: {error}. Nothing was started.") from None
         except pack.CannotSend as error:
@@ -39,7 +52,9 @@ class JobMagics(Magics):
                              "Nothing was started; recreate it inside the cell instead.") from None
         outputs = ", ".join(job["outputs"]) or "none"
         title = job["id"] if job["name"] == job["id"] else f"{job['id']} ({job['name']})"
-        print(f"jupyter-spot: job {title} started; outputs {outputs} arrive at the next cell "
+        where = "" if job.get("engine", "local") == "local" else f" on the {job['engine']} cluster"
+        what = "output files" if job.get("kind") == "shell" else "outputs"
+        print(f"jupyter-spot: job {title} started{where}; {what} {outputs} arrive at the next cell "
               f"after it finishes (`%spot_job status {job['name']}`, `%spot_job wait {job['name']}`)")
 
     @magic_arguments(name="%spot_job")
@@ -77,7 +92,9 @@ class JobMagics(Magics):
                   f"outputs: {', '.join(job['outputs']) or '-'}")
 
     def _status(self, job: dict[str, Any]) -> None:
-        print(f"job {job['id']} ({job['name']}): {job['state']}, attempt {job.get('attempt', 1)}")
+        kind = "shell job" if job.get("kind") == "shell" else "job"
+        print(f"{kind} {job['id']} ({job['name']}): {job['state']}, attempt {job.get('attempt', 1)}, "
+              f"engine {job.get('engine', 'local')}")
         print(f"  inputs: {', '.join(job['inputs']) or '-'}")
         print(f"  outputs: {', '.join(job['outputs']) or '-'}")
         print(f"  host: {job.get('host')}, pid {job.get('pid')}")

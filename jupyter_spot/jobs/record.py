@@ -1,7 +1,7 @@
 """A job's record in the store: what to run, and how far it got.
 
 One small JSON record per job (``job-<id>``), rewritten as the job moves
-through its states: queued → running → done | failed (or cancelled). What to
+through its states: queued → running → done | failed | interrupted (or cancelled). What to
 run (source, inputs), what came back (outputs), the checkpoint and which
 process runs it (pid, host, exact command line) are signed with the snapshot
 key and bound to the job's session and id, because running the one,
@@ -28,6 +28,8 @@ PREFIX = "job-"
 CHECKPOINT_SUFFIX = ".checkpoint"
 #: States a runner may still be working in.
 ACTIVE = ("queued", "running")
+#: States a restore re-runs: stopped on purpose by a notice or SIGTERM, checkpoint synced.
+RERUNNABLE = ("interrupted",)
 #: A running job's runner stamps its record this often; three missed stamps: its machine is gone.
 HEARTBEAT_SECONDS = 15.0
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import linecache
 import os
+import signal
 import sys
 import threading
 import time
@@ -21,8 +22,12 @@ from typing import Any
 
 from ..store import Store, open_store
 from ..store.manifest import JOB_RESULT, JOB_RUNNER
-from . import checkpoint, pack, record
+from . import checkpoint, pack, record, shell, submit
 
+#: Set by a cluster engine: the pid of the actor process the runner must not outlive.
+PARENT_ENV = "JUPYTER_SPOT_RUNNER_PARENT"
+#: How often a runner checks that the record still names it (and not a successor).
+FENCE_SECONDS = 2.0
 #: How long a finished job waits for a tiered store to copy its record and outputs to S3.
 REPLICATION_SECONDS = 60.0
 
@@ -59,19 +64,31 @@ def _outputs(namespace: dict[str, Any], wanted: list[str], explicit: bool) -> tu
 
 class _Heartbeat(threading.Thread):
     """Stamps the record now and then, so a kernel on another machine can tell
-    a job that still runs from one whose machine is gone."""
+    a job that still runs from one whose machine is gone; and ends this runner
+    (its whole process group) once the record names another runner or none, so
+    a runner taken for lost (its node partitioned, its actor restarted elsewhere,
+    its job re-run by a restore) never goes on writing beside its successor."""
 
-    def __init__(self, store: Store, job_id: str) -> None:
+    def __init__(self, store: Store, job_id: str, claim: str) -> None:
         super().__init__(name="jupyter-spot-job-heartbeat", daemon=True)
-        self.store, self.job_id = store, job_id
+        self.store, self.job_id, self.claim = store, job_id, claim
         self.lock = threading.Lock()  # the record is read-modified-written: one writer at a time
         self.stopped = threading.Event()
 
     def run(self) -> None:
-        while not self.stopped.wait(record.HEARTBEAT_SECONDS):
+        stamped = time.monotonic()
+        while not self.stopped.wait(FENCE_SECONDS):
             with self.lock:
-                if not self.stopped.is_set():
+                if self.stopped.is_set():
+                    return
+                current = record.read(self.store, self.job_id)
+                if current.get("runner") != self.claim:
+                    print(f"the job's record names another runner (attempt {current.get('attempt')}, "
+                          f"{current.get('state')}): this one stops", file=sys.stderr, flush=True)
+                    os.killpg(os.getpgid(0), signal.SIGKILL)
+                if time.monotonic() - stamped >= record.HEARTBEAT_SECONDS:
                     record.update(self.store, self.job_id, heartbeat=record.now())
+                    stamped = time.monotonic()
 
     def finish(self, **fields: Any) -> None:
         with self.lock:
@@ -90,9 +107,67 @@ def run(store_url: str, job_id: str) -> int:
                         started=record.now(), heartbeat=record.now(), finished=None, error=None, traceback=None)
     print(f"jupyter-spot job {job_id} ({spec['name']}), attempt {job.get('attempt', 1)}, "
           f"pid {os.getpid()} on {record.host()}", flush=True)
-    heartbeat = _Heartbeat(store, job_id)
+    heartbeat = _Heartbeat(store, job_id, claim)
     heartbeat.start()
+    _die_with_parent()
+    if spec.get("kind") == "shell":
+        code = _run_shell(store, session, job_id, spec, attempt, heartbeat)
+    else:
+        code = _run_python(store, session, job_id, spec, heartbeat)
+    replicate = getattr(store, "flush_replication", None)
+    if replicate is not None:  # a tiered store: the record must reach S3 before this process goes
+        replicate(time.time() + REPLICATION_SECONDS)
+    return code
 
+
+class _Stopped(BaseException):
+    """SIGTERM reached a Python job: not an error of the job (``except Exception`` in it lets this through)."""
+
+
+def _stop_python_job(signum: int, frame: Any) -> None:
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # a second SIGTERM ends the process at once
+    raise _Stopped(signal.Signals(signum).name)
+
+
+def _die_with_parent() -> None:
+    """Under a cluster engine's actor: end the whole group (the job's programs too) once the actor is gone,
+    so that the actor Ray restarts elsewhere is the only one running the job."""
+    parent = os.environ.pop(PARENT_ENV, "")
+    if not parent.isdigit():
+        return
+
+    def watch() -> None:
+        while os.getppid() == int(parent):
+            time.sleep(0.2)
+        os.killpg(os.getpgid(0), signal.SIGKILL)
+
+    threading.Thread(target=watch, name="jupyter-spot-parent-watch", daemon=True).start()
+
+
+def _run_shell(store: Store, session: str, job_id: str, spec: dict[str, Any], attempt: int,
+               heartbeat: _Heartbeat) -> int:
+    run = shell.ShellRun(store, session, job_id, spec)
+    signal.signal(signal.SIGTERM, run.on_sigterm)
+    notices = shell.watch_notices(run.on_notice)
+    try:
+        fields = run.run(attempt)
+    except Exception as error:  # the store failing mid-run, …: the record says so, not only the log
+        trace = traceback.format_exc()
+        print(trace, file=sys.stderr, flush=True)
+        fields = {"state": "failed", "error": traceback.format_exception_only(type(error), error)[-1].strip(),
+                  "traceback": trace}
+    finally:
+        if notices is not None:
+            notices.stop()
+    if "result" in fields:
+        fields["result"] = record.sign(store, fields["result"], JOB_RESULT, session, job_id)
+    heartbeat.finish(**fields)
+    if fields["state"] == "failed":
+        print(f"failed: {fields['error']}", file=sys.stderr, flush=True)
+    return {"done": 0, "interrupted": 3}.get(fields["state"], 1)
+
+
+def _run_python(store: Store, session: str, job_id: str, spec: dict[str, Any], heartbeat: _Heartbeat) -> int:
     # A fresh __main__, as `python job.py` would have: functions and classes the
     # job defines belong to it, and pickle finds them there.
     module = types.ModuleType("__main__")
@@ -102,9 +177,9 @@ def run(store_url: str, job_id: str) -> int:
     source = spec["source"]
     linecache.cache[filename] = (len(source), None, source.splitlines(True), filename)
     sys.path[:0] = [path for path in spec.get("sys_path", []) if path not in sys.path]
+    signal.signal(signal.SIGTERM, _stop_python_job)
     try:
-        if spec.get("cwd") and os.path.isdir(spec["cwd"]):
-            os.chdir(spec["cwd"])
+        os.chdir(spec["cwd"] if spec.get("cwd") and os.path.isdir(spec["cwd"]) else submit.work_directory(job_id))
         namespace.update(pack.load(store, spec["inputs"], namespace))
         checkpoint.attach(store, session, job_id)
         try:
@@ -114,6 +189,11 @@ def run(store_url: str, job_id: str) -> int:
                 raise
         dumped, skipped = _outputs(namespace, spec["outputs"], spec["explicit_outputs"])
         result = {"outputs": pack.write(store, dumped), "skipped": skipped}
+    except _Stopped as stopped:  # its checkpoint holds what it finished: a restore re-runs it from there
+        print(f"stopped by {stopped}", file=sys.stderr, flush=True)
+        heartbeat.finish(state="interrupted",
+                         error=f"stopped by {stopped}; a restore re-runs it from its checkpoint")
+        code = 3
     except (Exception, SystemExit) as error:
         trace = _job_traceback(error, filename)
         print(trace, file=sys.stderr, flush=True)
@@ -122,12 +202,10 @@ def run(store_url: str, job_id: str) -> int:
         code = 1
     else:
         heartbeat.finish(state="done", result=record.sign(store, result, JOB_RESULT, session, job_id),
-                         outputs_stored=pack.names(result["outputs"]), skipped=skipped, blobs=pack.blob_keys(spec["inputs"]) + pack.blob_keys(result["outputs"]))
+                         outputs_stored=pack.names(result["outputs"]), skipped=skipped,
+                         blobs=pack.blob_keys(spec["inputs"]) + pack.blob_keys(result["outputs"]))
         print(f"done; outputs: {', '.join(pack.names(result['outputs'])) or '(none)'}", flush=True)
         code = 0
-    replicate = getattr(store, "flush_replication", None)
-    if replicate is not None:  # a tiered store: the record must reach S3 before this process goes
-        replicate(time.time() + REPLICATION_SECONDS)
     return code
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ast
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -12,7 +13,7 @@ from typing import Any
 from ..kernel import tracking
 from ..store import Store
 from ..store.manifest import JOB_SPEC
-from . import pack, record
+from . import files, pack, record
 
 
 def assigned_names(tree: ast.Module) -> list[str]:
@@ -85,6 +86,18 @@ def analyse(shell: Any, cell: str, excluded: set[str]) -> tuple[str, list[str], 
     return source, inputs, assigned_names(tree)
 
 
+def _cwd(engine: str) -> str | None:
+    """The notebook's directory for a local job; none for a cluster's (a scratch directory on its node)."""
+    return os.getcwd() if engine == "local" else None
+
+
+def work_directory(job_id: str) -> Path:
+    """Where a job without the notebook's directory runs (a cluster node): beside its log."""
+    path = log_path(job_id).with_suffix(".work")
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
 def log_path(job_id: str) -> Path:
     """Where a runner's output goes: the Jupyter runtime dir, beside the kernels' connection files."""
     from jupyter_core.paths import jupyter_runtime_dir
@@ -92,12 +105,13 @@ def log_path(job_id: str) -> Path:
     return Path(jupyter_runtime_dir()) / "jupyter_spot" / "jobs" / f"{job_id}.log"
 
 
-def launch(store_url: str, job_id: str, cwd: str | None) -> subprocess.Popen[bytes]:
+def launch(store_url: str, job_id: str, cwd: str | None,
+           extra_env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
     """Start the runner detached: own session (a signal to the kernel's group misses it),
     stdin closed, output appended to its log."""
     log = log_path(job_id)
     log.parent.mkdir(parents=True, exist_ok=True)
-    env = dict(os.environ)
+    env = {**os.environ, **(extra_env or {})}
     if env.get("MPLBACKEND", "").startswith("module://"):
         env["MPLBACKEND"] = "Agg"  # the kernel's inline backend has no frontend to draw in
     with open(log, "ab") as out:
@@ -110,7 +124,7 @@ def launch(store_url: str, job_id: str, cwd: str | None) -> subprocess.Popen[byt
 
 
 def create(store: Store, session: str, name: str | None, source: str, values: dict[str, Any],
-           outputs: list[str], explicit_outputs: bool) -> dict[str, Any]:
+           outputs: list[str], explicit_outputs: bool, engine: str = "local") -> dict[str, Any]:
     """Store the inputs and the signed job description; the record, queued (nothing started yet).
 
     Raises pack.CannotSend, before anything is written, if an input cannot be pickled.
@@ -121,13 +135,41 @@ def create(store: Store, session: str, name: str | None, source: str, values: di
     inputs = pack.write(store, dumped)
     spec = {
         "id": job_id, "session": session, "name": name, "source": source, "inputs": inputs,
-        "outputs": outputs, "explicit_outputs": explicit_outputs, "cwd": os.getcwd(), "sys_path": list(sys.path),
+        "outputs": outputs, "explicit_outputs": explicit_outputs, "cwd": _cwd(engine), "sys_path": list(sys.path),
+        "engine": engine,
     }
     job = {
         "id": job_id, "session": session, "name": name, "inputs": list(values), "outputs": outputs,
         "spec": record.sign(store, spec, JOB_SPEC, session, job_id), "state": "queued", "attempt": 1,
         "created": record.now(), "host": record.host(), "pid": None, "runner": None, "log": str(log_path(job_id)),
-        "started": None, "finished": None, "heartbeat": None, "error": None, "traceback": None, "collected_at": None, "blobs": pack.blob_keys(inputs),
+        "started": None, "finished": None, "heartbeat": None, "error": None, "traceback": None, "collected_at": None,
+        "blobs": pack.blob_keys(inputs), "engine": engine,
+    }
+    record.write(store, job)
+    return job
+
+
+def create_shell(store: Store, session: str, name: str | None, script: str, outputs: list[str],
+                 sync_every: float, grace: float, engine: str) -> dict[str, Any]:
+    """The signed description of a shell job and its record, queued; ValueError if it cannot be one."""
+    if not script.strip():
+        raise ValueError("the cell is empty: a shell job runs the cell as a bash script")
+    for output in outputs:
+        files.safe_relative(output)
+    if not sync_every > 0 or not grace >= 0:
+        raise ValueError("--sync-every must be more than 0 seconds and --grace at least 0")
+    if shutil.which("bash") is None:
+        raise ValueError("no bash on this machine's PATH")
+    job_id = record.new_id()
+    name = name or job_id
+    spec = {"id": job_id, "session": session, "name": name, "kind": "shell", "script": script,
+            "outputs": outputs, "sync_every": sync_every, "grace": grace, "cwd": _cwd(engine), "engine": engine}
+    job = {
+        "id": job_id, "session": session, "name": name, "kind": "shell", "engine": engine, "inputs": [],
+        "outputs": outputs, "spec": record.sign(store, spec, JOB_SPEC, session, job_id), "state": "queued",
+        "attempt": 1, "created": record.now(), "host": record.host(), "pid": None, "runner": None,
+        "log": str(log_path(job_id)), "started": None, "finished": None, "heartbeat": None, "error": None,
+        "traceback": None, "collected_at": None, "blobs": [],
     }
     record.write(store, job)
     return job

@@ -19,7 +19,7 @@ from typing import Any
 
 from ..kernel.engine import AFTER_RESTORE_HOOKS, SnapshotEngine, register_after_restore
 from ..store import StoreError
-from . import pack, record, submit
+from . import engines, files, pack, record, submit
 
 #: A cancelled runner gets this long after SIGTERM before SIGKILL.
 CANCEL_GRACE_SECONDS = 5.0
@@ -68,32 +68,51 @@ class JobWatcher:
         self.engine = engine
         self.processes: dict[str, subprocess.Popen[bytes]] = {}  # runners started here (reaped here)
         self.watching: set[str] = set()
+        self.config = engines.settings(shell)
 
     @property
     def store(self) -> Any:
         return self.engine.store
 
     # -- starting ----------------------------------------------------------------
-    def submit(self, cell: str, name: str | None, outputs: str | None) -> dict[str, Any]:
+    def submit(self, cell: str, name: str | None, outputs: str | None, engine: str | None = None) -> dict[str, Any]:
         """Store the cell's inputs and start it; ValueError or pack.CannotSend if it cannot be a job."""
         source, inputs, assigned = submit.analyse(self.shell, cell, self.engine.excluded)
         wanted = [output.strip() for output in outputs.split(",") if output.strip()] if outputs else assigned
         values = {name_: self.shell.user_ns[name_] for name_ in inputs}
-        job = submit.create(self.store, self.engine.session, name, source, values, wanted, outputs is not None)
-        self._start(job["id"], os.getcwd())
+        runs_on = self._engine(engine)  # refuses a setup it cannot run on before anything is written
+        job = submit.create(self.store, self.engine.session, name, source, values, wanted, outputs is not None,
+                            runs_on.name)
+        self._start(job, os.getcwd(), runs_on)
         return job
 
-    def _start(self, job_id: str, cwd: str | None) -> None:
-        self.processes[job_id] = submit.launch(self.engine.store_url, job_id, cwd)
-        self.watching.add(job_id)
+    def submit_shell(self, script: str, name: str | None, outputs: str | None, sync_every: float, grace: float,
+                     engine: str | None = None) -> dict[str, Any]:
+        """Start the cell as a bash script; ValueError if it cannot be a job."""
+        wanted = [output.strip() for output in outputs.split(",") if output.strip()] if outputs else []
+        runs_on = self._engine(engine)
+        job = submit.create_shell(self.store, self.engine.session, name, script, wanted, sync_every, grace,
+                                  runs_on.name)
+        self._start(job, os.getcwd(), runs_on)
+        return job
+
+    def _engine(self, name: str | None) -> engines.Engine:
+        return engines.get(name, self.store, self.config)
+
+    def _start(self, job: dict[str, Any], cwd: str | None, runs_on: engines.Engine) -> None:
+        process = runs_on.start(self.engine.store_url, job, cwd)
+        if process is not None:
+            self.processes[job["id"]] = process
+        self.watching.add(job["id"])
 
     def rerun(self, job: dict[str, Any]) -> dict[str, Any]:
         """Run a job again from its record: same source, same inputs, its checkpoint."""
         spec = record.spec(self.store, job)  # refuse before starting anything we did not sign
+        runs_on = self._engine(spec.get("engine", "local"))
         job = record.update(self.store, job["id"], state="queued", attempt=job.get("attempt", 1) + 1,
                             host=record.host(), pid=None, runner=None, log=str(submit.log_path(job["id"])),
                             started=None, finished=None, heartbeat=None, error=None, traceback=None)
-        self._start(job["id"], spec.get("cwd"))
+        self._start(job, spec.get("cwd"), runs_on)
         return job
 
     # -- finding -----------------------------------------------------------------
@@ -134,6 +153,8 @@ class JobWatcher:
         exit_code = None if process is None else process.poll()
         job = self._read(job_id)
         if job["state"] in record.ACTIVE:
+            if job.get("engine", "local") != "local":
+                return None  # the cluster restarts its runner: only the record says when it ends
             if process is not None:
                 gone = exit_code is not None
             else:  # a runner this kernel did not start: only its signed claim says where it runs
@@ -165,11 +186,16 @@ class JobWatcher:
             return self.collect(job)
         if job["state"] == "failed":
             return f"job {name} failed: {job.get('error')} (`%spot_job status {name}`)"
+        if job["state"] in record.RERUNNABLE:
+            return (f"job {name} was {job['state']}: {job.get('error')}; `%spot restore` on the next machine "
+                    "re-runs it from its checkpoint")
         return f"job {name} {job['state']}"
 
     def collect(self, job: dict[str, Any]) -> str:
         """Put a finished job's outputs into the namespace; the line that says so."""
         name = job["name"]
+        if job.get("kind") == "shell":
+            return self._collect_files(job)
         try:
             result = record.result(self.store, job)
             values = pack.load(self.store, result["outputs"], self.shell.user_ns)
@@ -182,6 +208,17 @@ class JobWatcher:
         if result["skipped"]:
             line += "; not returned: " + ", ".join(f"{key} ({why})" for key, why in result["skipped"].items())
         return line
+
+    def _collect_files(self, job: dict[str, Any]) -> str:
+        """Write a finished shell job's output files into the notebook's directory; the line naming each."""
+        name = job["name"]
+        try:
+            written = files.put_back(self.store, record.result(self.store, job)["files"], Path.cwd())
+        except (StoreError, record.JobError, OSError, ValueError, TypeError, KeyError) as error:
+            return f"job {name} finished but its output files cannot be written: {type(error).__name__}: {error}"
+        record.update(self.store, job["id"], collected_at=record.now())
+        lines = [f"job {name} done in {elapsed(job)}: " + ("output files written:" if written else "no output files")]
+        return "\n".join([*lines, *(f"  {path}" for path in written)])
 
     def wait(self, name: str, timeout: float | None) -> None:
         """Block until the job finishes (printing progress), then collect it."""
@@ -223,6 +260,14 @@ class JobWatcher:
         job = self.find(name)
         if job["state"] not in record.ACTIVE:
             return f"job {job['name']} is {job['state']}: nothing to cancel"
+        if job.get("engine", "local") != "local":
+            try:
+                self._engine(job["engine"]).cancel(job)
+            except ValueError as error:  # no cluster reachable from here, Ray not installed
+                raise record.JobError(f"job {job['name']} runs on the {job['engine']} cluster: {error}") from None
+            record.update(self.store, job["id"], state="cancelled", finished=record.now(), error="cancelled")
+            self.watching.discard(job["id"])
+            return f"job {job['name']} cancelled"
         process = self.processes.pop(job["id"], None)
         if process is not None and process.poll() is None:
             pid = process.pid  # our child, not yet reaped: the pid cannot have been reused
@@ -240,8 +285,10 @@ class JobWatcher:
                                       "it can only be cancelled there")
             pid = signed["pid"] if signed else None
             target = record.process_identity(pid) if signed and record.runner_alive(signed, job["id"]) else None
+        # a shell job's runner passes SIGTERM on to its programs and waits for them, up to the job's grace period
+        grace = float(record.spec(self.store, job).get("grace", 0)) if job.get("kind") == "shell" else None
         if target is not None and pid is not None:
-            self._stop(pid, target, process)
+            self._stop(pid, target, process, grace)
         if process is not None:
             process.wait(timeout=CANCEL_GRACE_SECONDS)
         record.update(self.store, job["id"], state="cancelled", finished=record.now(), error="cancelled")
@@ -249,9 +296,11 @@ class JobWatcher:
         return f"job {job['name']} cancelled"
 
     @staticmethod
-    def _stop(pid: int, identity: dict[str, Any], process: subprocess.Popen[bytes] | None) -> None:
-        """SIGTERM the runner's process group, SIGKILL after a grace period; each signal only
-        while the process is still the one identified (so a reused pid is never hit)."""
+    def _stop(pid: int, identity: dict[str, Any], process: subprocess.Popen[bytes] | None,
+              runner_grace: float | None = None) -> None:
+        """SIGTERM the runner's process group (or, with ``runner_grace``, only the runner, which passes it on and
+        waits that long), SIGKILL to the group after a grace period; each signal only while the process is still
+        the one identified (so a reused pid is never hit)."""
         def still_it() -> bool:
             if process is not None and process.poll() is not None:
                 return False
@@ -262,8 +311,8 @@ class JobWatcher:
             return leads_group and record.process_identity(pid) == identity
 
         if still_it():
-            os.killpg(pid, signal.SIGTERM)
-        deadline = time.monotonic() + CANCEL_GRACE_SECONDS
+            os.kill(pid, signal.SIGTERM) if runner_grace is not None else os.killpg(pid, signal.SIGTERM)
+        deadline = time.monotonic() + CANCEL_GRACE_SECONDS + (runner_grace or 0.0)
         while still_it() and time.monotonic() < deadline:
             time.sleep(0.05)
         if still_it():
@@ -293,8 +342,15 @@ class JobWatcher:
             if collected and _parse(collected) <= taken:
                 return None  # the restored snapshot already holds its outputs
             return self.collect(job)
+        if state in record.RERUNNABLE:
+            job = self.rerun(job)
+            progress = self.progress(job["id"])
+            resume = f", resuming from its checkpoint: {progress}" if progress else ""
+            return f"job {name} was {state}: re-running it (attempt {job['attempt']}{resume})"
         if state not in record.ACTIVE:
             return None
+        if job.get("engine", "local") != "local":
+            return self._pick_up_remote(job)
         signed = record.runner(self.store, job)  # the only trusted word on where it runs
         where = signed["host"] if signed else f"{str(job.get('host'))[:200]} (no runner signed in)"  # shown only
         if signed is None:
@@ -313,6 +369,18 @@ class JobWatcher:
         return f"job {name} was {state} on {where}, whose process is gone: re-running it (attempt {job['attempt']}{resume})"
 
 
+    def _pick_up_remote(self, job: dict[str, Any]) -> str:
+        """A job a cluster runs: watched while its engine still has it, started there again if not."""
+        runs_on = self._engine(job["engine"])
+        if runs_on.alive(job):
+            self.watching.add(job["id"])
+            return (f"job {job['name']} is still running on the {runs_on.name} cluster "
+                    f"(attempt {job.get('attempt', 1)}): its outputs arrive when it finishes")
+        job = self.rerun(job)
+        return (f"job {job['name']} was {job['state']} but the {runs_on.name} cluster no longer has it: "
+                f"started there again (attempt {job['attempt']})")
+
+
 #: The watcher of the shell the extension is loaded in.
 WATCHER: JobWatcher | None = None
 
@@ -322,6 +390,7 @@ def load(shell: Any, engine: SnapshotEngine) -> JobWatcher:
     global WATCHER
     from .magics import JobMagics
 
+    engines.quiet_ray_import()
     watcher = JobWatcher(shell, engine)
     shell.events.register("pre_run_cell", watcher.pre_run_cell)
     register_after_restore(watcher.after_restore)

@@ -37,7 +37,9 @@ JOB_SPEC: Final = "job spec"
 JOB_RESULT: Final = "job result"
 JOB_CHECKPOINT: Final = "job checkpoint"
 JOB_RUNNER: Final = "job runner claim"
-KINDS: Final = frozenset({MANIFEST, JOB_SPEC, JOB_RESULT, JOB_CHECKPOINT, JOB_RUNNER})
+#: A shell job's $SPOT_CHECKPOINT_DIR as last synced: relative path → blob.
+JOB_CHECKPOINT_FILES: Final = "job checkpoint files"
+KINDS: Final = frozenset({MANIFEST, JOB_SPEC, JOB_RESULT, JOB_CHECKPOINT, JOB_RUNNER, JOB_CHECKPOINT_FILES})
 
 #: Where a document belongs: {"session", "snapshot"} or {"session", "job"}.
 Place = dict[str, str]
