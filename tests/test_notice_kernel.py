@@ -6,13 +6,16 @@ itself; the notice reaches its main thread as SIGUSR1 while a long loop runs.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-from harness import Kernel, until
+from harness import FaultPause, Kernel, until
 
+from jupyter_spot.notice import Notice, deliver_notice_to_kernel
+from jupyter_spot.notice.model import deadline_in
 from jupyter_spot.notice.simulator import Simulator
 from jupyter_spot.store import open_store
 
@@ -110,3 +113,60 @@ def test_rebalance_gives_one_snapshot_and_a_warning(
     assert len(after) == 3
     assert handler == "'KernelNoticeHandler._on_signal'"
     assert unloaded == "<Handlers.SIG_DFL: 0>"  # %unload_ext gives the signal back
+
+
+def test_azure_is_acknowledged_only_after_a_real_kernels_flush(
+    spot_env: Path, tmp_path: Path, kernels: Callable[..., Kernel], simulators: Callable[..., Simulator]
+) -> None:
+    """The kernel watches Azure itself; its flush is held at the `notice-flush` fault point, and
+    Azure must not hear "done" (which lets it stop the VM at once) until the flush is let go."""
+    azure = simulators("azure")
+    pause = FaultPause(tmp_path / "faults", "notice-flush")
+    kernel = kernels(
+        session=SESSION,
+        extra_arguments=[f"--SpotSettings.notice_poll_interval={POLL}"],
+        env={**azure.env, **pause.env, "JUPYTER_SPOT_CLOUD": "azure"},
+    )
+    kernel.run("%load_ext jupyter_spot")
+    kernel.run("progress = 0")
+    cell_id = kernel.start(LOOP_CELL)
+    until(lambda: len(azure.requests) >= 3, 60, "the kernel to poll Azure's scheduled events")
+    kernel.output_of(cell_id, until_idle=False, until_printed="ten steps done", timeout=60)
+    event = azure.fire()
+    assert pause.reached("notice-flush") == kernel.pid
+    assert azure.acks == []  # the flush has not run: Azure must not be told to go ahead
+    pause.release("notice-flush")
+    until(lambda: azure.acks, 60, "Azure to be told the event is handled")
+    assert azure.acks == [event["EventId"]]
+    mid = [m for m in manifests(spot_env) if m.get("during_cell") is not None]
+    assert len(mid) == 1 and "azure interruption: preempt" in str(mid[0].get("reason")), mid
+
+
+def test_hibernate_flush_of_a_real_kernel_gives_up_after_its_short_budget(
+    spot_env: Path, tmp_path: Path, kernels: Callable[..., Kernel]
+) -> None:
+    """Hibernation keeps RAM: a flush whose writes cannot finish (held at `blob-write`) gives up
+    after the 5 s budget, not after the notice's 120 s."""
+    notice_file = tmp_path / "notice.json"
+    pause = FaultPause(tmp_path / "faults", "blob-write")
+    kernel = kernels(
+        session=SESSION,
+        extra_arguments=["--SpotSettings.background_threshold=0"],
+        env={"JUPYTER_SPOT_SERVER_WATCHES": "1", "JUPYTER_SPOT_NOTICE_FILE": str(notice_file)},
+    )
+    kernel.run("%load_ext jupyter_spot\n%spot off")
+    kernel.run(f"import os\nimport numpy as np\nos.environ['JUPYTER_SPOT_FAULTS'] = {pause.env['JUPYTER_SPOT_FAULTS']!r}")
+    cell_id = kernel.start(
+        "import time\nweights = np.ones(2_000_000)\nprint('looping', flush=True)\nfor i in range(900):\n    time.sleep(0.1)"
+    )
+    assert Path(str(notice_file) + ".ready").exists()  # the handler is in place
+    kernel.output_of(cell_id, until_idle=False, until_printed="looping", timeout=60)  # mid-cell from here
+    notice = Notice("interruption", "hibernate", deadline_in(120), "aws", event_id="h1")
+    sent = time.monotonic()
+    deliver_notice_to_kernel(kernel.pid, notice, notice_file)
+    printed = kernel.output_of(cell_id, until_idle=False, until_printed="deadline passed", timeout=90)
+    waited = time.monotonic() - sent
+    assert pause.reached("blob-write") == kernel.pid
+    assert "hibernate, 120 s left. Saving this session now" in printed, printed
+    assert "snapshot failed: the deadline passed before the snapshot was durable" in printed, printed
+    assert waited < 60, f"the hibernate flush waited {waited:.0f} s: not the 5 s budget"  # 120 s for a terminate
