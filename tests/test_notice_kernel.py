@@ -6,6 +6,8 @@ itself; the notice reaches its main thread as SIGUSR1 while a long loop runs.
 
 from __future__ import annotations
 
+import os
+import signal
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -170,3 +172,28 @@ def test_hibernate_flush_of_a_real_kernel_gives_up_after_its_short_budget(
     assert "hibernate, 120 s left. Saving this session now" in printed, printed
     assert "snapshot failed: the deadline passed before the snapshot was durable" in printed, printed
     assert waited < 60, f"the hibernate flush waited {waited:.0f} s: not the 5 s budget"  # 120 s for a terminate
+
+
+def test_the_same_notice_twice_flushes_a_real_kernel_once(
+    spot_env: Path, tmp_path: Path, kernels: Callable[..., Kernel]
+) -> None:
+    """The server may hand the same notice over twice (a retry, two sources): one flush."""
+    notice_file, probe = tmp_path / "notice.json", tmp_path / "probe"
+    kernel = kernels(
+        session=SESSION, env={"JUPYTER_SPOT_SERVER_WATCHES": "1", "JUPYTER_SPOT_NOTICE_FILE": str(notice_file)}
+    )
+    kernel.run("%load_ext jupyter_spot")
+    # CPython runs pending handlers in signal-number order: once SIGUSR2 wrote the probe,
+    # every SIGUSR1 (the hand-off) sent before it has been handled.
+    kernel.run(f"import signal, pathlib\nsignal.signal(signal.SIGUSR2, lambda *_: pathlib.Path({str(probe)!r}).touch())")
+    cell_id = kernel.start(LOOP_CELL)
+    kernel.output_of(cell_id, until_idle=False, until_printed="ten steps done", timeout=60)
+    notice = Notice("interruption", "terminate", deadline_in(120), "aws", event_id="twice")
+    deliver_notice_to_kernel(kernel.pid, notice, notice_file)
+    printed = kernel.output_of(cell_id, until_idle=False, until_printed="written", timeout=60)
+    deliver_notice_to_kernel(kernel.pid, notice, notice_file)
+    os.kill(kernel.pid, signal.SIGUSR2)
+    until(probe.exists, 60, "the kernel to handle the second hand-off")
+    printed += kernel.output_of(cell_id, until_idle=False, timeout=1)
+    assert printed.count("Saving this session now") == 1, printed
+    assert len([m for m in manifests(spot_env) if m.get("during_cell") is not None]) == 1
