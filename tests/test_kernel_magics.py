@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import re
+import stat
 from pathlib import Path
 
 import pytest
@@ -251,3 +253,48 @@ def test_restore_from_another_session(session: str, monkeypatch: pytest.MonkeyPa
         other.run("extra = 1")
         assert "session: other.ipynb" in other.run("%spot status")  # it keeps writing its own session
         assert "after cell" in other.run("%spot list")
+
+
+def test_keep_retention_never_deletes_the_last_clean_snapshot(session: str) -> None:
+    """`keep=2` with mid-cell flushes piling up: the two newest stay, and so does the last clean
+    snapshot, which `%spot restore --clean` needs."""
+    with Kernel(load=True, extra_arguments=["--SpotSettings.keep=2"]) as kernel:
+        kernel.run(
+            "import os, signal, jupyter_spot\n"
+            "signal.signal(signal.SIGUSR1, lambda *_: print(jupyter_spot.flush('test notice')))"
+        )
+        kernel.run("%spot off")
+        kernel.run("stage = 'clean'")
+        clean = snapshot_line(kernel.run("%spot snapshot"))["id"]
+        flushed = []
+        for step in range(3):
+            output = kernel.run(f"stage = 'mid {step}'\nos.kill(os.getpid(), signal.SIGUSR1)")
+            flushed.append(snapshot_line(output)["id"])
+        listing = kernel.run("%spot list")
+    kept = re.findall(r"^  (\S+)  ", listing, re.M)
+    assert kept == [clean, *flushed[1:]], listing
+    with Kernel(load=True) as fresh:
+        fresh.run("%spot off")
+        assert "mid-cell" in fresh.run("%spot restore")
+        assert fresh.value("stage") == "mid 2"
+        fresh.run("%spot restore --clean")
+        assert fresh.value("stage") == "clean"
+
+
+def test_without_a_signing_key_setting_a_private_key_file_is_made_and_used(
+    session: str, spot_env: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """No $JUPYTER_SPOT_SIGNING_KEY: the first kernel creates the per-user key file (mode 0600,
+    under the Jupyter data dir); the next kernel signs and verifies with the same file."""
+    monkeypatch.delenv("JUPYTER_SPOT_SIGNING_KEY")
+    key_file = Path(os.environ["JUPYTER_DATA_DIR"]) / "jupyter_spot" / "signing.key"
+    assert not key_file.exists()
+    with Kernel(load=True) as kernel:
+        kernel.run("answer = 42")
+        snapshot_line(kernel.run("%spot snapshot"))
+    assert stat.S_IMODE(key_file.stat().st_mode) == 0o600
+    assert len(key_file.read_bytes().strip()) == 64
+    with Kernel(load=True) as fresh:
+        report = fresh.run("%spot restore")
+        assert "restored snapshot" in report and "not signed" not in report, report
+        assert fresh.value("answer") == 42

@@ -12,7 +12,7 @@ from typing import Any
 
 import nbformat
 import pytest
-from harness import snapshot_line, until_async
+from harness import FaultPause, snapshot_line, until_async
 from jupyter_client.manager import AsyncKernelManager
 from tornado.httpclient import HTTPClientError
 
@@ -318,3 +318,61 @@ async def test_a_renamed_notebook_snapshots_under_its_new_path(
     await latest_variables(store, renamed, {"z"})
     await jp_fetch("api", "contents", "work", method="PATCH", body=json.dumps({"path": "project"}))
     await latest_variables(store, "project/renamed.ipynb", {"z"})
+
+
+def flush_events(jp_serverapp: Any) -> list[dict[str, Any]]:
+    """Every flush event the server emits from now on, as they come."""
+    events: list[dict[str, Any]] = []
+
+    async def listen(logger: Any, schema_id: str, data: dict[str, Any]) -> None:
+        events.append(dict(data))
+
+    jp_serverapp.event_logger.add_listener(schema_id="https://events.jupyter.org/jupyter_spot/flush/v1", listener=listen)
+    return events
+
+
+@pytest.mark.faults
+@pytest.mark.parametrize(
+    "spot_config", [{"notice_sources": ["aws"], "notice_poll_interval": 0.1, "flush_timeout": 2.0}]
+)
+async def test_a_flush_that_misses_flush_timeout_is_reported_failed(
+    simulator: Any, jp_fetch: Any, jp_serverapp: Any, notebook: str, spot_env: Path, tmp_path: Path
+) -> None:
+    """A notice without a deadline (a rebalance) waits `flush_timeout` for the kernel's snapshot;
+    a kernel whose snapshot is stuck (held at `manifest-commit`) gets a `failed` event, not silence."""
+    pause = FaultPause(tmp_path / "faults", "manifest-commit")
+    kernel_id = await open_notebook(jp_fetch, notebook)
+    await execute(jp_serverapp.kernel_manager, kernel_id, "z = 1")
+    await wait_for_snapshots(open_store(str(spot_env)), notebook)
+    faults = pause.env["JUPYTER_SPOT_FAULTS"]
+    # no snapshot after this cell (it would be held too): only the rebalance's
+    await execute(
+        jp_serverapp.kernel_manager, kernel_id, f"%spot off\nimport os\nos.environ['JUPYTER_SPOT_FAULTS'] = {faults!r}"
+    )
+    events = flush_events(jp_serverapp)
+    simulator.rebalance()
+    await until_async(lambda: [e for e in events if e["status"] != "started"], 60, "the flush to end")
+    assert [e["status"] for e in events] == ["started", "failed"], events
+    assert events[-1]["message"] == "no new snapshot before the deadline"
+    assert (events[-1]["kernel_id"], events[-1]["session"]) == (kernel_id, notebook)
+    await asyncio.to_thread(pause.reached, "manifest-commit")  # it was stuck writing, as arranged
+
+
+@pytest.mark.parametrize(
+    "spot_config", [{"notice_sources": ["aws"], "notice_poll_interval": 0.1, "auto_load_kernel_extension": False}]
+)
+async def test_a_kernel_without_the_notice_handler_is_reported_not_signalled(
+    simulator: Any, jp_fetch: Any, jp_serverapp: Any, notebook: str
+) -> None:
+    """A kernel that never loaded jupyter-spot cannot take a notice (SIGUSR1 would kill it):
+    the server says so in a `failed` flush event and leaves the kernel alone."""
+    kernel_id = await open_notebook(jp_fetch, notebook)
+    km = jp_serverapp.kernel_manager
+    await execute(km, kernel_id, "x = 1")
+    events = flush_events(jp_serverapp)
+    simulator.fire("terminate")
+    await until_async(lambda: events, 60, "a flush event")
+    (event,) = events
+    assert (event["status"], event["kernel_id"]) == ("failed", kernel_id)
+    assert event["message"].startswith("could not reach the kernel: "), event
+    assert (await execute(km, kernel_id, "print(x + 1)")).strip() == "2"  # alive and well
