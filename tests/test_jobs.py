@@ -180,3 +180,48 @@ def test_unpicklable_input_is_refused_and_nothing_starts(store: Path, tmp_path: 
     assert "Nothing was started" in message
     assert _jobs(store) == [] and not _runners(store)
     assert "no jobs" in kernel.execute("%spot_job list").text
+
+
+def test_cells_whose_inputs_cannot_be_known_or_sent_are_refused(store: Path, tmp_path: Path, kernels: Kernels) -> None:
+    kernel = _kernel(kernels, tmp_path)
+    kernel.execute("x = 3\npassword = 'hunter2'\n%spot exclude password")
+    for cell in ("y = globals()['x']", "exec('y = x')", "def sneaky():\n    return eval('x')\ny = sneaky()"):
+        refused = kernel.execute(f"%%spot_job --name dynamic\n{cell}")
+        assert "uses globals(), vars(), locals(), exec or eval" in refused.stderr, (cell, refused)
+        assert "Nothing was started" in refused.stderr
+    refused = kernel.execute("%%spot_job --name secret\ny = password + '!'")
+    assert "password excluded with %spot exclude" in refused.stderr and "Nothing was started" in refused.stderr
+    assert _jobs(store) == [] and not _runners(store)
+
+
+def test_wait_collects_only_the_listed_outputs_and_cancel_stops_a_job(
+    store: Path, tmp_path: Path, kernels: Kernels
+) -> None:
+    kernel = _kernel(kernels, tmp_path)
+    kernel.execute(f"x = 3\nrelease = {str(tmp_path / 'release')!r}")
+    started = kernel.execute("%%spot_job --name quick --outputs a,b\na = x * 2\nb = [x]\nc = 5")
+    assert "outputs a, b arrive" in started.text, started
+    waited = kernel.execute("%spot_job wait quick --timeout 120")
+    assert "job quick done" in waited.text and "a, b now in the namespace" in waited.text, waited
+    assert _value(kernel, "(a, b, 'c' in globals())") == (6, [3], False)  # c was not asked for
+
+    kernel.execute("%%spot_job --name slow\nimport os, time\nwhile not os.path.exists(release):\n    time.sleep(0.02)\nz = 1")
+    until(lambda: _job(store, "slow")["state"] == "running", DEADLINE, "the job to start")
+    assert "job slow cancelled" in kernel.execute("%spot_job cancel slow").text
+    until(lambda: not _runners(store), DEADLINE, "the cancelled job's process to end")
+    assert _job(store, "slow")["state"] == "cancelled"
+    assert "cancelled" in kernel.execute("%spot_job status slow").text
+    assert _value(kernel, "'z' in globals()") is False
+
+
+def test_checkpoint_save_and_load_within_a_job_and_outside_one(store: Path, tmp_path: Path, kernels: Kernels) -> None:
+    kernel = _kernel(kernels, tmp_path)
+    cell = (
+        "from jupyter_spot.jobs import checkpoint\n"
+        "seen = checkpoint.load('nothing yet')\ncheckpoint.save('saved once')\nagain = checkpoint.load('default')"
+    )
+    kernel.execute(cell)  # tried in the notebook first: load gives the default, save does nothing
+    assert _value(kernel, "(seen, again)") == ("nothing yet", "default")
+    kernel.execute(f"%%spot_job --name ck\n{cell}")
+    assert "job ck done" in kernel.execute("%spot_job wait ck --timeout 120").text
+    assert _value(kernel, "(seen, again)") == ("nothing yet", "saved once")
