@@ -14,12 +14,14 @@ import os
 import signal
 import socket
 from collections.abc import Callable, Iterator
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 
 import pytest
 from harness import Kernel, until
 
+from jupyter_spot.jobs import record
 from jupyter_spot.jobs.record import active_on_host
 from jupyter_spot.store import collect_garbage, open_store
 
@@ -225,3 +227,34 @@ def test_checkpoint_save_and_load_within_a_job_and_outside_one(store: Path, tmp_
     kernel.execute(f"%%spot_job --name ck\n{cell}")
     assert "job ck done" in kernel.execute("%spot_job wait ck --timeout 120").text
     assert _value(kernel, "(seen, again)") == ("nothing yet", "saved once")
+
+
+@pytest.mark.parametrize("beat_age, outcome", [(5, "still running"), (120, "re-running it (attempt 2")])
+def test_a_job_running_on_another_machine_counts_while_its_heartbeat_is_fresh(
+    beat_age: float, outcome: str, store: Path, tmp_path: Path, kernels: Kernels
+) -> None:
+    """A record naming another host cannot be checked by pid: its heartbeat's age decides
+    between "still running there" (watched) and "that machine is gone" (re-run here)."""
+    go = tmp_path / "go"
+    kernel = _kernel(kernels, tmp_path)
+    kernel.execute(f"go = {str(go)!r}")
+    kernel.execute("%%spot_job --name far\nimport os, time\nwhile not os.path.exists(go):\n    time.sleep(0.02)\nfar = 1")
+    until(lambda: _job(store, "far")["state"] == "running", DEADLINE, "the job to start")
+    kernel.wait_until_durable()
+    pid = _job(store, "far")["pid"]
+    kernel.kill()
+    os.killpg(pid, signal.SIGKILL)
+    until(lambda: not _runners(store), DEADLINE, "the job's process to go")
+    # As if that runner had been on another machine, which last stamped the record `beat_age` s ago.
+    beat = (datetime.now(timezone.utc) - timedelta(seconds=beat_age)).isoformat(timespec="milliseconds")
+    record.update(open_store(str(store)), _job(store, "far")["id"], host="other-machine.internal", heartbeat=beat)
+    go.touch()
+    fresh = _kernel(kernels, tmp_path)
+    report = fresh.execute("%spot restore latest")
+    assert report.error is None, report
+    assert f"job far {'is' if beat_age < 45 else 'was'} " in report.text and "other-machine.internal" in report.text
+    assert outcome in report.text, report.text
+    if beat_age < 45:
+        assert not _runners(store)  # watched, not run a second time
+    else:
+        until(lambda: _job(store, "far")["state"] == "done", DEADLINE, "the re-run to finish here")
