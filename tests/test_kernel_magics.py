@@ -8,7 +8,7 @@ import stat
 from pathlib import Path
 
 import pytest
-from harness import SNAPSHOT_LINE, Kernel, snapshot_line
+from harness import SNAPSHOT_LINE, Kernel, snapshot_line, until
 
 
 @pytest.fixture
@@ -270,9 +270,12 @@ def test_keep_retention_never_deletes_the_last_clean_snapshot(session: str) -> N
         for step in range(3):
             output = kernel.run(f"stage = 'mid {step}'\nos.kill(os.getpid(), signal.SIGUSR1)")
             flushed.append(snapshot_line(output)["id"])
-        listing = kernel.run("%spot list")
-    kept = re.findall(r"^  (\S+)  ", listing, re.M)
-    assert kept == [clean, *flushed[1:]], listing
+        # retention runs on the writer thread just after each commit
+        until(
+            lambda: re.findall(r"^  (\S+)  ", kernel.run("%spot list"), re.M) == [clean, *flushed[1:]],
+            60,
+            "retention to keep the clean snapshot and the two newest",
+        )
     with Kernel(load=True) as fresh:
         fresh.run("%spot off")
         assert "mid-cell" in fresh.run("%spot restore")

@@ -694,3 +694,31 @@ def test_kernel_writes_again_what_another_process_collected(s3_url: str, monkeyp
     with Kernel(load=True) as fresh:
         assert "restored snapshot" in fresh.run("%spot restore latest")
         assert fresh.value("(float(big[-1]), small)") == (999_999.0, 1)
+
+
+@pytest.mark.faults
+def test_notice_flush_with_s3_too_slow_for_the_deadline_reports_what_is_not_in_s3(
+    s3_url: str, proxy: FaultProxy, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A tiered store on a notice: the snapshot is durable on the local tier, but S3 (held by the
+    proxy) cannot take it before the deadline — the result says so instead of claiming safety."""
+    monkeypatch.setenv("JUPYTER_SPOT_STORE", f"{s3_url}?endpoint_url={proxy.url}")
+    monkeypatch.setenv("JUPYTER_SPOT_SESSION", "late.ipynb")
+    monkeypatch.setenv("JUPYTER_SPOT_CACHE", str(tmp_path / "efs"))
+    with Kernel(load=True) as kernel:
+        kernel.run("%spot off\nimport numpy as np\nimport jupyter_spot\nfrom datetime import datetime, timedelta, timezone")
+        kernel.run("weights = np.arange(1_000_000, dtype='float64')")
+        proxy.hold_after(0)  # S3 stops answering from here
+        try:
+            kernel.run(
+                "result = jupyter_spot.flush('test notice', datetime.now(timezone.utc) + timedelta(seconds=5))"
+            )
+            snapshot_id, durable, missing = kernel.value("(result.id, result.durable, result.not_replicated)")
+            line = snapshot_line(kernel.run("print(result)"))
+        finally:
+            proxy.release()
+        assert durable and missing == [f"late.ipynb/{snapshot_id}"], (durable, missing)
+        assert line["not_replicated"] == "1"
+        assert snapshot_id in FileStore(tmp_path / "efs").list_snapshots("late.ipynb")  # safe on the local tier
+        assert kernel.value("jupyter_spot.flush('again').not_replicated") == []  # S3 back: it catches up
+    assert snapshot_id in S3Store(s3_url).list_snapshots("late.ipynb")
