@@ -435,8 +435,7 @@ def test_writer_waits_for_a_running_gc_and_forgets_what_it_deleted(s3_url: str) 
         assert events == []  # blocked behind the collector's lock
         collector.delete_blob(digest_of(old))  # decided before the writer came
         events.append("deleted")
-        time.sleep(0.5)
-        assert not may_delete()  # the collector sees the writer's lease and stops
+        until(lambda: not may_delete(), 60, "the collector to see the writer's lease and stop")
     thread.join()
     assert events == ["deleted", "put"]
     writer.commit_manifest({"session": "nb.ipynb", "id": "0002", "blobs": [digest_of(old)]})
