@@ -229,3 +229,42 @@ def test_notebook_running_on_another_server_is_noted_not_offered(
         expect(page.locator(".jp-spot-restore")).to_have_count(0)
     finally:
         a.stop()  # a clean stop: its kernel goes with it
+
+
+def test_rebalance_then_a_notice_without_deadline_read_right(
+    page: Page, lab_factory: Callable[..., Lab], imds: Simulator
+) -> None:
+    """A rebalance hint is not an interruption; an interruption without a time says "shortly"."""
+    lab = lab_factory()
+    open_notebook(page, lab)
+    run_cell(page, 0, "hello-from-cell 42")
+    imds.rebalance()
+    banner = page.locator("#jp-spot-notice")
+    message = banner.locator(".jp-spot-notice-message")
+    expect(message).to_contain_text("The cloud asks to move off this machine soon (rebalance hint)", timeout=30_000)
+    shot(page, "notice-rebalance")
+    imds.fire("terminate")
+    imds.notice = {"action": "terminate", "time": "not-a-time"}  # IMDS gives no usable time
+    expect(message).to_contain_text(re.compile(r"This machine will be \w+ shortly — "), timeout=30_000)
+
+
+def test_unwritable_store_shows_read_only_and_the_failed_flush(
+    page: Page, imds: Simulator, jupyter_servers: Callable[..., JupyterServer], tmp_path: Path, spot_env: Path
+) -> None:
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a directory")
+    root = tmp_path / "root"
+    write_notebook(root / NOTEBOOK, *CELLS)
+    lab = jupyter_servers(
+        "lab", root, lab=True, store=blocker / "store", env=imds.env, poll=0.5, options=["--SpotApp.gc_interval=0"]
+    ).start()
+    open_notebook(page, lab)
+    expect(page.locator(".jp-spot-status")).to_contain_text("(read-only!)", timeout=30_000)
+    run_cell(page, 0, "hello-from-cell 42")
+    imds.fire(lead_time=10)  # the server waits until 2 s before the end for a snapshot that cannot come
+    banner = page.locator("#jp-spot-notice")
+    flush = banner.locator(".jp-spot-notice-kernel")
+    expect(flush).to_have_attribute("data-status", "failed", timeout=60_000)
+    expect(flush).to_contain_text(f"{NOTEBOOK}: kernel state NOT saved — ")
+    expect(banner.locator(".jp-spot-notice-message")).to_contain_text("some kernel state could NOT be saved")
+    shot(page, "notice-failed-flush")

@@ -89,6 +89,16 @@ async def test_unwritable_store_is_reported_not_fatal(unwritable_store: Path, ap
     assert "a-file" in status["store"]["error"]
 
 
+async def test_notebooks_still_open_with_a_kernel_on_an_unwritable_store(
+    unwritable_store: Path, jp_fetch: Any, jp_root_dir: Path
+) -> None:
+    """The session record cannot be read or written there: a warning in the log, not a 500."""
+    (jp_root_dir / "nb.ipynb").write_text('{"cells": [], "metadata": {}, "nbformat": 4, "nbformat_minor": 5}')
+    body = {"path": "nb.ipynb", "type": "notebook", "kernel": {"name": "python3"}}
+    response = await jp_fetch("api", "sessions", method="POST", body=json.dumps(body))
+    assert response.code == 201 and json.loads(response.body)["kernel"]["id"]
+
+
 async def test_sessions_lists_interrupted_snapshot(api: Any, store: Any) -> None:
     old = commit_snapshot(store, "work/analysis.ipynb", minutes_ago=10)
     new = commit_snapshot(store, "work/analysis.ipynb", minutes_ago=5)

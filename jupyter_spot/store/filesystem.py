@@ -359,6 +359,8 @@ class FileStore(Store):
             return json.loads(self._record_path(name).read_bytes())
         except FileNotFoundError:
             return None
+        except OSError as error:  # a store under a file (ENOTDIR), no permission: a store error, not a crash
+            raise self._wrap(error, f"reading record {name}") from error
         except ValueError as error:
             raise StoreError(f"record {name} in {self.root} is not valid JSON ({error})") from None
 
