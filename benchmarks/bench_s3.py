@@ -28,10 +28,10 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))  # the test harness
 
 import boto3
-from s3_server import MotoServer, RequestLog
+from harness.s3 import MotoServer, RequestLog
 from s3transfer.manager import TransferManager
 
 from jupyter_spot.store import digest_of

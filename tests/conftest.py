@@ -7,8 +7,9 @@ from pathlib import Path
 
 import pytest
 
-# jp_fetch, jp_serverapp, jp_server_config, … for the server extension's tests.
-pytest_plugins = ["pytest_jupyter.jupyter_server"]
+# jp_fetch, jp_serverapp, jp_server_config, … for the server extension's tests; the harness's
+# kernels, jupyter_servers, simulators, moto/s3_url, chromium/page fixtures.
+pytest_plugins = ["pytest_jupyter.jupyter_server", "harness.plugin"]
 
 
 @pytest.fixture

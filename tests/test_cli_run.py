@@ -7,12 +7,12 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
 import nbformat
 import pytest
+from harness import until
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -73,6 +73,19 @@ def finish(proc: subprocess.Popen[str]) -> str:
     return out + err
 
 
+def kill_during_train(work: Path) -> None:
+    """Run job.ipynb in ``work`` into out.ipynb and SIGKILL the run while its train cell sleeps."""
+    first = run(work, "job.ipynb", "-o", "out.ipynb", slow=120)
+    try:
+        until(
+            lambda: (work / "train-started").exists() or first.poll() is not None, 120, "the train cell to start"
+        )
+        assert first.poll() is None, first.communicate()
+    finally:
+        first.send_signal(signal.SIGKILL)
+        first.communicate(timeout=30)
+
+
 def test_killed_run_resumes_without_rerunning_finished_cells(spot_env: Path, tmp_path: Path) -> None:
     reference = tmp_path / "reference"
     reference.mkdir()
@@ -83,14 +96,7 @@ def test_killed_run_resumes_without_rerunning_finished_cells(spot_env: Path, tmp
     work = tmp_path / "work"
     work.mkdir()
     make_notebook(work / "job.ipynb")
-    first = run(work, "job.ipynb", "-o", "out.ipynb", slow=120)
-    deadline = time.monotonic() + 90
-    while not (work / "train-started").exists():
-        assert first.poll() is None, first.communicate()
-        assert time.monotonic() < deadline, "the train cell never started"
-        time.sleep(0.1)
-    first.send_signal(signal.SIGKILL)
-    first.communicate(timeout=30)
+    kill_during_train(work)
     progress = nbformat.read(work / "out.ipynb", as_version=4).metadata["jupyter_spot"]
     assert (progress["completed"], progress["status"]) == (3, "running")  # markdown, load, clean
     (listed,) = json.loads(spot_list(work).stdout)["sessions"]
@@ -109,7 +115,22 @@ def test_killed_run_resumes_without_rerunning_finished_cells(spot_env: Path, tmp
     assert (listed["interrupted"], listed["reason"]) == (False, None)  # a finished run is closed cleanly
 
 
-def test_changed_notebook_or_finished_run_starts_over(spot_env: Path, tmp_path: Path) -> None:
+def test_notebook_changed_since_a_killed_run_starts_over(spot_env: Path, tmp_path: Path) -> None:
+    make_notebook(tmp_path / "job.ipynb")
+    kill_during_train(tmp_path)
+    assert nbformat.read(tmp_path / "out.ipynb", as_version=4).metadata["jupyter_spot"]["completed"] == 3
+    nb = nbformat.read(tmp_path / "job.ipynb", as_version=4)
+    nb.cells[2].source = nb.cells[2].source.replace("log('clean')", "log('clean v2')")  # a finished cell changed
+    nbformat.write(nb, tmp_path / "job.ipynb")
+    log = finish(run(tmp_path, "job.ipynb", "-o", "out.ipynb"))
+    assert "resuming" not in log and "executed 4 cell(s)" in log
+    # every cell ran again, the changed one as it is now
+    assert (tmp_path / "executions.log").read_text().split() == ["load", "clean", "train", "load", "clean", "v2", "train", "report"]
+    final = nbformat.read(tmp_path / "out.ipynb", as_version=4).metadata["jupyter_spot"]
+    assert (final["completed"], final["status"]) == (5, "done")
+
+
+def test_finished_run_starts_over(spot_env: Path, tmp_path: Path) -> None:
     make_notebook(tmp_path / "job.ipynb")
     finish(run(tmp_path, "job.ipynb"))  # in place, as papermill writes outputs into the notebook
     assert nbformat.read(tmp_path / "job.ipynb", as_version=4).metadata["jupyter_spot"]["status"] == "done"

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from test_server_api import commit
+from harness.store import commit_snapshot
 
 from jupyter_spot.server.catalog import session_record_name
 from jupyter_spot.store import open_store
@@ -36,9 +36,9 @@ def store(spot_env: Path) -> Any:
 
 
 def test_list_marks_interrupted_and_closed(store: Any) -> None:
-    commit(store, "work/a.ipynb", minutes_ago=10)
-    latest = commit(store, "work/a.ipynb", minutes_ago=5)
-    commit(store, "done.ipynb", minutes_ago=5)
+    commit_snapshot(store, "work/a.ipynb", minutes_ago=10)
+    latest = commit_snapshot(store, "work/a.ipynb", minutes_ago=5)
+    commit_snapshot(store, "done.ipynb", minutes_ago=5)
     store.put_record(
         session_record_name("done.ipynb"),
         {"session": "done.ipynb", "state": "closed", "closed_at": "2099-01-01T00:00:00Z"},
@@ -53,7 +53,7 @@ def test_list_marks_interrupted_and_closed(store: Any) -> None:
 
 
 def test_show_by_snapshot_id_and_by_session(store: Any) -> None:
-    snapshot_id = commit(store, "work/a.ipynb", minutes_ago=3)
+    snapshot_id = commit_snapshot(store, "work/a.ipynb", minutes_ago=3)
     by_id = spot("show", snapshot_id).stdout
     assert f"snapshot {snapshot_id} of work/a.ipynb" in by_id
     assert "sqlite3.Connection: cannot pickle (cell 2)" in by_id
@@ -63,7 +63,7 @@ def test_show_by_snapshot_id_and_by_session(store: Any) -> None:
 
 
 def test_show_unknown_and_tampered_fail_clearly(store: Any, spot_env: Path) -> None:
-    snapshot_id = commit(store, "a.ipynb", minutes_ago=3)
+    snapshot_id = commit_snapshot(store, "a.ipynb", minutes_ago=3)
     missing = spot("show", "20200101T000000.000000Z-x", check=False)
     assert missing.returncode == 1 and "no session or snapshot" in missing.stderr
     (manifest_file,) = (spot_env / "sessions").glob("*/*.json")
@@ -74,7 +74,7 @@ def test_show_unknown_and_tampered_fail_clearly(store: Any, spot_env: Path) -> N
 
 
 def test_gc_keeps_newest(store: Any) -> None:
-    ids = [commit(store, "a.ipynb", minutes_ago=m) for m in (30, 20, 10)]
+    ids = [commit_snapshot(store, "a.ipynb", minutes_ago=m) for m in (30, 20, 10)]
     report = json.loads(spot("gc", "--keep=1", "--json").stdout)
     assert sorted(report["snapshots_deleted"]) == [f"a.ipynb/{i}" for i in ids[:2]]
     assert store.list_snapshots("a.ipynb") == ids[2:]

@@ -6,23 +6,29 @@ a small marker. Trial t: the kernel (itself restored by trial t-1) makes generat
 t, starts ``%spot snapshot``, and is SIGKILLed after a seeded random delay spread
 over the length of a snapshot. A fresh kernel then restores and must find exactly
 the generation of the store's newest committed manifest: t if the commit beat the
-kill, otherwise the previous committed one.
+kill, otherwise the previous committed one. Every fourth trial the kernel kills
+itself at a named fault point instead (right before the manifest commit, or after
+its second blob), so both outcomes occur whatever the machine's speed.
 """
 
 from __future__ import annotations
 
+import pytest
+
 import random
 import time
-from contextlib import ExitStack, closing
+from contextlib import ExitStack
 from pathlib import Path
 
-from notebook_harness import Kernel
+from harness import Kernel, until
 
 from jupyter_spot.store import collect_garbage, open_store
 
 SESSION = "crash-safety"
 TRIALS = 20
 SEED = 20261129
+#: Trials whose kill comes from inside the kernel at an exact step: the commit cannot win those.
+FAULT_TRIALS = {1: "manifest-commit=kill", 2: "blob-write=kill@2"}
 
 #: One generation: 50 MB + 25 MB of arrays whose values say which generation made them.
 MAKE_GENERATION = """
@@ -39,17 +45,19 @@ print(gen, marker["gen"],
       int(ramp[0]) if (ramp - np.arange(ramp.size) == ramp[0]).all() else -1)
 """
 
+pytestmark = [pytest.mark.faults]
+
 
 def prepare(kernel: Kernel) -> Kernel:
     """Load the extension and turn per-cell snapshots off: only %spot snapshot writes."""
-    assert kernel.run("%load_ext jupyter_spot", store_history=False).error is None
+    assert kernel.execute("%load_ext jupyter_spot", store_history=False).error is None
     kernel.spot("off")
     return kernel
 
 
 def generations_in(kernel: Kernel) -> list[int]:
     """gen, marker, block and ramp generations as the kernel sees them."""
-    result = kernel.run(READ_GENERATION, store_history=False)
+    result = kernel.execute(READ_GENERATION, store_history=False)
     assert result.error is None, result.error
     return [int(v) for v in result.text.split()]
 
@@ -63,17 +71,24 @@ def test_kill_during_snapshot_always_restores_last_commit(spot_env: Path, tmp_pa
 
         def boot() -> Kernel:
             """The next trial's kernel starts while this one works."""
-            return kernels.enter_context(closing(Kernel(tmp_path, SESSION)))
+            return kernels.enter_context(Kernel(tmp_path, SESSION))
 
         kernel, booting = prepare(boot()), boot()
-        assert kernel.run("import numpy as np\n" + MAKE_GENERATION.format(gen=0)).error is None
+        assert kernel.execute("import numpy as np\n" + MAKE_GENERATION.format(gen=0)).error is None
         began = time.perf_counter()
         kernel.spot("snapshot")
         window = (time.perf_counter() - began) * 2  # kills land before, during and after the commit
         for trial in range(1, TRIALS + 1):
-            assert kernel.run(MAKE_GENERATION.format(gen=trial)).error is None
+            assert kernel.execute(MAKE_GENERATION.format(gen=trial)).error is None
+            fault = FAULT_TRIALS.get(trial % 4)
+            if fault:
+                kernel.execute(f"import os\nos.environ['JUPYTER_SPOT_FAULTS'] = {fault!r}", store_history=False)
             kernel.kc.execute("%spot snapshot", store_history=False)
-            time.sleep(rng.uniform(0, window))
+            if fault:
+                process = kernel.km.provisioner.process  # type: ignore[union-attr]
+                until(lambda: process.poll() is not None, 120, f"the kernel to kill itself at {fault}")
+            else:
+                time.sleep(rng.uniform(0, window))
             kernel.kill()
 
             latest, problems = store.latest_manifest(SESSION)
@@ -86,10 +101,11 @@ def test_kill_during_snapshot_always_restores_last_commit(spot_env: Path, tmp_pa
             gen, marker, block, ramp = generations_in(kernel)
             assert gen == marker == block == ramp, f"trial {trial}: torn state {gen, marker, block, ramp}"
             assert gen in (committed, trial), f"trial {trial}: restored generation {gen}, last committed {committed}"
+            assert not (fault and gen == trial), f"trial {trial}: killed at {fault}, yet generation {gen} was committed"
             outcomes["commit won" if gen == trial else "kill won"] += 1
             committed = gen
     print(f"crash safety over {TRIALS} kills (window {window:.2f}s): {outcomes}")
-    assert outcomes["kill won"] >= 1, "no kill landed before a commit: the delays did not cover the snapshot"
+    assert outcomes["kill won"] >= len([t for t in range(1, TRIALS + 1) if t % 4 in FAULT_TRIALS])
 
     # What the kills left half-written goes with the next collection; the last commit stays whole.
     report = collect_garbage(store, keep=1, grace_seconds=0)

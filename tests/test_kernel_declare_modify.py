@@ -8,11 +8,10 @@ Kernel B, a new process, restores the latest snapshot and must see every change.
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 import pytest
-from spot_kernel import SpotKernel
+from harness import Kernel, snapshot_line
 
 DECLARE = [
     "import numpy as np\nimport pandas as pd\nfrom dataclasses import dataclass, field\n"
@@ -56,13 +55,6 @@ SUMMARY = (
 )
 
 
-def wait_until_nothing_pending(kernel: SpotKernel, timeout: float = 60) -> None:
-    end = time.monotonic() + timeout
-    while "\npending: 0\n" not in kernel.run("%spot status"):
-        assert time.monotonic() < end, "writes still pending"
-        time.sleep(0.1)
-
-
 @pytest.fixture
 def session(spot_env: Path, monkeypatch: pytest.MonkeyPatch) -> str:
     monkeypatch.setenv("JUPYTER_SPOT_SESSION", "declare-modify.ipynb")
@@ -70,16 +62,16 @@ def session(spot_env: Path, monkeypatch: pytest.MonkeyPatch) -> str:
 
 
 def test_in_place_changes_survive_incremental_snapshots(session: str) -> None:
-    with SpotKernel() as kernel:
+    with Kernel(load=True) as kernel:
         for cell in DECLARE + MODIFY:
             kernel.run(cell)
-        wait_until_nothing_pending(kernel)
+        kernel.wait_until_durable()
         kernel.run("%spot off")  # the summary cell must not be what B restores
         expected = kernel.value(SUMMARY)
         listing = kernel.run("%spot list")
     assert "explicit" not in listing  # only automatic, incremental snapshots were taken
     assert expected[0] == 8.0 and expected[2] == -5.0 and expected[3] == 42.0  # the changes happened in A
-    with SpotKernel() as fresh:
+    with Kernel(load=True) as fresh:
         report = fresh.run("%spot restore")
         assert f"state after cell {1 + len(DECLARE) + len(MODIFY)}" in report
         assert fresh.value(SUMMARY) == expected
@@ -91,12 +83,13 @@ def test_in_place_changes_survive_incremental_snapshots(session: str) -> None:
 
 def test_untouched_groups_are_not_rewritten(session: str) -> None:
     """A cell that changes one small value rewrites only that value's bytes."""
-    with SpotKernel() as kernel:
+    with Kernel(load=True) as kernel:
         kernel.run("import numpy as np\nbig = np.random.default_rng(0).random(2_000_000)\nsmall = 1")
-        wait_until_nothing_pending(kernel)
+        kernel.wait_until_durable()
         kernel.run("%spot off")
         kernel.run("small = 2")
         line = kernel.run("%spot snapshot")
+        snapshot_line(line)
         assert ": 1 stored, 1 unchanged, 0 skipped;" in line
         written = line.split("skipped; ")[1].split(" written")[0]
         assert written.endswith(" B"), line  # bytes, not the 16 MB array
@@ -106,12 +99,12 @@ def test_untouched_groups_are_not_rewritten(session: str) -> None:
 
 
 def test_changes_made_while_snapshots_were_off_reach_the_next_one(session: str) -> None:
-    with SpotKernel() as kernel:
+    with Kernel(load=True) as kernel:
         kernel.run("items = [1]\nother = 0")
         kernel.run("%spot off")
         kernel.run("items.append(2)")
         kernel.run("%spot on")
         kernel.run("other = 1  # does not mention items")
-    with SpotKernel() as fresh:
+    with Kernel(load=True) as fresh:
         fresh.run("%spot restore")
         assert fresh.value("(items, other)") == ([1, 2], 1)

@@ -8,7 +8,7 @@ import time
 from pathlib import Path
 
 import pytest
-from spot_kernel import SpotKernel
+from harness import FaultPause, Kernel, snapshot_line
 
 from jupyter_spot.kernel.results import SnapshotResult
 from jupyter_spot.kernel.writer import Job, Writer
@@ -26,16 +26,15 @@ def store(spot_env: Path, monkeypatch: pytest.MonkeyPatch) -> FileStore:
 def test_unpicklable_objects_are_skipped_and_reported_with_their_cell(store: FileStore, tmp_path: Path) -> None:
     data = tmp_path / "data.txt"
     data.write_text("line 1\nline 2\n")
-    with SpotKernel() as kernel:
+    with Kernel(load=True) as kernel:
         kernel.run("import sqlite3, threading\nrows = [1, 2, 3]")
         kernel.run("gen = (r * 2 for r in rows)")
         kernel.run(f"handle = open({str(data)!r})\nfirst = handle.readline()")
         kernel.run("conn = sqlite3.connect(':memory:')\nholder = {'conn': conn, 'rows': rows}")
         kernel.run("lock = threading.Lock()")
-        line = kernel.run("%spot snapshot")
-        assert "4 skipped" in line, line
+        assert snapshot_line(kernel.run("%spot snapshot"))["skipped"] == "4"
         assert kernel.value("first") == "line 1\n"  # the file was not touched by the snapshot
-    with SpotKernel() as fresh:
+    with Kernel(load=True) as fresh:
         report = fresh.run("%spot restore")
         assert "not restored: gen (generator) — builtins.generator: generator or coroutine" in report
         assert "created in cell 3: gen = (r * 2 for r in rows)" in report
@@ -54,7 +53,7 @@ def test_unwritable_store_warns_once_and_the_kernel_keeps_working(
     not_a_dir.write_text("this is a file, so nothing can be created under it, not even by root")
     monkeypatch.setenv("JUPYTER_SPOT_STORE", str(not_a_dir / "store"))
     monkeypatch.setenv("JUPYTER_SPOT_SESSION", SESSION)
-    with SpotKernel(load=False) as kernel:
+    with Kernel() as kernel:
         outputs = [kernel.run("%load_ext jupyter_spot")]
         outputs += [kernel.run(f"x = {i}\nprint('ran', x)") for i in range(3)]
         warnings = sum(output.count("jupyter-spot:") for output in outputs)
@@ -67,17 +66,17 @@ def test_unwritable_store_warns_once_and_the_kernel_keeps_working(
         assert kernel.value("x") == 2
 
 
-def _snapshot_two_states(kernel: SpotKernel) -> tuple[str, str]:
+def _snapshot_two_states(kernel: Kernel) -> tuple[str, str]:
     kernel.run("%spot off")
     kernel.run("import numpy as np\nx = 1")
-    first = kernel.run("%spot snapshot").split()[1].rstrip(":")
+    first = snapshot_line(kernel.run("%spot snapshot"))["id"]
     kernel.run("x = 2\nbig = np.arange(300_000)")
-    second = kernel.run("%spot snapshot").split()[1].rstrip(":")
+    second = snapshot_line(kernel.run("%spot snapshot"))["id"]
     return first, second
 
 
 def test_corrupt_blob_falls_back_to_the_previous_snapshot(store: FileStore) -> None:
-    with SpotKernel() as kernel:
+    with Kernel(load=True) as kernel:
         first, second = _snapshot_two_states(kernel)
     only_second = set(store.load_manifest(SESSION, second)["blobs"]) - set(store.load_manifest(SESSION, first)["blobs"])
     victim = max(only_second, key=lambda digest: store._blob_path(digest).stat().st_size)
@@ -85,7 +84,7 @@ def test_corrupt_blob_falls_back_to_the_previous_snapshot(store: FileStore) -> N
     damaged = bytearray(path.read_bytes())
     damaged[len(damaged) // 2] ^= 0xFF
     path.write_bytes(bytes(damaged))
-    with SpotKernel() as fresh:
+    with Kernel(load=True) as fresh:
         report = fresh.run("%spot restore")
         assert f"fallback: snapshot {second} cannot be used: blob {victim[:12]}" in report
         assert "is corrupt" in report
@@ -94,11 +93,11 @@ def test_corrupt_blob_falls_back_to_the_previous_snapshot(store: FileStore) -> N
 
 
 def test_truncated_manifest_falls_back_to_the_previous_snapshot(store: FileStore) -> None:
-    with SpotKernel() as kernel:
+    with Kernel(load=True) as kernel:
         first, second = _snapshot_two_states(kernel)
     manifest = store._manifest_path(SESSION, second)
     manifest.write_bytes(manifest.read_bytes()[: manifest.stat().st_size // 2])
-    with SpotKernel() as fresh:
+    with Kernel(load=True) as fresh:
         report = fresh.run(f"%spot restore {second}")
         assert f"snapshot {second} cannot be used: snapshot {second} of session '{SESSION}': manifest is truncated" in report
         assert f"fell back to snapshot {first}" in report
@@ -106,28 +105,33 @@ def test_truncated_manifest_falls_back_to_the_previous_snapshot(store: FileStore
 
 
 def test_manifest_signed_with_another_key_is_refused(store: FileStore, monkeypatch: pytest.MonkeyPatch) -> None:
-    with SpotKernel() as kernel:
+    with Kernel(load=True) as kernel:
         kernel.run("secret_plan = 'pickles execute code'")
     monkeypatch.setenv("JUPYTER_SPOT_SIGNING_KEY", "somebody-elses-key")
-    with SpotKernel() as other:
+    with Kernel(load=True) as other:
         report = other.run("%spot restore")
         assert "manifest is not signed by this machine's key ($JUPYTER_SPOT_SIGNING_KEY); refusing to unpickle it" in report
         assert "restore failed: no usable snapshot" in report
         assert other.value("'secret_plan' in globals()") is False
 
 
-def test_kill_with_writes_pending_restores_an_earlier_consistent_snapshot(store: FileStore) -> None:
+@pytest.mark.faults
+def test_kill_with_writes_pending_restores_an_earlier_consistent_snapshot(store: FileStore, tmp_path: Path) -> None:
+    pause = FaultPause(tmp_path / "faults", "blob-write")
     # Everything goes through the background writer, as big data does by default.
-    with SpotKernel(extra_arguments=["--SpotSettings.background_threshold=0"]) as kernel:
-        kernel.run("import numpy as np\nmarker = 'before'")
-        deadline = time.monotonic() + 30
-        while "\npending: 0\n" not in kernel.run("%spot status"):
-            assert time.monotonic() < deadline
-        kernel.run("marker = 'after'\nbig = np.random.default_rng(1).random(40_000_000)")
+    with Kernel(load=True, extra_arguments=["--SpotSettings.background_threshold=0"]) as kernel:
+        kernel.run("import os\nimport numpy as np\nmarker = 'before'")
+        kernel.wait_until_durable()
+        # From this cell on, the writer stops at its first blob until the test lets it go: never.
+        kernel.run(
+            "marker = 'after'\nbig = np.random.default_rng(1).random(40_000_000)\n"
+            f"os.environ['JUPYTER_SPOT_FAULTS'] = {pause.env['JUPYTER_SPOT_FAULTS']!r}"
+        )
+        assert pause.reached("blob-write") == kernel.pid
         status = kernel.run("%spot status")
-        assert "pending: 0\n" not in status and "MB)" in status, status  # 320 MB still being written
+        assert kernel.pending_writes() > 0 and "MB)" in status, status  # 320 MB still being written
         kernel.kill()
-    with SpotKernel() as fresh:
+    with Kernel(load=True) as fresh:
         report = fresh.run("%spot restore")
         assert "state after cell 2" in report
         assert fresh.value("(marker, 'big' in globals())") == ("before", False)

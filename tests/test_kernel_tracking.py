@@ -82,6 +82,8 @@ def test_unrelated_frames_do_not_share_a_group() -> None:
     column = df["x"]
     reached = {name: serialize.dump({name: v}, {}).reached for name, v in {"df": df, "o": other, "c": column}.items()}
     assert not reached["df"].keys() & reached["o"].keys()  # same index labels and dtypes are not sharing
+    assert reached["df"].keys() & reached["c"].keys()  # a column shares its frame's memory: one group
+    assert not reached["o"].keys() & reached["c"].keys()  # …but not the copy's
 
 
 def test_refused_objects_say_why() -> None:

@@ -8,31 +8,18 @@ state land in tests/screenshots/ (docs/screenshots/ holds a committed set).
 
 from __future__ import annotations
 
-import json
-import os
+import itertools
 import re
-import signal
 import socket
 import time
-import urllib.error
-import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 from urllib.parse import quote
 
 import pytest
-from jupyter_client import BlockingKernelClient
-from lab_harness import (
-    CHROMIUM,
-    CHROMIUM_ARGS,
-    SCREENSHOTS,
-    Lab,
-    notebook_outputs,
-    write_notebook,
-)
-from playwright.sync_api import Browser, Locator, Page, expect, sync_playwright
-from test_server_e2e import Server
+from harness import JupyterServer, notebook_outputs, until, write_notebook
+from harness.browser import shot
+from playwright.sync_api import Locator, Page, expect
 
 from jupyter_spot.notice.simulator import Simulator
 
@@ -44,50 +31,34 @@ CELLS = (
 SLOW = 60_000  # ms: Lab's first load and a kernel start on a busy 2-core machine
 expect.set_options(timeout=15_000)  # every other wait: generous for a loaded CI machine
 
+pytestmark = [pytest.mark.browser, pytest.mark.servers]
 
-@pytest.fixture
-def chromium() -> Iterator[Browser]:
-    """Per test, so it starts after (and stops before) pytest-jupyter's per-test asyncio loop."""
-    with sync_playwright() as playwright:
-        chromium = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
-        yield chromium
-        chromium.close()
+
+Lab = JupyterServer
 
 
 @pytest.fixture
-def page(chromium: Browser) -> Iterator[Page]:
-    context = chromium.new_context(viewport={"width": 1400, "height": 860})
-    page = context.new_page()
-    yield page
-    context.close()
+def imds(simulators: Callable[..., Simulator]) -> Simulator:
+    return simulators("aws")
 
 
 @pytest.fixture
-def imds() -> Iterator[Simulator]:
-    with Simulator("aws") as simulator:
-        yield simulator
-
-
-@pytest.fixture
-def lab_factory(spot_env: Path, tmp_path: Path, imds: Simulator) -> Iterator[Callable[..., Lab]]:
-    """Starts servers on one root dir and store; stops whatever is still running at the end."""
+def lab_factory(
+    spot_env: Path, tmp_path: Path, imds: Simulator, jupyter_servers: Callable[..., JupyterServer]
+) -> Callable[..., Lab]:
+    """Starts Lab servers (each its own home and log) on one root dir and store, with these plugin settings."""
     root = tmp_path / "root"
     write_notebook(root / NOTEBOOK, *CELLS)
-    started: list[Lab] = []
+    count = itertools.count(1)
 
     def start(**settings: object) -> Lab:
-        lab = Lab(tmp_path, root, spot_env, env=imds.env).start(spot_settings=settings)
-        started.append(lab)
-        return lab
+        lab = jupyter_servers(
+            f"lab-{next(count)}", root, lab=True, env=imds.env, poll=0.5,
+            options=["--SpotApp.gc_interval=0"], spot_settings=settings,
+        )
+        return lab.start()
 
-    yield start
-    for lab in started:
-        lab.stop()
-
-
-def shot(page: Page, name: str) -> None:
-    SCREENSHOTS.mkdir(exist_ok=True)
-    page.screenshot(path=str(SCREENSHOTS / f"{name}.png"))
+    return start
 
 
 def open_notebook(page: Page, lab: Lab) -> None:
@@ -223,65 +194,24 @@ def test_status_bar_age_changes_after_running_a_cell(page: Page, lab_factory: Ca
     assert len(lab.api(f"jupyter-spot/api/sessions/{quote(NOTEBOOK, safe='')}/snapshots")["snapshots"]) == 1
 
 
-def call(server: Server, path: str, method: str = "GET", body: Any = None) -> Any:
-    """The sync twin of ``Server.fetch`` (Playwright's sync API runs no asyncio loop)."""
-    request = urllib.request.Request(
-        server.url + path,
-        method=method,
-        headers={"Authorization": f"token {server.token}"},
-        data=None if body is None else json.dumps(body).encode(),
-    )
-    with urllib.request.urlopen(request, timeout=60) as response:
-        return json.loads(response.read() or b"null")
-
-
-def run_in_kernel(server: Server, kernel_id: str, code: str) -> str:
-    """Execute ``code`` in one of ``server``'s kernels through its connection file; return its stdout."""
-    client = BlockingKernelClient(connection_file=str(server.runtime / f"kernel-{kernel_id}.json"))
-    client.load_connection_file()
-    client.start_channels(hb=False)
-    try:
-        client.wait_for_ready(timeout=60)
-        chunks: list[str] = []
-
-        def hook(msg: dict[str, Any]) -> None:
-            if msg["msg_type"] == "stream":
-                chunks.append(msg["content"]["text"])
-
-        reply = client.execute_interactive(code, timeout=90, output_hook=hook)
-        assert reply["content"]["status"] == "ok", reply["content"]
-        return "".join(chunks)
-    finally:
-        client.stop_channels()
-
-
 def test_notebook_running_on_another_server_is_noted_not_offered(
-    page: Page, lab_factory: Callable[..., Lab], tmp_path: Path
+    page: Page, lab_factory: Callable[..., Lab], jupyter_servers: Callable[..., JupyterServer]
 ) -> None:
     """Server A (plain `jupyter server`) runs the notebook; Lab on server B, same store, opens it."""
     lab = lab_factory()
-    (tmp_path / "a").mkdir()
     # A beats every second: B's own kernel, started when Lab opens the notebook, writes the
     # session's record as B's until A's next beat (one record per session, last writer wins).
-    a = Server(lab.root, tmp_path / "a", dict(os.environ), sources="signal", extra=("--SpotApp.heartbeat_interval=1",))
+    a = jupyter_servers("a", lab.root, sources=["signal"], options=["--SpotApp.heartbeat_interval=1"]).start()
     try:
-        deadline = time.monotonic() + 60
-        while True:
-            assert a.proc.poll() is None, Path(a.log.name).read_text()
-            try:
-                call(a, "jupyter-spot/api/status")
-                break
-            except (urllib.error.URLError, ConnectionError):
-                assert time.monotonic() < deadline, Path(a.log.name).read_text()
-                time.sleep(0.25)
-        session = call(a, "api/sessions", "POST", {"path": NOTEBOOK, "type": "notebook", "kernel": {"name": "python3"}})
+        session = a.api("api/sessions", "POST", {"path": NOTEBOOK, "type": "notebook", "kernel": {"name": "python3"}})
         kernel_id = session["kernel"]["id"]
-        assert "hello-from-cell 42" in run_in_kernel(a, kernel_id, CELLS[0])
+        assert "hello-from-cell 42" in a.run_in_kernel(kernel_id, CELLS[0])
 
-        deadline = time.monotonic() + 30
-        while not (listed := lab.api(f"jupyter-spot/api/sessions?path={quote(NOTEBOOK, safe='')}")["sessions"]):
-            assert time.monotonic() < deadline, "A took no snapshot after its cell"
-            time.sleep(0.2)
+        listed = until(
+            lambda: lab.api(f"jupyter-spot/api/sessions?path={quote(NOTEBOOK, safe='')}")["sessions"],
+            60,
+            "A's snapshot after its cell, listed by B",
+        )
         assert listed[0]["live_elsewhere"]["kernel_id"] == kernel_id and not listed[0]["interrupted"]
 
         open_notebook(page, lab)
@@ -298,4 +228,43 @@ def test_notebook_running_on_another_server_is_noted_not_offered(
         expect(note).to_have_count(0)
         expect(page.locator(".jp-spot-restore")).to_have_count(0)
     finally:
-        a.stop(signal.SIGTERM)  # a clean stop: its kernel goes with it
+        a.stop()  # a clean stop: its kernel goes with it
+
+
+def test_rebalance_then_a_notice_without_deadline_read_right(
+    page: Page, lab_factory: Callable[..., Lab], imds: Simulator
+) -> None:
+    """A rebalance hint is not an interruption; an interruption without a time says "shortly"."""
+    lab = lab_factory()
+    open_notebook(page, lab)
+    run_cell(page, 0, "hello-from-cell 42")
+    imds.rebalance()
+    banner = page.locator("#jp-spot-notice")
+    message = banner.locator(".jp-spot-notice-message")
+    expect(message).to_contain_text("The cloud asks to move off this machine soon (rebalance hint)", timeout=30_000)
+    shot(page, "notice-rebalance")
+    imds.fire("terminate")
+    imds.notice = {"action": "terminate", "time": "not-a-time"}  # IMDS gives no usable time
+    expect(message).to_contain_text(re.compile(r"This machine will be \w+ shortly — "), timeout=30_000)
+
+
+def test_unwritable_store_shows_read_only_and_the_failed_flush(
+    page: Page, imds: Simulator, jupyter_servers: Callable[..., JupyterServer], tmp_path: Path, spot_env: Path
+) -> None:
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a directory")
+    root = tmp_path / "root"
+    write_notebook(root / NOTEBOOK, *CELLS)
+    lab = jupyter_servers(
+        "lab", root, lab=True, store=blocker / "store", env=imds.env, poll=0.5, options=["--SpotApp.gc_interval=0"]
+    ).start()
+    open_notebook(page, lab)
+    expect(page.locator(".jp-spot-status")).to_contain_text("(read-only!)", timeout=30_000)
+    run_cell(page, 0, "hello-from-cell 42")
+    imds.fire(lead_time=10)  # the server waits until 2 s before the end for a snapshot that cannot come
+    banner = page.locator("#jp-spot-notice")
+    flush = banner.locator(".jp-spot-notice-kernel")
+    expect(flush).to_have_attribute("data-status", "failed", timeout=60_000)
+    expect(flush).to_contain_text(f"{NOTEBOOK}: kernel state NOT saved — ")
+    expect(banner.locator(".jp-spot-notice-message")).to_contain_text("some kernel state could NOT be saved")
+    shot(page, "notice-failed-flush")

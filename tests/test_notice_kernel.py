@@ -7,16 +7,17 @@ itself; the notice reaches its main thread as SIGUSR1 while a long loop runs.
 from __future__ import annotations
 
 import os
-import queue
 import signal
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-from jupyter_client.manager import KernelManager
+from harness import FaultPause, Kernel, until
 
+from jupyter_spot.notice import Notice, deliver_notice_to_kernel
+from jupyter_spot.notice.model import deadline_in
 from jupyter_spot.notice.simulator import Simulator
 from jupyter_spot.store import open_store
 
@@ -27,68 +28,10 @@ LOOP_CELL = """\
 import time
 for i in range(600):  # a 60-second cell
     progress = i + 1
+    if progress == 10:
+        print("ten steps done", flush=True)
     time.sleep(0.1)
 """
-
-
-class Kernel:
-    """A real ipykernel with jupyter-spot loaded, driven over its ZMQ channels."""
-
-    def __init__(self, extra: list[str]) -> None:
-        self.km = KernelManager(kernel_name="python3")
-        self.km.start_kernel(extra_arguments=extra)
-        self.kc = self.km.client()
-        self.kc.start_channels()
-        self.kc.wait_for_ready(timeout=60)
-
-    def run(self, code: str, timeout: float = 60) -> tuple[dict[str, Any], str]:
-        """Execute ``code``; return the reply content and everything it printed."""
-        msg_id = self.kc.execute(code)
-        return self.reply(msg_id, timeout)["content"], self.output(msg_id)
-
-    def reply(self, msg_id: str, timeout: float) -> dict[str, Any]:
-        """The shell reply to ``msg_id``, skipping stale ones (wait_for_ready may leave kernel_info replies)."""
-        end = time.monotonic() + timeout
-        while True:
-            reply = self.kc.get_shell_msg(timeout=max(0.1, end - time.monotonic()))
-            if reply["parent_header"].get("msg_id") == msg_id:
-                return reply
-
-    def output(self, msg_id: str, until_idle: bool = True, timeout: float = 10) -> str:
-        """What ``msg_id`` printed until it finished (or, for a cell still running, within ``timeout``)."""
-        text = []
-        end = time.monotonic() + timeout
-        while time.monotonic() < end:
-            try:
-                msg = self.kc.get_iopub_msg(timeout=0.2)
-            except queue.Empty:
-                continue
-            if msg["parent_header"].get("msg_id") != msg_id:
-                continue
-            if msg["msg_type"] == "stream":
-                text.append(msg["content"]["text"])
-            elif msg["msg_type"] == "error":
-                text.append("\n".join(msg["content"]["traceback"]))
-            elif msg["msg_type"] == "status" and msg["content"]["execution_state"] == "idle" and until_idle:
-                break
-        return "".join(text)
-
-    def value(self, expression: str) -> str:
-        """``repr`` of ``expression`` in the kernel's namespace."""
-        msg_id = self.kc.execute("", user_expressions={"v": expression})
-        result = self.reply(msg_id, 30)["content"]["user_expressions"]["v"]
-        assert result["status"] == "ok", result
-        return result["data"]["text/plain"]
-
-    def kill(self) -> None:
-        os.kill(self.km.provisioner.pid, signal.SIGKILL)  # type: ignore[union-attr]
-        self.kc.stop_channels()
-        self.km.cleanup_resources()
-
-    def shutdown(self) -> None:
-        self.kc.stop_channels()
-        if self.km.has_kernel:
-            self.km.shutdown_kernel(now=True)
 
 
 @pytest.fixture
@@ -107,79 +50,64 @@ def manifests(store_dir: Path) -> list[dict[str, Any]]:
     return [store.load_manifest(SESSION, sid) for sid in store.list_snapshots(SESSION)]
 
 
-def wait_for(predicate, timeout: float) -> Any:
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.05)
-    return predicate()
+def test_notice_mid_cell_flush_survives_sigkill_and_restores(
+    aws: Simulator, spot_env: Path, kernels: Callable[..., Kernel]
+) -> None:
+    kernel = kernels(extra_arguments=[f"--SpotSettings.notice_poll_interval={POLL}"])
+    kernel.run("%load_ext jupyter_spot")
+    kernel.run("progress = 0")
+    until(
+        lambda: any(m.get("during_cell") is None and m["kind"] == "auto" for m in manifests(spot_env)),
+        60,
+        "the auto snapshot after `progress = 0`",
+    )
+    before = len(manifests(spot_env))
 
-
-def test_notice_mid_cell_flush_survives_sigkill_and_restores(aws: Simulator, spot_env: Path) -> None:
-    kernel = Kernel([f"--SpotSettings.notice_poll_interval={POLL}"])
-    try:
-        kernel.run("%load_ext jupyter_spot")
-        kernel.run("progress = 0")
-        assert wait_for(
-            lambda: any(m.get("during_cell") is None and m["kind"] == "auto" for m in manifests(spot_env)), 20
-        )
-        before = len(manifests(spot_env))
-
-        cell_id = kernel.kc.execute(LOOP_CELL)
-        wait_for(lambda: aws.requests and len(aws.requests) > 3, 10)  # the kernel is polling IMDS
-        time.sleep(1.0)  # the loop is well under way
-        fired = time.monotonic()
-        aws.fire("terminate")
-        mid = wait_for(lambda: [m for m in manifests(spot_env)[before:] if m.get("during_cell") is not None], 5)
-        flushed_after = time.monotonic() - fired
-        assert mid, "no mid-cell snapshot within 5 s of the notice"
-        printed = kernel.output(cell_id, until_idle=False, timeout=2)
-        kernel.kill()  # the machine goes away mid-cell
-    except BaseException:
-        kernel.shutdown()
-        raise
-    assert flushed_after < 5
+    cell_id = kernel.start(LOOP_CELL)
+    until(lambda: len(aws.requests) > 3, 60, "the kernel to poll IMDS")
+    printed = kernel.output_of(cell_id, until_idle=False, until_printed="ten steps done", timeout=60)
+    aws.fire("terminate")
+    mid = until(
+        lambda: [m for m in manifests(spot_env)[before:] if m.get("during_cell") is not None],
+        60,
+        "a mid-cell snapshot after the notice",
+    )
+    printed += kernel.output_of(cell_id, until_idle=False, until_printed="s left", timeout=60)
+    kernel.kill()  # the machine goes away mid-cell
     assert mid[0]["during_cell"] == mid[0]["execution_count"]
     assert "jupyter-spot" in printed and "s left" in printed, printed
 
     aws.stop()  # a fresh machine: no notice standing
     # Only restore in the new kernel: its own snapshots would become the newest.
-    fresh = Kernel(["--SpotSettings.auto_snapshot=False", "--SpotSettings.watch_notices=False"])
-    try:
-        fresh.run("%load_ext jupyter_spot")
-        _, report = fresh.run("%spot restore latest")
-        progress = int(fresh.value("progress"))
-        _, clean_report = fresh.run("%spot restore --clean")
-        clean_progress = int(fresh.value("progress"))
-    finally:
-        fresh.shutdown()
+    fresh = kernels(extra_arguments=["--SpotSettings.auto_snapshot=False", "--SpotSettings.watch_notices=False"])
+    fresh.run("%load_ext jupyter_spot")
+    report = fresh.run("%spot restore latest")
+    progress = fresh.value("progress")
+    clean_report = fresh.run("%spot restore --clean")
+    clean_progress = fresh.value("progress")
     assert "mid-cell" in report and "--clean" in report, report
-    assert 5 <= progress < 600, f"restored progress {progress}: the loop ran ~{1 + flushed_after:.1f} s at 10 steps/s"
+    assert 10 <= progress < 600, f"restored progress {progress}: the notice came after step 10, mid-loop"
     assert clean_progress == 0, clean_report
     assert "mid-cell" not in clean_report
 
 
-def test_rebalance_gives_one_snapshot_and_a_warning(aws: Simulator, spot_env: Path) -> None:
-    kernel = Kernel([f"--SpotSettings.notice_poll_interval={POLL}"])
-    try:
-        kernel.run("%load_ext jupyter_spot")
-        kernel.run("data = list(range(10))")
-        assert wait_for(lambda: len(manifests(spot_env)) == 1, 20)
-        cell_id = kernel.kc.execute("import time\nfor i in range(30):\n    time.sleep(0.1)\n")
-        aws.rebalance()
-        printed = kernel.output(cell_id, until_idle=True, timeout=20)
-        polls = len(aws.requests)
-        time.sleep(10 * POLL)  # many more polls see the same recommendation
-        assert len(aws.requests) > polls + 5
-        after = manifests(spot_env)
-        kernel.run("import signal")
-        handler = kernel.value("signal.getsignal(signal.SIGUSR1).__qualname__")
-        kernel.run("%unload_ext jupyter_spot")
-        unloaded = kernel.value("signal.getsignal(signal.SIGUSR1)")
-    finally:
-        kernel.shutdown()
+def test_rebalance_gives_one_snapshot_and_a_warning(
+    aws: Simulator, spot_env: Path, kernels: Callable[..., Kernel]
+) -> None:
+    kernel = kernels(extra_arguments=[f"--SpotSettings.notice_poll_interval={POLL}"])
+    kernel.run("%load_ext jupyter_spot")
+    kernel.run("data = list(range(10))")
+    until(lambda: len(manifests(spot_env)) == 1, 60, "the auto snapshot after `data = …`")
+    cell_id = kernel.start("import time\nfor i in range(30):\n    time.sleep(0.1)\n")
+    aws.rebalance()
+    printed = kernel.output_of(cell_id, timeout=60)
+    polls = len(aws.requests)
+    until(lambda: len(aws.requests) > polls + 5, 60, "many more polls that see the same recommendation")
+    after = manifests(spot_env)
+    kernel.run("import signal")
+    handler = kernel.repr_of("signal.getsignal(signal.SIGUSR1).__qualname__")
+    kernel.run("%unload_ext jupyter_spot")
+    unloaded = kernel.repr_of("signal.getsignal(signal.SIGUSR1)")
     assert printed.count("rebalance recommendation") >= 1 and printed.count("Taking a snapshot now") == 1, printed
     # the first auto snapshot, one for the rebalance, one auto after the loop cell: no flush loop
     rebalance = [m for m in after if "rebalance" in str(m.get("reason", ""))]
@@ -187,3 +115,85 @@ def test_rebalance_gives_one_snapshot_and_a_warning(aws: Simulator, spot_env: Pa
     assert len(after) == 3
     assert handler == "'KernelNoticeHandler._on_signal'"
     assert unloaded == "<Handlers.SIG_DFL: 0>"  # %unload_ext gives the signal back
+
+
+def test_azure_is_acknowledged_only_after_a_real_kernels_flush(
+    spot_env: Path, tmp_path: Path, kernels: Callable[..., Kernel], simulators: Callable[..., Simulator]
+) -> None:
+    """The kernel watches Azure itself; its flush is held at the `notice-flush` fault point, and
+    Azure must not hear "done" (which lets it stop the VM at once) until the flush is let go."""
+    azure = simulators("azure")
+    pause = FaultPause(tmp_path / "faults", "notice-flush")
+    kernel = kernels(
+        session=SESSION,
+        extra_arguments=[f"--SpotSettings.notice_poll_interval={POLL}"],
+        env={**azure.env, **pause.env, "JUPYTER_SPOT_CLOUD": "azure"},
+    )
+    kernel.run("%load_ext jupyter_spot")
+    kernel.run("progress = 0")
+    cell_id = kernel.start(LOOP_CELL)
+    until(lambda: len(azure.requests) >= 3, 60, "the kernel to poll Azure's scheduled events")
+    kernel.output_of(cell_id, until_idle=False, until_printed="ten steps done", timeout=60)
+    event = azure.fire()
+    assert pause.reached("notice-flush") == kernel.pid
+    assert azure.acks == []  # the flush has not run: Azure must not be told to go ahead
+    pause.release("notice-flush")
+    until(lambda: azure.acks, 60, "Azure to be told the event is handled")
+    assert azure.acks == [event["EventId"]]
+    mid = [m for m in manifests(spot_env) if m.get("during_cell") is not None]
+    assert len(mid) == 1 and "azure interruption: preempt" in str(mid[0].get("reason")), mid
+
+
+def test_hibernate_flush_of_a_real_kernel_gives_up_after_its_short_budget(
+    spot_env: Path, tmp_path: Path, kernels: Callable[..., Kernel]
+) -> None:
+    """Hibernation keeps RAM: a flush whose writes cannot finish (held at `blob-write`) gives up
+    after the 5 s budget, not after the notice's 120 s."""
+    notice_file = tmp_path / "notice.json"
+    pause = FaultPause(tmp_path / "faults", "blob-write")
+    kernel = kernels(
+        session=SESSION,
+        extra_arguments=["--SpotSettings.background_threshold=0"],
+        env={"JUPYTER_SPOT_SERVER_WATCHES": "1", "JUPYTER_SPOT_NOTICE_FILE": str(notice_file)},
+    )
+    kernel.run("%load_ext jupyter_spot\n%spot off")
+    kernel.run(f"import os\nimport numpy as np\nos.environ['JUPYTER_SPOT_FAULTS'] = {pause.env['JUPYTER_SPOT_FAULTS']!r}")
+    cell_id = kernel.start(
+        "import time\nweights = np.ones(2_000_000)\nprint('looping', flush=True)\nfor i in range(900):\n    time.sleep(0.1)"
+    )
+    assert Path(str(notice_file) + ".ready").exists()  # the handler is in place
+    kernel.output_of(cell_id, until_idle=False, until_printed="looping", timeout=60)  # mid-cell from here
+    notice = Notice("interruption", "hibernate", deadline_in(120), "aws", event_id="h1")
+    sent = time.monotonic()
+    deliver_notice_to_kernel(kernel.pid, notice, notice_file)
+    printed = kernel.output_of(cell_id, until_idle=False, until_printed="deadline passed", timeout=90)
+    waited = time.monotonic() - sent
+    assert pause.reached("blob-write") == kernel.pid
+    assert "hibernate, 120 s left. Saving this session now" in printed, printed
+    assert "snapshot failed: the deadline passed before the snapshot was durable" in printed, printed
+    assert waited < 60, f"the hibernate flush waited {waited:.0f} s: not the 5 s budget"  # 120 s for a terminate
+
+
+def test_the_same_notice_twice_flushes_a_real_kernel_once(
+    spot_env: Path, tmp_path: Path, kernels: Callable[..., Kernel]
+) -> None:
+    """The server may hand the same notice over twice (a retry, two sources): one flush."""
+    notice_file, probe = tmp_path / "notice.json", tmp_path / "probe"
+    kernel = kernels(
+        session=SESSION, env={"JUPYTER_SPOT_SERVER_WATCHES": "1", "JUPYTER_SPOT_NOTICE_FILE": str(notice_file)}
+    )
+    kernel.run("%load_ext jupyter_spot")
+    # CPython runs pending handlers in signal-number order: once SIGUSR2 wrote the probe,
+    # every SIGUSR1 (the hand-off) sent before it has been handled.
+    kernel.run(f"import signal, pathlib\nsignal.signal(signal.SIGUSR2, lambda *_: pathlib.Path({str(probe)!r}).touch())")
+    cell_id = kernel.start(LOOP_CELL)
+    kernel.output_of(cell_id, until_idle=False, until_printed="ten steps done", timeout=60)
+    notice = Notice("interruption", "terminate", deadline_in(120), "aws", event_id="twice")
+    deliver_notice_to_kernel(kernel.pid, notice, notice_file)
+    printed = kernel.output_of(cell_id, until_idle=False, until_printed="written", timeout=60)
+    deliver_notice_to_kernel(kernel.pid, notice, notice_file)
+    os.kill(kernel.pid, signal.SIGUSR2)
+    until(probe.exists, 60, "the kernel to handle the second hand-off")
+    printed += kernel.output_of(cell_id, until_idle=False, timeout=1)
+    assert printed.count("Saving this session now") == 1, printed
+    assert len([m for m in manifests(spot_env) if m.get("during_cell") is not None]) == 1

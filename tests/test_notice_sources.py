@@ -1,9 +1,12 @@
-"""Each cloud's notice source against the simulator on 127.0.0.1, including IMDS's traps."""
+"""Each cloud's notice source against the simulator on 127.0.0.1, including IMDS's traps.
+
+These tests check what is seen, in which order, and how often — with generous time
+bounds only. How fast a notice is seen is measured in benchmarks/notice_latency.py.
+"""
 
 from __future__ import annotations
 
 import logging
-import socket
 import subprocess
 import sys
 import threading
@@ -11,6 +14,7 @@ import time
 from datetime import timedelta
 
 import pytest
+from harness import free_port, until
 
 from jupyter_spot.notice import AWSSource, AzureSource, GCPSource, Notice, NoticeWatcher
 from jupyter_spot.notice.fetch import request
@@ -32,39 +36,45 @@ class Recorder:
         self.event.set()
 
 
-def wait_for(predicate, timeout: float = 5.0) -> bool:
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if predicate():
-            return True
-        time.sleep(0.01)
-    return predicate()
+#: Generous bound for anything "at once" or "within a poll" on a loaded 2-core machine.
+SOON = 30.0
 
 
-def closed_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def polled(sim: Simulator, more: int, path: str = "") -> None:
+    """Until the simulator has served ``more`` further requests (for ``path``): the watcher's thread
+    polls again only after its callbacks for the last answer returned, so whatever that answer
+    would have caused has happened by then."""
+    def count() -> int:
+        return sum(path in requested for _, requested in list(sim.requests))
+
+    start = count()
+    until(lambda: count() >= start + more, SOON, f"{more} more request(s) to the simulator for {path or 'anything'}")
+
+
+def hanging_in_wait_for_change(sim: Simulator, keys: int = 1) -> None:
+    """Until the GCP source's hanging GETs (``wait_for_change``) are out for ``keys`` keys."""
+    until(
+        lambda: len({path.split("?")[0] for _, path in list(sim.requests) if "wait_for_change=true" in path}) >= keys,
+        SOON,
+        "the GCP source to hang in wait_for_change",
+    )
 
 
 # -- AWS ------------------------------------------------------------------------------
 
 
-def test_aws_notice_seen_within_one_poll_interval() -> None:
+def test_aws_notice_seen_by_the_polling_watcher() -> None:
     interval = 0.3
     with Simulator("aws", imdsv2_only=True) as sim:
         rec = Recorder()
         with NoticeWatcher([AWSSource(sim.url, interval=interval)], [rec]):
-            time.sleep(interval)  # a few empty polls first
+            polled(sim, 3, "instance-action")  # a few empty polls first
             assert rec.notices == []
-            fired = time.monotonic()
             sim.fire("stop")
-            assert rec.event.wait(5)
-        latency = rec.times[0] - fired
+            assert rec.event.wait(SOON)
     (notice,) = rec.notices
     assert (notice.kind, notice.action, notice.source) == ("interruption", "stop", "aws")
-    assert 100 < notice.seconds_left() <= 121
-    assert latency < interval + 0.5, f"notice took {latency:.2f} s with a {interval} s poll interval"
+    assert 90 < notice.seconds_left() <= 121
 
 
 def test_aws_html_404_is_no_notice() -> None:
@@ -111,18 +121,14 @@ def test_aws_hanging_token_put_falls_back_to_imdsv1_and_stays(caplog: pytest.Log
         started = time.monotonic()
         assert source.poll() is None
         first = time.monotonic() - started
-        later = []
         for _ in range(5):
-            started = time.monotonic()
             assert source.poll() is None
-            later.append(time.monotonic() - started)
         sim.fire()
         notice = source.poll()
         puts = sim.token_puts
     assert source.imdsv1_only
-    assert first >= timeout
-    assert max(later) < timeout / 2, f"later polls took {later} — still paying the token timeout"
-    assert puts == 1
+    assert first >= timeout  # the first poll waited for the token that never came…
+    assert puts == 1  # …and no later poll asked for one again (what that saves: benchmarks/notice_latency.py)
     assert notice is not None and notice.kind == "interruption"
     assert sum("hop limit" in r.getMessage() for r in caplog.records) == 1
 
@@ -132,12 +138,10 @@ def test_aws_imdsv2_required_behind_hop_limit_1_says_what_to_fix() -> None:
         source = AWSSource(sim.url, timeout=0.3)
         with pytest.raises(OSError, match="hop limit to 2"):
             source.poll()
-        started = time.monotonic()
         with pytest.raises(OSError, match="hop limit to 2"):
             source.poll()
-        again = time.monotonic() - started
         puts = sim.token_puts
-    assert again < 0.15 and puts == 1  # the watcher's retries do not pay the timeout either
+    assert puts == 1  # the watcher's retries do not ask (and wait) for a token again
 
 
 def test_aws_unparsable_notice_time_is_a_notice_without_deadline() -> None:
@@ -154,13 +158,12 @@ def test_aws_rebalance_is_reported_once_then_the_interruption() -> None:
         rec = Recorder()
         with NoticeWatcher([AWSSource(sim.url, interval=0.05)], [rec]):
             sim.rebalance()
-            assert wait_for(lambda: len(rec.notices) == 1)
-            polls = len(sim.requests)
-            assert wait_for(lambda: len(sim.requests) > polls + 20)  # many more polls see it again
+            until(lambda: len(rec.notices) == 1, SOON, "the rebalance recommendation")
+            polled(sim, 20, "rebalance")  # many more polls see it again
             assert len(rec.notices) == 1
             sim.fire()
-            assert wait_for(lambda: len(rec.notices) == 2)
-            time.sleep(0.3)
+            until(lambda: len(rec.notices) == 2, SOON, "the interruption notice")
+            polled(sim, 6, "instance-action")  # both still standing: a repeat would be in by now
     assert [n.kind for n in rec.notices] == ["rebalance", "interruption"]
     assert rec.notices[0].deadline is None
 
@@ -197,24 +200,21 @@ def test_aws_endpoint_settings_as_in_the_sdks(monkeypatch: pytest.MonkeyPatch) -
 def test_gcp_wait_for_change_sees_preemption_at_once() -> None:
     with Simulator("gcp") as sim:
         rec = Recorder()
-        with NoticeWatcher([GCPSource(f"127.0.0.1:{sim.port}", wait=10)], [rec]):
-            time.sleep(0.3)  # the watcher is now hanging in wait_for_change
-            fired = time.monotonic()
+        with NoticeWatcher([GCPSource(f"127.0.0.1:{sim.port}", wait=60)], [rec]):
+            hanging_in_wait_for_change(sim, keys=2)
             sim.fire()
-            assert rec.event.wait(5)
-        latency = rec.times[0] - fired
+            assert rec.event.wait(SOON)  # well before the 60 s wait is over: the hanging GET answered
     (notice,) = rec.notices
     assert (notice.kind, notice.action, notice.source) == ("interruption", "preempt", "gcp")
-    assert 25 < notice.seconds_left() <= 30
-    assert latency < 1.0
+    assert 0 < notice.seconds_left() <= 30
 
 
 def test_gcp_quiet_vm_answers_at_once_then_waits() -> None:
     with Simulator("gcp") as sim:
-        source = GCPSource(f"127.0.0.1:{sim.port}", wait=1)
+        source = GCPSource(f"127.0.0.1:{sim.port}", wait=8)
         started = time.monotonic()
         assert source.poll() is None  # last_etag=0: the current values, at once
-        assert time.monotonic() - started < 0.5
+        first = time.monotonic() - started
         durations = []
         for _ in range(2):  # then both keys hang until a change or the wait is over
             started = time.monotonic()
@@ -223,7 +223,8 @@ def test_gcp_quiet_vm_answers_at_once_then_waits() -> None:
         flavor = {"Metadata-Flavor": "Google"}
         maintenance = request(sim.url, "GET", "/computeMetadata/v1/instance/maintenance-event", headers=flavor)
         assert request(sim.url, "GET", "/computeMetadata/v1/instance/preempted").status == 403  # no flavor header
-    assert 0.9 < max(durations) < 3, durations
+    assert first < 7.5  # not a whole wait: answered at once
+    assert 7.9 < max(durations) < 60, durations  # then a wait for a change, not a busy poll
     assert (maintenance.status, maintenance.text()) == (200, "NONE")
 
 
@@ -231,31 +232,25 @@ def test_gcp_preemption_standing_at_start_is_seen_at_once() -> None:
     with Simulator("gcp") as sim:
         sim.fire()
         rec = Recorder()
-        started = time.monotonic()
-        with NoticeWatcher([GCPSource(f"127.0.0.1:{sim.port}", wait=10)], [rec]):
-            assert rec.event.wait(5)
-    assert rec.times[0] - started < 1.0
+        with NoticeWatcher([GCPSource(f"127.0.0.1:{sim.port}", wait=60)], [rec]):
+            assert rec.event.wait(SOON)  # not after a 60 s wait: the first answer carries it
     assert rec.notices[0].action == "preempt"
 
 
 def test_gcp_terminate_on_host_maintenance_seen_within_one_wait_then_preemption() -> None:
     with Simulator("gcp") as sim:
         rec = Recorder()
-        with NoticeWatcher([GCPSource(f"127.0.0.1:{sim.port}", wait=10)], [rec]):
-            time.sleep(0.3)  # both keys are hanging in wait_for_change now
-            fired = [time.monotonic()]
+        with NoticeWatcher([GCPSource(f"127.0.0.1:{sim.port}", wait=60)], [rec]):
+            hanging_in_wait_for_change(sim, keys=2)
             sim.fire("terminate-on-host-maintenance")
-            assert wait_for(lambda: len(rec.notices) == 1)
-            fired.append(time.monotonic())
+            until(lambda: len(rec.notices) == 1, SOON, "the host maintenance notice (before the 60 s wait ends)")
             sim.fire()  # the preemption watch runs on beside it
-            assert wait_for(lambda: len(rec.notices) == 2)
-    latencies = [seen - at for seen, at in zip(rec.times, fired, strict=True)]
+            until(lambda: len(rec.notices) == 2, SOON, "the preemption notice (before the 60 s wait ends)")
     maintenance, preemption = rec.notices
     assert (maintenance.kind, maintenance.action, maintenance.source) == ("maintenance", "stop", "gcp")
     assert maintenance.detail == "TERMINATE_ON_HOST_MAINTENANCE"
     assert 55 < maintenance.seconds_left() <= 60
     assert (preemption.kind, preemption.action) == ("interruption", "preempt")
-    assert max(latencies) < 1.0, latencies
 
 
 def test_gcp_live_migration_is_logged_once_and_no_notice(caplog: pytest.LogCaptureFixture) -> None:
@@ -263,13 +258,13 @@ def test_gcp_live_migration_is_logged_once_and_no_notice(caplog: pytest.LogCaptu
     with Simulator("gcp") as sim:
         rec = Recorder()
         with NoticeWatcher([GCPSource(f"127.0.0.1:{sim.port}", wait=1)], [rec]):
-            time.sleep(0.3)
+            hanging_in_wait_for_change(sim, keys=2)
             sim.fire("migrate-on-host-maintenance", lead_time=2.5)  # served through two waits that time out
-            assert wait_for(lambda: sim.state()["maintenance_event"] is None, timeout=5)
-            time.sleep(0.3)
+            until(lambda: sim.state()["maintenance_event"] is None, SOON, "the live migration to pass")
+            polled(sim, 2, "maintenance-event")  # the source has seen the event come and go
             assert rec.notices == []
             sim.fire("terminate-on-host-maintenance")  # the next event after the migration still counts
-            assert rec.event.wait(5)
+            assert rec.event.wait(SOON)
     migrations = [r for r in caplog.records if "live-migrate" in r.getMessage()]
     assert len(migrations) == 1 and migrations[0].levelno == logging.INFO
     assert [(n.kind, n.action) for n in rec.notices] == [("maintenance", "stop")]
@@ -295,13 +290,11 @@ def test_gcp_metadata_without_maintenance_event_still_delivers_preemption(
         flavor = {"Metadata-Flavor": "Google"}
         assert request(sim.url, "GET", "/computeMetadata/v1/instance/maintenance-event", headers=flavor).status == 404
         rec = Recorder()
-        with NoticeWatcher([GCPSource(f"127.0.0.1:{sim.port}", wait=10)], [rec]):
-            time.sleep(0.3)
-            fired = time.monotonic()
+        with NoticeWatcher([GCPSource(f"127.0.0.1:{sim.port}", wait=60)], [rec]):
+            hanging_in_wait_for_change(sim, keys=1)
             sim.fire()
-            assert rec.event.wait(5)
+            assert rec.event.wait(SOON)
         asked = [path for _, path in sim.requests if "maintenance-event" in path]
-    assert rec.times[0] - fired < 1.0
     assert [(n.kind, n.action) for n in rec.notices] == [("interruption", "preempt")]
     assert len(asked) == 2  # ours above, then the source's one: a 404 turns that watch off
     records = [r for r in caplog.records if r.name == "jupyter_spot.notice" and "maintenance" in r.getMessage()]
@@ -364,12 +357,11 @@ def test_azure_preempt_seen_and_acknowledged_after_the_callback() -> None:
 
         rec = Recorder()
         with NoticeWatcher([AzureSource(sim.url, interval=0.2)], [slow_flush, rec]):
-            time.sleep(0.3)
-            fired = time.monotonic()
+            polled(sim, 2, "scheduledevents")
             event = sim.fire()
-            assert rec.event.wait(5)
-            assert wait_for(lambda: sim.acks == [event["EventId"]])
-        latency = rec.times[0] - fired
+            assert rec.event.wait(SOON)
+            until(lambda: sim.acks == [event["EventId"]], SOON, "Azure to be told the event is handled")
+            polled(sim, 3, "scheduledevents")  # the event still stands: a second ack would be in by now
     (notice,) = rec.notices
     assert (notice.kind, notice.action, notice.source, notice.event_id) == (
         "interruption",
@@ -379,7 +371,7 @@ def test_azure_preempt_seen_and_acknowledged_after_the_callback() -> None:
     )
     assert 25 < notice.seconds_left() <= 31
     assert acks_during_callback == [[]]  # not approved before the flush was done
-    assert latency < 0.2 + 0.2 + 0.5
+    assert sim.acks == [event["EventId"]]  # and approved once
 
 
 def test_azure_ignores_events_for_other_vms_and_freezes() -> None:
@@ -410,7 +402,7 @@ def test_azure_ignores_events_for_other_vms_and_freezes() -> None:
 )
 def test_dead_endpoint_no_crash_no_log_flood(make, caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.DEBUG, logger="jupyter_spot.notice")
-    source = make(closed_port())
+    source = make(free_port())  # nobody listens there
     watcher = NoticeWatcher([source], max_backoff=0.2)
     calls = []
     original = source.poll
@@ -421,7 +413,7 @@ def test_dead_endpoint_no_crash_no_log_flood(make, caplog: pytest.LogCaptureFixt
 
     source.poll = counting_poll  # count attempts on the real poll
     with watcher:
-        time.sleep(1.5)
+        until(lambda: len(calls) >= 3, SOON, "the watcher to try the dead endpoint again")
         assert all(t.is_alive() for t in watcher._threads)
     records = [r for r in caplog.records if r.name == "jupyter_spot.notice"]
     assert len(calls) >= 3  # it kept trying…
@@ -438,8 +430,8 @@ def test_watcher_survives_a_failing_callback(caplog: pytest.LogCaptureFixture) -
         rec = Recorder()
         sim.fire()
         with NoticeWatcher([AWSSource(sim.url, interval=0.05)], [broken, rec]):
-            assert rec.event.wait(5)
-            time.sleep(0.2)
+            assert rec.event.wait(SOON)
+            polled(sim, 3, "instance-action")  # the thread lives on, and the standing notice is not repeated
     assert len(rec.notices) == 1
     assert any("boom" in (r.exc_text or "") or r.exc_info for r in caplog.records)
 

@@ -21,12 +21,12 @@ uninterrupted run's.
 
 from __future__ import annotations
 
-from contextlib import ExitStack, closing
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from notebook_harness import CellResult, Kernel, Notebook, restored_execution_count
+from harness import CellResult, FaultPause, Kernel, Notebook, restored_execution_count, snapshot_line
 
 from jupyter_spot.store import open_store
 
@@ -34,6 +34,8 @@ NOTEBOOKS = sorted((Path(__file__).parent.parent / "notebooks").glob("*.ipynb"))
 
 #: Uninterrupted runs, one per notebook per test process (both modes compare with it).
 _REFERENCES: dict[str, list[CellResult]] = {}
+
+pytestmark = [pytest.mark.faults]
 
 
 @dataclass
@@ -53,8 +55,8 @@ class Mismatch:
 def reference_run(nb: Notebook, cwd: Path) -> list[CellResult]:
     """The notebook run once without interruption (in this test's store and signing key)."""
     if nb.name not in _REFERENCES:
-        with closing(Kernel(cwd, f"{nb.name}-reference")) as kernel:
-            reference = [kernel.run(code) for code in nb.cells]
+        with Kernel(cwd, f"{nb.name}-reference") as kernel:
+            reference = [kernel.execute(code) for code in nb.cells]
         errors = [(i, r.error) for i, r in enumerate(reference, start=1) if r.error]
         assert not errors, f"the uninterrupted run failed: {errors}"
         assert all(r.text for r in reference[1:]), "every cell after the first prints something to compare"
@@ -65,7 +67,7 @@ def reference_run(nb: Notebook, cwd: Path) -> list[CellResult]:
 def restore(kernel: Kernel) -> str:
     """What a user does in a fresh kernel: load the extension, restore the latest snapshot (two cells)."""
     for code in ("%load_ext jupyter_spot", "%spot restore latest"):
-        result = kernel.run(code)
+        result = kernel.execute(code)
         assert result.error is None, f"{code}: {result.error}\n{result.stderr}"
     return result.text
 
@@ -91,14 +93,14 @@ def interrupted_run(nb: Notebook, cut: int, before: Kernel, after: Kernel, mode:
     """Kill ``before`` after cell ``cut`` once its state is durable; restore in ``after``, run the rest."""
     reference = _REFERENCES[nb.name]
     try:
-        ran = [before.run(nb.cells[0])]
+        ran = [before.execute(nb.cells[0])]
         if mode == "explicit":
             before.spot("off")  # only the explicit snapshot below saves anything
-        ran += [before.run(code) for code in nb.cells[1:cut]]
+        ran += [before.execute(code) for code in nb.cells[1:cut]]
         assert [r.text for r in ran] == [r.text for r in reference[:cut]], "the run before the cut diverged"
         if mode == "explicit":
             line = before.spot("snapshot")
-            assert line.startswith("snapshot ") and "still being written" not in line, line
+            assert not snapshot_line(line)["pending"], line
         else:
             before.wait_until_durable()
     finally:
@@ -119,7 +121,7 @@ def interrupted_run(nb: Notebook, cut: int, before: Kernel, after: Kernel, mode:
         check_named(report, name, nb.unstorable[name], cut)
     mismatches = []
     for number in range(cut + 1, len(nb.cells) + 1):
-        mismatches += compare(nb, number, after.run(nb.cells[number - 1]), shift, lost, cut)
+        mismatches += compare(nb, number, after.execute(nb.cells[number - 1]), shift, lost, cut)
     return mismatches
 
 
@@ -133,8 +135,8 @@ def test_every_cut_restores(path: Path, mode: str, spot_env: Path, tmp_path: Pat
     def pair(cut: int) -> tuple[Kernel, Kernel]:
         """Kernel A and kernel B of one cut: same session and directory, booting now."""
         session, cwd = f"{nb.name}-{mode}-cut{cut}", tmp_path / f"cut{cut}"
-        first = kernels.enter_context(closing(Kernel(cwd, session)))
-        return first, kernels.enter_context(closing(Kernel(cwd, session)))
+        first = kernels.enter_context(Kernel(cwd, session))
+        return first, kernels.enter_context(Kernel(cwd, session))
 
     with ExitStack() as kernels:
         booting = pair(cuts[0])
@@ -156,13 +158,13 @@ def store_bytes(store: Path) -> int:
 def test_unchanged_big_arrays_are_not_written_again(spot_env: Path, tmp_path: Path) -> None:
     """After 300 MB of arrays are durable, cells touching small things add only kilobytes."""
     nb = Notebook.read(Path(__file__).parent.parent / "notebooks" / "big_namespace.ipynb")
-    with closing(Kernel(tmp_path, "big")) as kernel:
+    with Kernel(tmp_path, "big") as kernel:
         for code in nb.cells[:4]:
-            assert kernel.run(code).error is None
+            assert kernel.execute(code).error is None
         kernel.wait_until_durable()
         before = store_bytes(spot_env)
         assert before > 300_000_000, before
-        assert kernel.run(nb.cells[4]).error is None  # stats["runs"] += 1
+        assert kernel.execute(nb.cells[4]).error is None  # stats["runs"] += 1
         line = kernel.spot("snapshot")
         kernel.wait_until_durable()
         grown = store_bytes(spot_env) - before
@@ -181,22 +183,29 @@ PENDING_CELLS = [
 
 
 def test_kill_with_writes_pending_restores_one_whole_earlier_cell(spot_env: Path, tmp_path: Path) -> None:
-    with closing(Kernel(tmp_path, "pending")) as kernel:
+    pause = FaultPause(tmp_path / "faults", "blob-write", hit="5")
+    # Every write goes through the background writer, which holds at its 5th blob from cell 3 on
+    # (in cell 4's snapshot): the kill finds writes pending, on a fast machine as on a slow one.
+    with Kernel(tmp_path, "pending", extra_arguments=["--SpotSettings.background_threshold=0"]) as kernel:
         for code in PENDING_CELLS[:2]:
-            assert kernel.run(code).error is None
+            assert kernel.execute(code).error is None
         kernel.wait_until_durable()
+        faults = pause.env["JUPYTER_SPOT_FAULTS"]
+        kernel.execute(f"import os\nos.environ['JUPYTER_SPOT_FAULTS'] = {faults!r}", store_history=False)
         for code in PENDING_CELLS[2:]:
-            assert kernel.run(code).error is None
+            assert kernel.execute(code).error is None
+        assert pause.reached("blob-write") == kernel.pid
+        assert kernel.pending_writes() > 0
         kernel.kill()
 
     latest, problems = open_store(str(spot_env)).latest_manifest("pending")
     assert latest is not None and not problems, problems
-    with closing(Kernel(tmp_path, "pending")) as kernel:
+    with Kernel(tmp_path, "pending") as kernel:
         report = restore(kernel)
         cell = restored_execution_count(report)
         assert latest["id"] in report and latest["execution_count"] == cell, report
         assert 2 <= cell <= 6, report
-        state = kernel.run(
+        state = kernel.execute(
             "print(marker, history, sorted(parts), all(bool((v == k).all()) for k, v in parts.items()))",
             store_history=False,
         )

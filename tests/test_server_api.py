@@ -7,15 +7,15 @@ import json
 import time
 import urllib.parse
 import warnings
-from datetime import datetime, timedelta, timezone
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 import pytest
+from harness.store import commit_snapshot
 from tornado.httpclient import HTTPClientError
 
 from jupyter_spot.store import open_store
-from jupyter_spot.store.base import digest_of
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -31,31 +31,6 @@ def jp_server_config(spot_env: Path, spot_app: dict[str, Any]) -> dict[str, Any]
         "ServerApp": {"jpserver_extensions": {"jupyter_spot": True}},
         "SpotApp": {"notice_sources": [], **spot_app},
     }
-
-
-def commit(store: Any, session: str, minutes_ago: float, **extra: Any) -> str:
-    """A real signed manifest, as the kernel engine writes one (blob included)."""
-    created = datetime.now(timezone.utc) - timedelta(minutes=minutes_ago)
-    snapshot_id = created.strftime("%Y%m%dT%H%M%S.%fZ") + "-t"
-    data = json.dumps({"x": minutes_ago}).encode()
-    digest = digest_of(data)
-    store.put_blob(digest, data)
-    manifest = {
-        "session": session,
-        "id": snapshot_id,
-        "created": created.isoformat(),
-        "kind": "auto",
-        "during_cell": None,
-        "execution_count": 3,
-        "variables": {"x": {"group": 0, "type": "int", "size": len(data)}},
-        "variable_count": 1,
-        "skipped": {"conn": {"type": "sqlite3.Connection", "reason": "cannot pickle", "cell": 2}},
-        "blobs": [digest],
-        "size": len(data),
-        **extra,
-    }
-    store.commit_manifest(manifest)
-    return snapshot_id
 
 
 @pytest.fixture
@@ -99,24 +74,35 @@ async def test_status_reports_store_and_watcher(api: Any, spot_env: Path) -> Non
     assert status["version"]
 
 
-async def test_unwritable_store_is_reported_not_fatal(
-    jp_server_config: dict[str, Any], tmp_path: Path, api: Any, jp_serverapp: Any
-) -> None:
+@pytest.fixture
+def unwritable_store(spot_env: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """The server starts on a store under a plain file: nothing can be created there, not even by root."""
     blocker = tmp_path / "a-file"
     blocker.write_text("not a directory")
-    app = jp_serverapp.extension_manager.extension_apps["jupyter_spot"].pop()
-    jp_serverapp.extension_manager.extension_apps["jupyter_spot"].add(app)
-    app.snapshot_store = open_store(str(blocker / "store"))
-    app._writable = (0.0, False, None)
+    monkeypatch.setenv("JUPYTER_SPOT_STORE", str(blocker / "store"))
+    return blocker / "store"
+
+
+async def test_unwritable_store_is_reported_not_fatal(unwritable_store: Path, api: Any) -> None:
     status = json.loads((await api("status")).body)
     assert status["store"]["writable"] is False
     assert "a-file" in status["store"]["error"]
 
 
+async def test_notebooks_still_open_with_a_kernel_on_an_unwritable_store(
+    unwritable_store: Path, jp_fetch: Any, jp_root_dir: Path
+) -> None:
+    """The session record cannot be read or written there: a warning in the log, not a 500."""
+    (jp_root_dir / "nb.ipynb").write_text('{"cells": [], "metadata": {}, "nbformat": 4, "nbformat_minor": 5}')
+    body = {"path": "nb.ipynb", "type": "notebook", "kernel": {"name": "python3"}}
+    response = await jp_fetch("api", "sessions", method="POST", body=json.dumps(body))
+    assert response.code == 201 and json.loads(response.body)["kernel"]["id"]
+
+
 async def test_sessions_lists_interrupted_snapshot(api: Any, store: Any) -> None:
-    old = commit(store, "work/analysis.ipynb", minutes_ago=10)
-    new = commit(store, "work/analysis.ipynb", minutes_ago=5)
-    commit(store, "other.ipynb", minutes_ago=1)
+    old = commit_snapshot(store, "work/analysis.ipynb", minutes_ago=10)
+    new = commit_snapshot(store, "work/analysis.ipynb", minutes_ago=5)
+    commit_snapshot(store, "other.ipynb", minutes_ago=1)
     sessions = json.loads((await api("sessions")).body)["sessions"]
     assert [s["id"] for s in sessions] == ["other.ipynb", "work/analysis.ipynb"]
     analysis = sessions[1]
@@ -145,7 +131,7 @@ async def test_sessions_lists_interrupted_snapshot(api: Any, store: Any) -> None
 async def test_closed_session_is_not_interrupted(api: Any, store: Any) -> None:
     from jupyter_spot.server.catalog import session_record_name
 
-    commit(store, "done.ipynb", minutes_ago=5)
+    commit_snapshot(store, "done.ipynb", minutes_ago=5)
     closed_at = datetime.now(timezone.utc).isoformat()
     store.put_record(
         session_record_name("done.ipynb"), {"session": "done.ipynb", "state": "closed", "closed_at": closed_at}
@@ -155,7 +141,7 @@ async def test_closed_session_is_not_interrupted(api: Any, store: Any) -> None:
 
 
 async def test_snapshots_newest_first_and_delete(api: Any, store: Any) -> None:
-    ids = [commit(store, "work/a b.ipynb", minutes_ago=m) for m in (30, 20, 10)]
+    ids = [commit_snapshot(store, "work/a b.ipynb", minutes_ago=m) for m in (30, 20, 10)]
     path = f"sessions/{quoted('work/a b.ipynb')}/snapshots"
     listed = json.loads((await api(path)).body)["snapshots"]
     assert [s["id"] for s in listed] == ids[::-1]
@@ -181,7 +167,7 @@ async def test_snapshots_newest_first_and_delete(api: Any, store: Any) -> None:
     ],
 )
 async def test_hostile_ids_are_400(api: Any, store: Any, path: str) -> None:
-    commit(store, "ok.ipynb", minutes_ago=1)
+    commit_snapshot(store, "ok.ipynb", minutes_ago=1)
     method = "POST" if path.endswith("restore") else "DELETE" if "snapshots/" in path else "GET"
     code, body = await error_of(api(path, method=method, body={} if method == "POST" else None))
     assert code == 400
@@ -190,7 +176,7 @@ async def test_hostile_ids_are_400(api: Any, store: Any, path: str) -> None:
 
 
 async def test_unknown_session_and_snapshot_are_404(api: Any, store: Any) -> None:
-    commit(store, "ok.ipynb", minutes_ago=1)
+    commit_snapshot(store, "ok.ipynb", minutes_ago=1)
     code, body = await error_of(api("sessions/missing.ipynb/snapshots"))
     assert code == 404 and "missing.ipynb" in body["message"]
     code, _ = await error_of(api("sessions/missing.ipynb/restore", method="POST", body={"snapshot": "latest"}))
@@ -204,7 +190,7 @@ async def test_unknown_session_and_snapshot_are_404(api: Any, store: Any) -> Non
 
 
 async def test_bad_restore_bodies_are_400(api: Any, store: Any) -> None:
-    commit(store, "ok.ipynb", minutes_ago=1)
+    commit_snapshot(store, "ok.ipynb", minutes_ago=1)
     for body in ("not json", "[1, 2]", {"snapshot": "../x"}, {"snapshot": "latest", "kernel_id": 5}):
         code, reply = await error_of(api("sessions/ok.ipynb/restore", method="POST", body=body))
         assert code == 400, body
@@ -222,7 +208,7 @@ async def test_bad_restore_bodies_are_400(api: Any, store: Any) -> None:
     ],
 )
 async def test_every_route_needs_a_token(api: Any, store: Any, method: str, path: str) -> None:
-    snapshot_id = commit(store, "ok.ipynb", minutes_ago=1)
+    snapshot_id = commit_snapshot(store, "ok.ipynb", minutes_ago=1)
     code, _ = await error_of(api(path, method=method, body="{}" if method == "POST" else None, auth=False))
     assert code == 403
     assert store.list_snapshots("ok.ipynb") == [snapshot_id]
@@ -230,7 +216,7 @@ async def test_every_route_needs_a_token(api: Any, store: Any, method: str, path
 
 async def test_writes_need_xsrf_with_cookie_auth(api: Any, store: Any, jp_auth_header: dict[str, str]) -> None:
     """A browser's login cookie alone cannot delete: the X-XSRFToken header must match the _xsrf cookie."""
-    snapshot_id = commit(store, "ok.ipynb", minutes_ago=1)
+    snapshot_id = commit_snapshot(store, "ok.ipynb", minutes_ago=1)
     token = jp_auth_header["Authorization"].split()[-1]
     login = await api(f"status?token={token}", auth=False)
     cookies = {}
@@ -269,7 +255,7 @@ def test_no_auth_warning_when_unauthenticated_access_is_off(
 
 @pytest.mark.parametrize("spot_app", [{"keep": 2, "gc_interval": 0.2}])
 async def test_server_collects_old_snapshots_periodically(api: Any, store: Any, jp_serverapp: Any) -> None:
-    ids = [commit(store, "long.ipynb", minutes_ago=m) for m in (40, 30, 20, 10)]
+    ids = [commit_snapshot(store, "long.ipynb", minutes_ago=m) for m in (40, 30, 20, 10)]
     await jp_serverapp.extension_manager.start_all_extensions()  # what a real server does once its loop runs
     deadline = time.monotonic() + 20
     while store.list_snapshots("long.ipynb") != ids[2:]:

@@ -8,107 +8,27 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import signal
 import socket
-import subprocess
-import sys
 import time
 import urllib.parse
-from collections.abc import Iterator
+from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 import nbformat
 import pytest
+from harness import JupyterServer, until_async
 from jupyter_client import AsyncKernelClient
-from tornado.httpclient import AsyncHTTPClient, HTTPRequest
 from tornado.websocket import websocket_connect
 
 from jupyter_spot.notice.simulator import Simulator
 from jupyter_spot.server import catalog
 from jupyter_spot.store import open_store
 
-pytestmark = pytest.mark.timeout(240)
+pytestmark = [pytest.mark.timeout(240), pytest.mark.servers]
 NOTEBOOK = "work/analysis.ipynb"
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-class Server:
-    """`jupyter server` with jupyter-spot in a subprocess; its own runtime dir, a shared store."""
-
-    def __init__(
-        self, root: Path, home: Path, env: dict[str, str], sources: str = "aws", extra: tuple[str, ...] = ()
-    ) -> None:
-        self.root, self.port, self.token = root, free_port(), os.urandom(8).hex()
-        self.runtime = home / "runtime"
-        self.url = f"http://127.0.0.1:{self.port}/"
-        self.log = open(home / "server.log", "w")  # noqa: SIM115 - closed in stop()
-        env = {**env, "JUPYTER_RUNTIME_DIR": str(self.runtime)}
-        self.proc = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "jupyter_server",
-                "--no-browser",
-                "--allow-root",
-                "--ServerApp.ip=127.0.0.1",
-                f"--ServerApp.port={self.port}",
-                "--ServerApp.port_retries=0",
-                f"--IdentityProvider.token={self.token}",
-                f"--ServerApp.root_dir={root}",
-                f"--SpotApp.notice_sources={sources}",
-                "--SpotApp.notice_poll_interval=0.2",
-                *extra,
-            ],
-            env=env,
-            stdout=self.log,
-            stderr=subprocess.STDOUT,
-        )
-
-    async def fetch(self, path: str, method: str = "GET", body: Any = None) -> Any:
-        request = HTTPRequest(
-            self.url + path,
-            method=method,
-            headers={"Authorization": f"token {self.token}"},
-            body=None if body is None else json.dumps(body),
-            request_timeout=120,
-        )
-        response = await AsyncHTTPClient().fetch(request, raise_error=False)
-        assert response.code < 300, (response.code, response.body)
-        return json.loads(response.body) if response.body else None
-
-    async def wait_ready(self) -> None:
-        deadline = time.monotonic() + 60
-        while True:
-            assert self.proc.poll() is None, Path(self.log.name).read_text()
-            try:
-                await self.fetch("jupyter-spot/api/status")
-                return
-            except (ConnectionError, OSError, AssertionError):
-                assert time.monotonic() < deadline, Path(self.log.name).read_text()
-                await asyncio.sleep(0.2)
-
-    async def kernel_client(self, kernel_id: str) -> AsyncKernelClient:
-        """A client on the kernel's own ZMQ ports (the connection file in the server's runtime dir)."""
-        client = AsyncKernelClient(connection_file=str(self.runtime / f"kernel-{kernel_id}.json"))
-        client.load_connection_file()
-        client.start_channels(hb=False)  # a heartbeat not yet beating on a busy machine reads as "dead"
-        await client.wait_for_ready(timeout=60)
-        return client
-
-    def stop(self, sig: int = signal.SIGKILL) -> None:
-        """SIGKILL: the machine vanished. SIGTERM: a clean stop that shuts its kernels down."""
-        if self.proc.poll() is None:
-            self.proc.send_signal(sig)
-            self.proc.wait(30)
-        self.log.close()
 
 
 async def run_cell(client: AsyncKernelClient, code: str) -> str:
@@ -124,26 +44,25 @@ async def run_cell(client: AsyncKernelClient, code: str) -> str:
     return "".join(chunks)
 
 
-@pytest.fixture
-def environment(spot_env: Path, tmp_path: Path) -> Iterator[tuple[dict[str, str], Simulator]]:
-    with Simulator("aws") as simulator:
-        env = {**os.environ, "AWS_EC2_METADATA_SERVICE_ENDPOINT": simulator.url, "JUPYTER_SPOT_CLOUD": "aws"}
-        yield env, simulator
+Servers = Callable[..., JupyterServer]
+
+
+def aws_env(simulator: Simulator) -> dict[str, str]:
+    return {"AWS_EC2_METADATA_SERVICE_ENDPOINT": simulator.url, "JUPYTER_SPOT_CLOUD": "aws"}
 
 
 async def test_notice_flush_kill_and_restore_on_a_fresh_server(
-    environment: tuple[dict[str, str], Simulator], spot_env: Path, tmp_path: Path
+    simulators: Callable[..., Simulator], jupyter_servers: Servers, spot_env: Path, tmp_path: Path
 ) -> None:
-    env, simulator = environment
+    simulator = simulators("aws")
     root = tmp_path / "root"
     (root / "work").mkdir(parents=True)
     nbformat.write(nbformat.v4.new_notebook(), root / NOTEBOOK)
     store = open_store(str(spot_env))
 
-    (tmp_path / "a").mkdir()
-    a = Server(root, tmp_path / "a", env)
+    a = jupyter_servers("a", root, env=aws_env(simulator))
     try:
-        await a.wait_ready()
+        await asyncio.to_thread(a.start)
         events = await websocket_connect(f"ws://127.0.0.1:{a.port}/api/events/subscribe?token={a.token}")
         session = await a.fetch(
             "api/sessions",
@@ -160,10 +79,7 @@ async def test_notice_flush_kill_and_restore_on_a_fresh_server(
         )
         assert settings.split() == [NOTEBOOK, "1", NOTEBOOK]
         await run_cell(client, "import numpy as np\nx = 41\narr = np.arange(10) ** 2")
-        deadline = time.monotonic() + 30
-        while not store.list_snapshots(NOTEBOOK):
-            assert time.monotonic() < deadline, "no auto snapshot after the cell"
-            await asyncio.sleep(0.1)
+        await until_async(lambda: store.list_snapshots(NOTEBOOK), 60, "an auto snapshot after the cell")
         clean = store.list_snapshots(NOTEBOOK)[-1]
 
         # A busy kernel: the notice must flush it mid-cell.
@@ -172,10 +88,10 @@ async def test_notice_flush_kill_and_restore_on_a_fresh_server(
         simulator.fire("terminate", lead_time=60)
 
         seen: dict[str, list[dict[str, Any]]] = {"notice": [], "flush": []}
-        deadline = time.monotonic() + 30
+        deadline = time.monotonic() + 60
         while not any(e["status"] in ("done", "failed") for e in seen["flush"]):
             assert time.monotonic() < deadline, seen
-            message = await asyncio.wait_for(events.read_message(), timeout=30)
+            message = await asyncio.wait_for(events.read_message(), timeout=60)
             event = json.loads(message)
             for name in seen:
                 if event.get("schema_id") == f"https://events.jupyter.org/jupyter_spot/{name}/v1":
@@ -193,10 +109,7 @@ async def test_notice_flush_kill_and_restore_on_a_fresh_server(
         status = await a.fetch("jupyter-spot/api/status")
         assert status["watcher"] == {"running": True, "provider": "aws", "sources": ["aws"]}
         assert status["last_notice"]["action"] == "terminate"
-        deadline = time.monotonic() + 10
-        while not [r for r in store.list_records() if r.startswith("notice-")]:
-            assert time.monotonic() < deadline, "no server record"
-            await asyncio.sleep(0.1)
+        await until_async(lambda: [r for r in store.list_records() if r.startswith("notice-")], 30, "the notice record")
         (record_name,) = [r for r in store.list_records() if r.startswith("notice-")]
         record = store.get_record(record_name)
         (entry,) = record["kernels"]
@@ -204,23 +117,17 @@ async def test_notice_flush_kill_and_restore_on_a_fresh_server(
         assert entry["kernel_spec"]["name"] == "python3" and entry["cwd"] == str(root / "work")
         assert record["jobs"] == []
         # New work is refused on a machine being reclaimed.
-        refused = await AsyncHTTPClient().fetch(
-            HTTPRequest(a.url + "api/kernels", method="POST", body="{}", headers={"Authorization": f"token {a.token}"}),
-            raise_error=False,
-        )
-        assert refused.code == 503 and b"reclaimed" in refused.body
+        code, body = await a.fetch("api/kernels", "POST", {}, ok=False)
+        assert code == 503 and b"reclaimed" in body
         client.stop_channels()
         events.close()
-        kernel_pid = int((a.runtime / "jupyter_spot" / f"notice-{kernel_id}.json.ready").read_text())
     finally:
-        a.stop()
-    os.kill(kernel_pid, signal.SIGKILL)  # the machine is gone: the kernel with it
+        a.kill()  # the machine is gone: its kernels with it
 
-    (tmp_path / "b").mkdir()
-    replacement = Simulator("aws").start()  # the new machine's metadata service: no notice standing
-    b = Server(root, tmp_path / "b", {**env, "AWS_EC2_METADATA_SERVICE_ENDPOINT": replacement.url})
+    replacement = simulators("aws")  # the new machine's metadata service: no notice standing
+    b = jupyter_servers("b", root, env=aws_env(replacement))
     try:
-        await b.wait_ready()
+        await asyncio.to_thread(b.start)
         listed = (await b.fetch(f"jupyter-spot/api/sessions?path={urllib.parse.quote(NOTEBOOK)}"))["sessions"]
         (found,) = listed
         assert found["id"] == NOTEBOOK and found["interrupted"] is True and found["live_kernel"] is None
@@ -242,35 +149,33 @@ async def test_notice_flush_kill_and_restore_on_a_fresh_server(
             (NOTEBOOK, False, restored["kernel_id"])
         ]
     finally:
-        b.stop(signal.SIGTERM)
-        replacement.stop()
+        b.stop()
 
 
-async def test_sigterm_flushes_every_kernel_before_the_server_stops(spot_env: Path, tmp_path: Path) -> None:
+async def test_sigterm_flushes_every_kernel_before_the_server_stops(
+    jupyter_servers: Servers, spot_env: Path, tmp_path: Path
+) -> None:
     """Kubernetes eviction / systemd stop: SIGTERM is a notice; the server's own shutdown comes after the flush."""
     root = tmp_path / "root"
     root.mkdir()
     nbformat.write(nbformat.v4.new_notebook(), root / "job.ipynb")
     store = open_store(str(spot_env))
-    server = Server(root, tmp_path, dict(os.environ), sources="signal")
+    server = jupyter_servers("server", root, sources=["signal"])
     try:
-        await server.wait_ready()
+        await asyncio.to_thread(server.start)
         session = await server.fetch(
             "api/sessions", "POST", {"path": "job.ipynb", "type": "notebook", "kernel": {"name": "python3"}}
         )
         client = await server.kernel_client(session["kernel"]["id"])
         await run_cell(client, "step = 0")
-        deadline = time.monotonic() + 30
-        while not store.list_snapshots("job.ipynb"):
-            assert time.monotonic() < deadline, "no auto snapshot"
-            await asyncio.sleep(0.1)
+        await until_async(lambda: store.list_snapshots("job.ipynb"), 60, "an auto snapshot")
         client.execute("import time\nwhile True:\n    step += 1\n    time.sleep(0.001)")
         await asyncio.sleep(1.0)
         server.proc.send_signal(signal.SIGTERM)
-        await asyncio.to_thread(server.proc.wait, 60)
+        await asyncio.to_thread(server.proc.wait, 90)
         client.stop_channels()
     finally:
-        server.stop()
+        server.kill()
     (record_name,) = [r for r in store.list_records() if r.startswith("notice-")]
     record = store.get_record(record_name)
     assert record["notice"]["source"] == "signal"
@@ -283,39 +188,32 @@ async def test_sigterm_flushes_every_kernel_before_the_server_stops(spot_env: Pa
     assert described["interrupted"] is True and "signal interruption notice" in described["reason"]
 
 
-async def test_servers_sharing_a_store_do_not_offer_each_others_live_sessions(spot_env: Path, tmp_path: Path) -> None:
+async def test_servers_sharing_a_store_do_not_offer_each_others_live_sessions(
+    jupyter_servers: Servers, spot_env: Path, tmp_path: Path
+) -> None:
     """Two servers on one store (one EFS): B lists A's running notebook as live elsewhere, until A is killed."""
     root = tmp_path / "root"
     root.mkdir()
     nbformat.write(nbformat.v4.new_notebook(), root / "shared.ipynb")
     store = open_store(str(spot_env))
     record_name = catalog.session_record_name("shared.ipynb")
-    homes = [tmp_path / "a", tmp_path / "b"]
-    for home in homes:
-        home.mkdir()
-    a = Server(root, homes[0], dict(os.environ), sources="signal", extra=("--SpotApp.heartbeat_interval=0.5",))
-    b = Server(root, homes[1], dict(os.environ), sources="signal")
+    a = jupyter_servers("a", root, sources=["signal"], options=["--SpotApp.heartbeat_interval=0.5"]).spawn()
+    b = jupyter_servers("b", root, sources=["signal"]).spawn()
     try:
-        await asyncio.gather(a.wait_ready(), b.wait_ready())
+        await asyncio.gather(asyncio.to_thread(a.wait_ready), asyncio.to_thread(b.wait_ready))
         session = await a.fetch(
             "api/sessions", "POST", {"path": "shared.ipynb", "type": "notebook", "kernel": {"name": "python3"}}
         )
         client = await a.kernel_client(session["kernel"]["id"])
         await run_cell(client, "x = 1")
         client.stop_channels()
-        deadline = time.monotonic() + 30
-        while not store.list_snapshots("shared.ipynb"):
-            assert time.monotonic() < deadline, "no auto snapshot"
-            await asyncio.sleep(0.1)
+        await until_async(lambda: store.list_snapshots("shared.ipynb"), 60, "an auto snapshot")
 
         def beats() -> list[str]:
             return [h["heartbeat"] for h in store.get_record(record_name)["holders"].values()]
 
         first_beats = beats()
-        deadline = time.monotonic() + 10
-        while beats() == first_beats:
-            assert time.monotonic() < deadline, "server A does not refresh its heartbeat"
-            await asyncio.sleep(0.1)
+        await until_async(lambda: beats() != first_beats, 30, "server A to refresh its heartbeat")
 
         (listed,) = (await b.fetch("jupyter-spot/api/sessions?path=shared.ipynb"))["sessions"]
         assert listed["interrupted"] is False and listed["reason"] is None
@@ -323,7 +221,6 @@ async def test_servers_sharing_a_store_do_not_offer_each_others_live_sessions(sp
         assert listed["live_elsewhere"]["kernel_id"] == session["kernel"]["id"]
         (from_cli,) = catalog.describe_sessions(store, live=[])
         assert from_cli["interrupted"] is False and from_cli["live_elsewhere"] is not None
-        kernel_pid = store.get_record(record_name)["kernel"]["pid"]
 
         # B opens the same notebook: its own kernel's record entry does not hide A's.
         opened = await b.fetch(
@@ -333,14 +230,13 @@ async def test_servers_sharing_a_store_do_not_offer_each_others_live_sessions(sp
         assert (listed["interrupted"], listed["live_kernel"]) == (False, opened["kernel"]["id"])
         assert listed["live_elsewhere"]["kernel_id"] == session["kernel"]["id"]
     finally:
-        a.stop()  # SIGKILL: no clean shutdown, no notice, a heartbeat that is still fresh
-    os.kill(kernel_pid, signal.SIGKILL)
+        a.kill()  # no clean shutdown, no notice, a heartbeat that is still fresh
     try:
         (listed,) = (await b.fetch("jupyter-spot/api/sessions?path=shared.ipynb"))["sessions"]
         assert listed["interrupted"] is True and listed["live_elsewhere"] is None
         assert opened["kernel"]["id"] not in listed["reason"], listed["reason"]  # B's kernel did not stop
     finally:
-        b.stop(signal.SIGTERM)
+        b.stop()
 
 
 def test_a_heartbeat_from_another_host_counts_until_it_is_stale(spot_env: Path) -> None:

@@ -5,13 +5,14 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import time
+import tempfile
 import urllib.parse
 from pathlib import Path
 from typing import Any
 
 import nbformat
 import pytest
+from harness import FaultPause, snapshot_line, until_async
 from jupyter_client.manager import AsyncKernelManager
 from tornado.httpclient import HTTPClientError
 
@@ -62,26 +63,33 @@ async def open_notebook(jp_fetch: Any, path: str) -> str:
 
 
 async def wait_for_snapshots(store: Any, session: str, count: int = 1) -> list[str]:
-    deadline = time.monotonic() + 30
-    while len(store.list_snapshots(session)) < count:
-        assert time.monotonic() < deadline, f"no snapshot of {session}"
-        await asyncio.sleep(0.1)
-    return store.list_snapshots(session)
+    return await until_async(
+        lambda: len(ids := store.list_snapshots(session)) >= count and ids, 60, f"{count} snapshot(s) of {session}"
+    )
 
 
 async def snapshot_outside_the_server(session: str, code: str) -> None:
-    """A kernel on "the old machine": the extension loaded by hand, killed without a clean shutdown."""
-    km = AsyncKernelManager(kernel_name="python3")
-    await km.start_kernel(env={**os.environ, "JUPYTER_SPOT_SESSION": session}, extra_arguments=["--ext=jupyter_spot"])
-    client = km.client()
-    client.start_channels()
-    try:
-        await client.wait_for_ready(timeout=60)
-        reply = await client.execute_interactive(code + "\n%spot snapshot", timeout=60, output_hook=lambda m: None)
-        assert reply["content"]["status"] == "ok", reply["content"]
-    finally:
-        client.stop_channels()
-        await km.shutdown_kernel(now=True)
+    """A kernel on "the old machine": the extension loaded by hand, stopped without a clean goodbye.
+
+    (The harness's blocking Kernel cannot run beside this test's event loop: same process, IPC too.)"""
+    with tempfile.TemporaryDirectory(prefix="spot-kernel-") as sockets:
+        km = AsyncKernelManager(kernel_name="python3", transport="ipc", ip=os.path.join(sockets, "k"))
+        await km.start_kernel(env={**os.environ, "JUPYTER_SPOT_SESSION": session}, extra_arguments=["--ext=jupyter_spot"])
+        client = km.client()
+        client.start_channels()
+        printed: list[str] = []
+        try:
+            await client.wait_for_ready(timeout=90)
+            for cell in (code, "%spot snapshot"):
+                printed.clear()
+                reply = await client.execute_interactive(
+                    cell, timeout=120, output_hook=lambda m: printed.append(m["content"].get("text", ""))
+                )
+                assert reply["content"]["status"] == "ok", reply["content"]
+        finally:
+            client.stop_channels()
+            await km.shutdown_kernel(now=True)
+    snapshot_line("".join(printed))
 
 
 def api_path(session: str, *rest: str) -> str:
@@ -126,10 +134,11 @@ async def test_kernels_get_the_extension_and_a_clean_shutdown_is_not_an_interrup
 
     sessions = json.loads((await jp_fetch("api", "sessions")).body)
     await jp_fetch("api", "sessions", sessions[0]["id"], method="DELETE")
-    deadline = time.monotonic() + 10
-    while store.get_record(session_record_name(notebook))["state"] != "closed":
-        assert time.monotonic() < deadline, "no closed record after the user shut the kernel down"
-        await asyncio.sleep(0.05)
+    await until_async(
+        lambda: store.get_record(session_record_name(notebook))["state"] == "closed",
+        30,
+        "a closed record after the user shut the kernel down",
+    )
     (listed,) = json.loads((await jp_fetch("jupyter-spot/api/sessions")).body)["sessions"]
     assert (listed["interrupted"], listed["live_kernel"], listed["reason"]) == (False, None, None)
 
@@ -204,13 +213,12 @@ async def test_auto_restore_when_the_interrupted_notebook_opens(
 ) -> None:
     await snapshot_outside_the_server(notebook, "import numpy as np\nresult = np.arange(4) * 3")
     kernel_id = await open_notebook(jp_fetch, notebook)
-    deadline = time.monotonic() + 60
-    while True:
+
+    async def restored() -> bool:
         (listed,) = json.loads((await jp_fetch("jupyter-spot/api/sessions")).body)["sessions"]
-        if not listed["interrupted"]:
-            break
-        assert time.monotonic() < deadline, listed
-        await asyncio.sleep(0.2)
+        return not listed["interrupted"]
+
+    await until_async(restored, 60, "the auto-restore (the session no longer interrupted)")
     out = await execute(jp_serverapp.kernel_manager, kernel_id, "print(result.tolist(), np.__name__)")
     assert out.split() == ["[0,", "3,", "6,", "9]", "numpy"]
 
@@ -241,11 +249,12 @@ async def test_rebalance_takes_one_snapshot_and_keeps_the_machine_open(
     await execute(jp_serverapp.kernel_manager, kernel_id, "z = 1")
     before = await wait_for_snapshots(store, notebook)
     simulator.rebalance()
-    deadline = time.monotonic() + 30
-    while not [f for f in flushes if f["status"] != "started"]:
-        assert time.monotonic() < deadline, flushes
-        await asyncio.sleep(0.1)
-    await asyncio.sleep(1.0)  # a second poll or two: the same recommendation must not fire again
+    await until_async(lambda: [f for f in flushes if f["status"] != "started"], 60, "the rebalance flush to end")
+    # The watcher polls again only once the server has handled what its last poll saw (flush
+    # events included): after two more polls, a repeat of the recommendation would be in `flushes`.
+    polls = len(simulator.requests)
+    await until_async(lambda: len(simulator.requests) >= polls + 4, 60, "two more polls of the metadata service")
+    await asyncio.sleep(0)  # event listeners run as tasks on this loop
     assert [f["status"] for f in flushes] == ["started", "done"]
     assert len(store.list_snapshots(notebook)) == len(before) + 1
     status = json.loads((await jp_fetch("jupyter-spot/api/status")).body)
@@ -268,14 +277,13 @@ async def test_auto_load_can_be_turned_off(jp_fetch: Any, jp_serverapp: Any, not
 
 async def latest_variables(store: Any, session: str, wanted: set[str]) -> set[str]:
     """Wait until the session's latest snapshot holds ``wanted``; its variable names."""
-    deadline = time.monotonic() + 30
-    while True:
+
+    def holding() -> set[str] | None:
         ids = store.list_snapshots(session)
         names = set(store.load_manifest(session, ids[-1])["variables"]) if ids else set()
-        if wanted <= names:
-            return names
-        assert time.monotonic() < deadline, f"{session}: latest snapshot has {sorted(names)}, not {sorted(wanted)}"
-        await asyncio.sleep(0.1)
+        return names if wanted <= names else None
+
+    return await until_async(holding, 60, f"{session}'s latest snapshot to hold {sorted(wanted)}")
 
 
 async def test_a_renamed_notebook_snapshots_under_its_new_path(
@@ -300,13 +308,72 @@ async def test_a_renamed_notebook_snapshots_under_its_new_path(
 
     # A restart keeps the new name (the kernel comes back with the environment it was launched with).
     await jp_fetch("api", "kernels", kernel_id, "restart", method="POST", body="{}")
-    deadline = time.monotonic() + 30
-    while renamed not in (seen := await execute(km, kernel_id, "print(__import__('jupyter_spot').status()['session'])")):
-        assert time.monotonic() < deadline, f"the restarted kernel went back to its launch session: {seen}"
-        await asyncio.sleep(0.2)
+
+    async def session_is_renamed() -> bool:
+        return renamed in await execute(km, kernel_id, "print(__import__('jupyter_spot').status()['session'])")
+
+    await until_async(session_is_renamed, 60, "the restarted kernel to keep the renamed session")
 
     # Moving the folder that holds the notebook moves the session too.
     await execute(km, kernel_id, "z = 3")
     await latest_variables(store, renamed, {"z"})
     await jp_fetch("api", "contents", "work", method="PATCH", body=json.dumps({"path": "project"}))
     await latest_variables(store, "project/renamed.ipynb", {"z"})
+
+
+def flush_events(jp_serverapp: Any) -> list[dict[str, Any]]:
+    """Every flush event the server emits from now on, as they come."""
+    events: list[dict[str, Any]] = []
+
+    async def listen(logger: Any, schema_id: str, data: dict[str, Any]) -> None:
+        events.append(dict(data))
+
+    jp_serverapp.event_logger.add_listener(schema_id="https://events.jupyter.org/jupyter_spot/flush/v1", listener=listen)
+    return events
+
+
+@pytest.mark.faults
+@pytest.mark.parametrize(
+    "spot_config", [{"notice_sources": ["aws"], "notice_poll_interval": 0.1, "flush_timeout": 2.0}]
+)
+async def test_a_flush_that_misses_flush_timeout_is_reported_failed(
+    simulator: Any, jp_fetch: Any, jp_serverapp: Any, notebook: str, spot_env: Path, tmp_path: Path
+) -> None:
+    """A notice without a deadline (a rebalance) waits `flush_timeout` for the kernel's snapshot;
+    a kernel whose snapshot is stuck (held at `manifest-commit`) gets a `failed` event, not silence."""
+    pause = FaultPause(tmp_path / "faults", "manifest-commit")
+    kernel_id = await open_notebook(jp_fetch, notebook)
+    await execute(jp_serverapp.kernel_manager, kernel_id, "z = 1")
+    await wait_for_snapshots(open_store(str(spot_env)), notebook)
+    faults = pause.env["JUPYTER_SPOT_FAULTS"]
+    # no snapshot after this cell (it would be held too): only the rebalance's
+    await execute(
+        jp_serverapp.kernel_manager, kernel_id, f"%spot off\nimport os\nos.environ['JUPYTER_SPOT_FAULTS'] = {faults!r}"
+    )
+    events = flush_events(jp_serverapp)
+    simulator.rebalance()
+    await until_async(lambda: [e for e in events if e["status"] != "started"], 60, "the flush to end")
+    assert [e["status"] for e in events] == ["started", "failed"], events
+    assert events[-1]["message"] == "no new snapshot before the deadline"
+    assert (events[-1]["kernel_id"], events[-1]["session"]) == (kernel_id, notebook)
+    await asyncio.to_thread(pause.reached, "manifest-commit")  # it was stuck writing, as arranged
+
+
+@pytest.mark.parametrize(
+    "spot_config", [{"notice_sources": ["aws"], "notice_poll_interval": 0.1, "auto_load_kernel_extension": False}]
+)
+async def test_a_kernel_without_the_notice_handler_is_reported_not_signalled(
+    simulator: Any, jp_fetch: Any, jp_serverapp: Any, notebook: str
+) -> None:
+    """A kernel that never loaded jupyter-spot cannot take a notice (SIGUSR1 would kill it):
+    the server says so in a `failed` flush event and leaves the kernel alone."""
+    kernel_id = await open_notebook(jp_fetch, notebook)
+    km = jp_serverapp.kernel_manager
+    await execute(km, kernel_id, "x = 1")
+    events = flush_events(jp_serverapp)
+    simulator.fire("terminate")
+    await until_async(lambda: events, 60, "a flush event")
+    (event,) = events
+    assert (event["status"], event["kernel_id"]) == ("failed", kernel_id)
+    assert event["message"].startswith("could not reach the kernel: "), event
+    assert (await execute(km, kernel_id, "print(x + 1)")).strip() == "2"  # alive and well

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import secrets
 import signal
 import subprocess
 import sys
@@ -15,10 +14,10 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import boto3
 import pytest
 from botocore.awsrequest import AWSResponse
-from s3_server import FaultProxy, MotoServer, RequestLog
+from harness import Kernel, snapshot_line, until
+from harness.s3 import FaultProxy, MotoServer, RequestLog
 
 from jupyter_spot.store import FileStore, StoreError, collect_garbage, digest_of, open_store
 from jupyter_spot.store.base import (
@@ -32,32 +31,7 @@ from jupyter_spot.store.tiered import TieredStore
 
 MB = 1 << 20
 
-
-@pytest.fixture(scope="module")
-def moto() -> Iterator[MotoServer]:
-    server = MotoServer()
-    yield server
-    server.stop()
-
-
-@pytest.fixture
-def s3_url(moto: MotoServer, spot_env: Path, monkeypatch: pytest.MonkeyPatch) -> str:
-    """A fresh bucket; credentials and endpoint come from the environment, as boto3 reads them."""
-    for name, value in {
-        "AWS_ACCESS_KEY_ID": "testing",
-        "AWS_SECRET_ACCESS_KEY": "testing",
-        "AWS_DEFAULT_REGION": "us-east-1",
-        "AWS_ENDPOINT_URL": moto.url,
-        "AWS_CONFIG_FILE": str(spot_env.parent / "no-aws-config"),
-        "AWS_SHARED_CREDENTIALS_FILE": str(spot_env.parent / "no-aws-credentials"),
-        "AWS_EC2_METADATA_DISABLED": "true",
-    }.items():
-        monkeypatch.setenv(name, value)
-    monkeypatch.delenv("AWS_PROFILE", raising=False)
-    monkeypatch.delenv("JUPYTER_SPOT_CACHE", raising=False)
-    bucket = f"spot-{secrets.token_hex(6)}"
-    boto3.client("s3").create_bucket(Bucket=bucket)
-    return f"s3://{bucket}/team/spot"
+pytestmark = [pytest.mark.s3]
 
 
 @pytest.fixture
@@ -400,18 +374,26 @@ KILLED_WRITER = textwrap.dedent(
 )
 
 
-def test_writer_killed_mid_upload_leaves_previous_snapshot_intact(s3_url: str) -> None:
+@pytest.mark.faults
+def test_writer_killed_mid_upload_leaves_previous_snapshot_intact(s3_url: str, proxy: FaultProxy) -> None:
     store = S3Store(s3_url)
     before = snapshot(store, "nb.ipynb", "0001", [b"state before the kill"])
-    writer = subprocess.Popen([sys.executable, "-c", KILLED_WRITER, s3_url], stdout=subprocess.PIPE, text=True)
-    assert writer.stdout is not None and writer.stdout.readline().strip() == "uploading"
-    deadline = time.monotonic() + 30
-    while not store.client.list_multipart_uploads(Bucket=store.bucket).get("Uploads"):
-        assert time.monotonic() < deadline, "the writer never started its multipart upload"
-        time.sleep(0.02)
-    time.sleep(0.3)
-    os.kill(writer.pid, signal.SIGKILL)
-    writer.wait()
+    proxy.hold_after(12 << 20)  # two parts are through; the third stays in flight until we say
+    writer = subprocess.Popen(
+        [sys.executable, "-c", KILLED_WRITER, f"{s3_url}?endpoint_url={proxy.url}"], stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert writer.stdout is not None and writer.stdout.readline().strip() == "uploading"
+        until(proxy.held.is_set, 120, "the writer's upload to be held mid-way by the proxy")
+        (upload,) = store.client.list_multipart_uploads(Bucket=store.bucket)["Uploads"]
+        parts = store.client.list_parts(Bucket=store.bucket, Key=upload["Key"], UploadId=upload["UploadId"])
+        assert len(parts.get("Parts", [])) >= 2, parts  # the kill lands in the middle of the upload
+        os.kill(writer.pid, signal.SIGKILL)
+        writer.wait()
+    finally:
+        proxy.release()
+        writer.kill()
+        writer.wait()
     data = bytes(range(256)) * (160 << 12)
     assert not S3Store(s3_url).has_blob(digest_of(data))  # half an upload is no blob
     assert store.list_snapshots("nb.ipynb") == ["0001"]
@@ -453,8 +435,7 @@ def test_writer_waits_for_a_running_gc_and_forgets_what_it_deleted(s3_url: str) 
         assert events == []  # blocked behind the collector's lock
         collector.delete_blob(digest_of(old))  # decided before the writer came
         events.append("deleted")
-        time.sleep(0.5)
-        assert not may_delete()  # the collector sees the writer's lease and stops
+        until(lambda: not may_delete(), 60, "the collector to see the writer's lease and stop")
     thread.join()
     assert events == ["deleted", "put"]
     writer.commit_manifest({"session": "nb.ipynb", "id": "0002", "blobs": [digest_of(old)]})
@@ -645,18 +626,16 @@ def test_tiered_replicates_what_a_previous_process_left_behind(s3_url: str, tmp_
 
 # -- a real kernel snapshotting through open_store ---------------------------------
 def test_kernel_snapshots_to_s3_and_a_new_kernel_restores(s3_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    from spot_kernel import SpotKernel
-
     monkeypatch.setenv("JUPYTER_SPOT_STORE", s3_url)
     monkeypatch.setenv("JUPYTER_SPOT_SESSION", "s3.ipynb")
-    with SpotKernel() as kernel:
+    with Kernel(load=True) as kernel:
         kernel.run("import numpy as np\nbig = np.random.default_rng(7).random(2_000_000)\nlabels = ['a', 'b']")
-        assert "snapshot" in kernel.run("%spot snapshot")
+        snapshot_line(kernel.run("%spot snapshot"))
         assert kernel.value("__import__('jupyter_spot').status()['store_kind']") == "s3"
         total = kernel.value("float(big.sum())")
     latest, _ = S3Store(s3_url).latest_manifest("s3.ipynb")
     assert latest is not None and len(latest["blobs"]) >= 2
-    with SpotKernel() as fresh:
+    with Kernel(load=True) as fresh:
         assert "restored snapshot" in fresh.run("%spot restore latest")
         assert fresh.value("(float(big.sum()), labels, big.flags.writeable)") == (total, ["a", "b"], True)
 
@@ -664,21 +643,19 @@ def test_kernel_snapshots_to_s3_and_a_new_kernel_restores(s3_url: str, monkeypat
 def test_kernel_with_a_cache_dir_replicates_to_s3(
     s3_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from spot_kernel import SpotKernel
-
     monkeypatch.setenv("JUPYTER_SPOT_STORE", s3_url)
     monkeypatch.setenv("JUPYTER_SPOT_SESSION", "tiered.ipynb")
     monkeypatch.setenv("JUPYTER_SPOT_CACHE", str(tmp_path / "efs"))
-    with SpotKernel() as kernel:
+    with Kernel(load=True) as kernel:
         kernel.run("import numpy as np\nweights = np.arange(1_500_000, dtype='float64')")
-        assert "snapshot" in kernel.run("%spot snapshot")
+        snapshot_line(kernel.run("%spot snapshot"))
         kernel.run("import time\nfrom jupyter_spot.kernel import extension\nstore = extension.current().store")
         assert kernel.value("store.kind") == "tiered"
         assert kernel.value("store.flush_replication(time.time() + 60)") == []
     assert (tmp_path / "efs" / "sessions").is_dir()  # written locally first
     assert S3Store(s3_url).list_snapshots("tiered.ipynb")  # and replicated
     monkeypatch.setenv("JUPYTER_SPOT_CACHE", str(tmp_path / "another-machine"))
-    with SpotKernel() as fresh:
+    with Kernel(load=True) as fresh:
         assert "restored snapshot" in fresh.run("%spot restore latest")
         assert fresh.value("float(weights[-1])") == 1_499_999.0
 
@@ -686,12 +663,10 @@ def test_kernel_with_a_cache_dir_replicates_to_s3(
 def test_kernel_flush_on_a_notice_waits_until_s3_has_the_snapshot(
     s3_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from spot_kernel import SpotKernel
-
     monkeypatch.setenv("JUPYTER_SPOT_STORE", s3_url)
     monkeypatch.setenv("JUPYTER_SPOT_SESSION", "flush.ipynb")
     monkeypatch.setenv("JUPYTER_SPOT_CACHE", str(tmp_path / "efs"))
-    with SpotKernel() as kernel:
+    with Kernel(load=True) as kernel:
         kernel.run("import numpy as np\nweights = np.arange(3_000_000, dtype='float64')")
         kernel.run("import jupyter_spot\nresult = jupyter_spot.flush('test notice')")
         snapshot_id, missing = kernel.value("(result.id, result.not_replicated)")
@@ -701,13 +676,11 @@ def test_kernel_flush_on_a_notice_waits_until_s3_has_the_snapshot(
 
 
 def test_kernel_writes_again_what_another_process_collected(s3_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    from spot_kernel import SpotKernel
-
     monkeypatch.setenv("JUPYTER_SPOT_STORE", s3_url)
     monkeypatch.setenv("JUPYTER_SPOT_SESSION", "gc.ipynb")
-    with SpotKernel() as kernel:
+    with Kernel(load=True) as kernel:
         kernel.run("import numpy as np\nbig = np.arange(1_000_000, dtype='float64')")
-        assert "snapshot" in kernel.run("%spot snapshot")
+        snapshot_line(kernel.run("%spot snapshot"))
         # Someone else deletes every snapshot and collects every blob, while this
         # kernel still believes `big` is stored.
         collector = S3Store(s3_url)
@@ -716,9 +689,36 @@ def test_kernel_writes_again_what_another_process_collected(s3_url: str, monkeyp
         report = collect_garbage(collector, keep=1, grace_seconds=0)
         assert report.blobs_deleted > 0
         kernel.run("small = 1")
-        first = kernel.run("%spot snapshot")
-        second = kernel.run("%spot snapshot") if "failed" in first else first
-        assert "failed" not in second
-    with SpotKernel() as fresh:
+        # The kernel must notice that `big` is gone from S3 and upload it again, the first time.
+        snapshot_line(kernel.run("%spot snapshot"))
+    with Kernel(load=True) as fresh:
         assert "restored snapshot" in fresh.run("%spot restore latest")
         assert fresh.value("(float(big[-1]), small)") == (999_999.0, 1)
+
+
+@pytest.mark.faults
+def test_notice_flush_with_s3_too_slow_for_the_deadline_reports_what_is_not_in_s3(
+    s3_url: str, proxy: FaultProxy, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A tiered store on a notice: the snapshot is durable on the local tier, but S3 (held by the
+    proxy) cannot take it before the deadline — the result says so instead of claiming safety."""
+    monkeypatch.setenv("JUPYTER_SPOT_STORE", f"{s3_url}?endpoint_url={proxy.url}")
+    monkeypatch.setenv("JUPYTER_SPOT_SESSION", "late.ipynb")
+    monkeypatch.setenv("JUPYTER_SPOT_CACHE", str(tmp_path / "efs"))
+    with Kernel(load=True) as kernel:
+        kernel.run("%spot off\nimport numpy as np\nimport jupyter_spot\nfrom datetime import datetime, timedelta, timezone")
+        kernel.run("weights = np.arange(1_000_000, dtype='float64')")
+        proxy.hold_after(0)  # S3 stops answering from here
+        try:
+            kernel.run(
+                "result = jupyter_spot.flush('test notice', datetime.now(timezone.utc) + timedelta(seconds=5))"
+            )
+            snapshot_id, durable, missing = kernel.value("(result.id, result.durable, result.not_replicated)")
+            line = snapshot_line(kernel.run("print(result)"))
+        finally:
+            proxy.release()
+        assert durable and missing == [f"late.ipynb/{snapshot_id}"], (durable, missing)
+        assert line["not_replicated"] == "1"
+        assert snapshot_id in FileStore(tmp_path / "efs").list_snapshots("late.ipynb")  # safe on the local tier
+        assert kernel.value("jupyter_spot.flush('again').not_replicated") == []  # S3 back: it catches up
+    assert snapshot_id in S3Store(s3_url).list_snapshots("late.ipynb")

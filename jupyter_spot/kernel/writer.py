@@ -112,14 +112,25 @@ class Writer:
             self._wake.clear()
             while self._queue:
                 job = self._queue.popleft()
+                committed = None
                 try:
-                    self._write(job)
+                    committed = self._write(job)
                 finally:
                     self._settle(job, job.remaining, job.result.bytes_pending)
                     job.blobs, job.spare = [], {}  # let go of copied buffers
                     with self._counts:
                         self._outstanding -= 1
                     job.done.set()
+                if committed is not None:
+                    self._after_commit(committed)
+
+    def _after_commit(self, manifest: dict[str, Any]) -> None:
+        """``on_commit`` (retention) once the job is done: a waiter (a notice's flush) must not
+        wait for housekeeping that may ask a slow S3 (a tiered store lists both tiers)."""
+        try:
+            self.on_commit(manifest)
+        except Exception as error:
+            self.last_error = f"after committing {manifest['id']}: {type(error).__name__}: {error}"
 
     def _settle(self, job: Job, blobs: int, nbytes: int) -> None:
         with self._counts:
@@ -199,7 +210,8 @@ class Writer:
             job.result.bytes_written += self.store.put_blob(digest, held[keys[digest]])
         return True
 
-    def _write(self, job: Job) -> None:
+    def _write(self, job: Job) -> dict[str, Any] | None:
+        """Store the job's new blobs, then commit its manifest; the manifest, if committed."""
         result = job.result
         try:
             new = []
@@ -225,9 +237,6 @@ class Writer:
             self.last_committed = manifest["id"]
             result.durable = True
             self.last_error = None
-            try:
-                self.on_commit(manifest)
-            except Exception as error:
-                self.last_error = f"after committing {manifest['id']}: {type(error).__name__}: {error}"
+            return manifest
         finally:
             result.seconds = time.perf_counter() - job.started

@@ -1,6 +1,6 @@
 """moto's standalone S3 server and a fault-injecting TCP proxy, both on 127.0.0.1.
 
-Shared by tests/test_store_s3.py and benchmarks/bench_s3.py.
+Shared by the S3 tests and benchmarks/bench_s3.py.
 """
 
 from __future__ import annotations
@@ -15,11 +15,7 @@ import time
 import urllib.request
 from typing import Any
 
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+from .ports import free_port
 
 
 class MotoServer:
@@ -72,6 +68,9 @@ class FaultProxy:
       ``times`` times in all (every=2: a retried request gets through).
     * ``lose_responses(times)``: the next ``times`` responses are dropped after
       S3 has done the work — the client cannot know its request succeeded.
+    * ``hold_after(n_bytes)``: once more than ``n_bytes`` went upstream (over all
+      connections), the proxy forwards nothing more (``held`` is set) until
+      ``release()``: an upload the test knows to be in flight, for as long as it needs.
     """
 
     def __init__(self, upstream_port: int) -> None:
@@ -84,6 +83,10 @@ class FaultProxy:
         self._crossings = 0
         self.responses_to_lose = 0
         self.responses_lost = 0
+        self.hold_bytes: int | None = None
+        self._forwarded = 0
+        self.held = threading.Event()
+        self._released = threading.Event()
         self._lock = threading.Lock()
         proxy = self
 
@@ -103,6 +106,24 @@ class FaultProxy:
     def cut_after(self, n_bytes: int, times: int, every: int = 1) -> None:
         with self._lock:
             self.cut_bytes, self.cuts_left, self.cut_every, self._crossings = n_bytes, times, every, 0
+
+    def hold_after(self, n_bytes: int) -> None:
+        self.held.clear()
+        self._released.clear()
+        self._forwarded = 0
+        self.hold_bytes = n_bytes
+
+    def _hold(self, n_bytes: int) -> None:
+        with self._lock:
+            self._forwarded += n_bytes
+            over = self.hold_bytes is not None and self._forwarded > self.hold_bytes
+        if over:
+            self.held.set()
+            self._released.wait()
+
+    def release(self) -> None:
+        self.hold_bytes = None
+        self._released.set()
 
     def lose_responses(self, times: int) -> None:
         with self._lock:
@@ -159,6 +180,8 @@ class FaultProxy:
                         _abort(upstream)
                         _abort(client)
                         return
+                if self.hold_bytes is not None:
+                    self._hold(len(data))
                 upstream.sendall(data)
             upstream.shutdown(socket.SHUT_WR)
         except OSError:
@@ -168,6 +191,7 @@ class FaultProxy:
         upstream.close()
 
     def stop(self) -> None:
+        self.release()
         self._server.shutdown()
         self._server.server_close()
 
