@@ -24,10 +24,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))  # the test harness
 
 import boto3
-from s3_server import MotoServer
+from harness.s3 import MotoServer
 
 from jupyter_spot.store import collect_garbage, digest_of
 from jupyter_spot.store.s3 import S3Store

@@ -1,8 +1,8 @@
 """GC and commits never disagree about which blobs exist, on every store (issue 9 §2).
 
-Real parts only: kernels through tests/spot_kernel.py, moto's standalone server
-for S3, collectors run as they run in production (``collect_garbage``), and
-faults.py points to stop a writer or a collector at an exact step.
+Real parts only: kernels through tests/harness (``harness.Kernel``), moto's standalone server
+for S3 (the run's ``moto``/``s3_url`` fixtures), collectors run as they run in production
+(``collect_garbage``), and faults.py points to stop a writer or a collector at an exact step.
 """
 
 from __future__ import annotations
@@ -12,48 +12,19 @@ import subprocess
 import sys
 import textwrap
 import threading
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import boto3
 import pytest
-from s3_server import MotoServer, RequestLog
-from spot_kernel import SpotKernel
+from harness import FaultPause, Kernel, snapshot_line, until
+from harness.s3 import RequestLog
 
 from jupyter_spot.store import FileStore, Store, StoreError, collect_garbage, digest_of, open_store
 from jupyter_spot.store.s3 import S3Store
 
 SESSION = "consistency.ipynb"
 BIG_LIST = "list(range(100000))"
-
-
-@pytest.fixture(scope="module")
-def moto() -> Iterator[MotoServer]:
-    server = MotoServer()
-    yield server
-    server.stop()
-
-
-@pytest.fixture
-def s3_url(moto: MotoServer, spot_env: Path, monkeypatch: pytest.MonkeyPatch) -> str:
-    """A fresh bucket; credentials and endpoint come from the environment, as boto3 reads them."""
-    for name, value in {
-        "AWS_ACCESS_KEY_ID": "testing",
-        "AWS_SECRET_ACCESS_KEY": "testing",
-        "AWS_DEFAULT_REGION": "us-east-1",
-        "AWS_ENDPOINT_URL": moto.url,
-        "AWS_CONFIG_FILE": str(spot_env.parent / "no-aws-config"),
-        "AWS_SHARED_CREDENTIALS_FILE": str(spot_env.parent / "no-aws-credentials"),
-        "AWS_EC2_METADATA_DISABLED": "true",
-    }.items():
-        monkeypatch.setenv(name, value)
-    monkeypatch.delenv("AWS_PROFILE", raising=False)
-    monkeypatch.delenv("JUPYTER_SPOT_CACHE", raising=False)
-    bucket = f"spot-{os.urandom(6).hex()}"
-    boto3.client("s3").create_bucket(Bucket=bucket)
-    return f"s3://{bucket}/team/spot"
 
 
 @pytest.fixture(params=["dir", "s3", "tiered"])
@@ -91,7 +62,7 @@ def dangling(store: Store) -> list[str]:
     return found
 
 
-def settle(kernel: SpotKernel) -> None:
+def settle(kernel: Kernel) -> None:
     """The kernel's tiered store has sent every snapshot to S3 (nothing to wait for on the others)."""
     out = kernel.run(
         "print('not replicated:', getattr(__import__('jupyter_spot.kernel.extension', fromlist=['x']).current().store, "
@@ -101,7 +72,7 @@ def settle(kernel: SpotKernel) -> None:
 
 
 def restores_big_list() -> None:
-    with SpotKernel() as fresh:
+    with Kernel(load=True) as fresh:
         report = fresh.run("%spot restore latest")
         assert "restored snapshot" in report and "fallback" not in report, report
         assert fresh.value(f"data == {BIG_LIST}") is True
@@ -109,44 +80,42 @@ def restores_big_list() -> None:
 
 # -- 1. a kernel's known blobs and a collection in between ----------------------------
 def test_value_that_comes_back_after_gc_is_written_again(kernel_store: Store) -> None:
-    with SpotKernel() as kernel:
+    with Kernel(load=True) as kernel:
         kernel.run("%spot off")
         kernel.run(f"import numpy as np\nsteady = np.arange(2_000_000, dtype='float64')\ndata = {BIG_LIST}")
-        assert "snapshot" in kernel.run("%spot snapshot")
+        snapshot_line(kernel.run("%spot snapshot"))
         kernel.run("data = 0")
-        assert "snapshot" in kernel.run("%spot snapshot")
+        snapshot_line(kernel.run("%spot snapshot"))
         settle(kernel)
         report = collect_garbage(kernel_store, keep=1, grace_seconds=0)
         assert report.blobs_deleted > 0  # the list's blob went: nothing referenced it any more
         kernel.run(f"data = {BIG_LIST}")  # the same value comes back; the kernel believes it is stored
-        out = kernel.run("%spot snapshot")
-        assert "failed" not in out, out  # no error for the user: the blob is written again
+        snapshot_line(kernel.run("%spot snapshot"))  # no error for the user: the blob is written again
         settle(kernel)
         assert dangling(kernel_store) == []
     restores_big_list()
-    with SpotKernel() as fresh:
+    with Kernel(load=True) as fresh:
         fresh.run("%spot restore latest")
         assert fresh.value("float(steady[-1])") == 1_999_999.0  # what the collection left alone is still there
 
 
 def test_collection_between_blob_writes_and_commit_is_repaired(
-    kernel_store: Store, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    kernel_store: Store, tmp_path: Path
 ) -> None:
     """A collector deletes a blob the kernel relies on while its snapshot is on its way:
     the commit notices, the blob is written again, and the snapshot still commits."""
-    pauses = tmp_path / "pauses"
-    pauses.mkdir()
     # A tiered kernel's replication commits to S3 too: each snapshot is settled before
     # the next, so its third own commit is the fifth time the point is reached.
     third_commit = 5 if kernel_store.kind == "tiered" else 3
-    monkeypatch.setenv("JUPYTER_SPOT_FAULTS", f"manifest-commit=pause:{pauses}@{third_commit}")
-    with SpotKernel() as kernel:
+    # the kernel alone is held at its third commit (this process's collector is not)
+    pause = FaultPause(tmp_path / "pauses", "manifest-commit", hit=str(third_commit))
+    with Kernel(load=True, env=pause.env) as kernel:
         kernel.run("%spot off")
         kernel.run(f"data = {BIG_LIST}")
-        kernel.run("%spot snapshot")
+        snapshot_line(kernel.run("%spot snapshot"))
         settle(kernel)
         kernel.run("data = 0")
-        kernel.run("%spot snapshot")
+        snapshot_line(kernel.run("%spot snapshot"))
         settle(kernel)
         for snapshot_id in kernel_store.list_snapshots(SESSION)[:-1]:
             kernel_store.delete_snapshot(SESSION, snapshot_id)
@@ -154,39 +123,34 @@ def test_collection_between_blob_writes_and_commit_is_repaired(
         outcome: list[str] = []
         cell = threading.Thread(target=lambda: outcome.append(kernel.run("%spot snapshot")))
         cell.start()
-        reached = pauses / "manifest-commit.reached"
-        deadline = time.monotonic() + 60
-        while not reached.exists():
-            assert time.monotonic() < deadline, "the third commit never started"
-            time.sleep(0.01)
+        assert pause.reached("manifest-commit", 60) == kernel.pid, "the third commit never started"
         report = collect_garbage(kernel_store, keep=1, grace_seconds=0)
-        (pauses / "manifest-commit.release").touch()
+        pause.release("manifest-commit")
         cell.join(120)
         assert outcome and "failed" not in outcome[0], outcome
+        snapshot_line(outcome[0])
         # S3 defers to the writer's lease; a directory store collects and the commit repairs.
         assert report.blobs_deferred or report.blobs_deleted > 0
         settle(kernel)
         assert dangling(kernel_store) == []
-    monkeypatch.delenv("JUPYTER_SPOT_FAULTS")
     restores_big_list()
 
 
 def test_collection_after_the_commit_check_never_leaves_a_dangling_manifest(
-    kernel_store: Store, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    kernel_store: Store, tmp_path: Path
 ) -> None:
     """The commit checked its blobs; then, before the manifest is written, a collection
     deletes one: the commit notices the collection, and the snapshot is repaired."""
-    pauses = tmp_path / "pauses"
-    pauses.mkdir()
     third_commit = 5 if kernel_store.kind == "tiered" else 3
-    monkeypatch.setenv("JUPYTER_SPOT_FAULTS", f"manifest-write=pause:{pauses}@{third_commit}")
-    with SpotKernel() as kernel:
+    # the kernel alone is held at its third commit (this process's collector is not)
+    pause = FaultPause(tmp_path / "pauses", "manifest-write", hit=str(third_commit))
+    with Kernel(load=True, env=pause.env) as kernel:
         kernel.run("%spot off")
         kernel.run(f"data = {BIG_LIST}")
-        kernel.run("%spot snapshot")
+        snapshot_line(kernel.run("%spot snapshot"))
         settle(kernel)
         kernel.run("data = 0")
-        kernel.run("%spot snapshot")
+        snapshot_line(kernel.run("%spot snapshot"))
         settle(kernel)
         for snapshot_id in kernel_store.list_snapshots(SESSION)[:-1]:
             kernel_store.delete_snapshot(SESSION, snapshot_id)
@@ -194,19 +158,15 @@ def test_collection_after_the_commit_check_never_leaves_a_dangling_manifest(
         outcome: list[str] = []
         cell = threading.Thread(target=lambda: outcome.append(kernel.run("%spot snapshot")))
         cell.start()
-        reached = pauses / "manifest-write.reached"
-        deadline = time.monotonic() + 60
-        while not reached.exists():
-            assert time.monotonic() < deadline, "the third commit never got past its check"
-            time.sleep(0.01)
+        assert pause.reached("manifest-write", 60) == kernel.pid, "the third commit never got past its check"
         report = collect_garbage(kernel_store, keep=1, grace_seconds=0)
-        (pauses / "manifest-write.release").touch()
+        pause.release("manifest-write")
         cell.join(120)
         assert outcome and "failed" not in outcome[0], outcome
+        snapshot_line(outcome[0])
         assert report.blobs_deferred or report.blobs_deleted > 0
         settle(kernel)
         assert dangling(kernel_store) == []
-    monkeypatch.delenv("JUPYTER_SPOT_FAULTS")
     restores_big_list()
 
 
@@ -214,10 +174,10 @@ def test_collection_after_the_commit_check_never_leaves_a_dangling_manifest(
 def test_damaged_blob_is_written_again_not_trusted(spot_env: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("JUPYTER_SPOT_SESSION", SESSION)
     store = FileStore(spot_env)
-    with SpotKernel() as kernel:
+    with Kernel(load=True) as kernel:
         kernel.run("%spot off")
         kernel.run(f"data = {BIG_LIST}")
-        assert "snapshot" in kernel.run("%spot snapshot")
+        snapshot_line(kernel.run("%spot snapshot"))
     manifest, _ = store.latest_manifest(SESSION)
     assert manifest is not None
     (digest,) = [group["blob"] for group in manifest["groups"].values() if group["names"] == ["data"]]
@@ -226,14 +186,13 @@ def test_damaged_blob_is_written_again_not_trusted(spot_env: Path, monkeypatch: 
     damaged[len(damaged) // 2] ^= 0x01  # one flipped bit: same size, wrong bytes
     path.write_bytes(bytes(damaged))
 
-    with SpotKernel() as restorer:  # the user is told which blob is damaged, not just "no snapshot"
+    with Kernel(load=True) as restorer:  # the user is told which blob is damaged, not just "no snapshot"
         out = restorer.run("%spot restore latest")
         assert "corrupt" in out and digest[:12] in out, out
-    with SpotKernel() as kernel:  # a new kernel computes the same value again
+    with Kernel(load=True) as kernel:  # a new kernel computes the same value again
         kernel.run("%spot off")
         kernel.run(f"data = {BIG_LIST}")
-        out = kernel.run("%spot snapshot")
-        assert "failed" not in out, out
+        snapshot_line(kernel.run("%spot snapshot"))
     assert bytes(store.get_blob(digest))  # repaired in place: it hashes to its address again
     restores_big_list()
 
@@ -328,8 +287,7 @@ def test_writer_gives_up_on_a_collector_that_never_yields(s3_url: str, monkeypat
     refresher = threading.Thread(target=keep_fresh, daemon=True)
     refresher.start()
     try:
-        while not locks(s3_url, "gc"):
-            time.sleep(0.01)
+        until(lambda: locks(s3_url, "gc"), 30, "the stuck collector's lock")
         writer = S3Store(s3_url)
         thread, outcome = in_thread(lambda: writer.put_blob(digest_of(b"x"), b"x"))
         thread.join(30)
@@ -355,10 +313,13 @@ def test_collector_notices_a_writer_during_its_reference_scan(s3_url: str, monke
     collector = S3Store(s3_url)
     requests = RequestLog(collector.client)
     thread, outcome = in_thread(lambda: collect_garbage(collector, keep=manifests, grace_seconds=0))
-    deadline = time.monotonic() + 60
-    while not locks(s3_url, "gc"):
-        assert time.monotonic() < deadline and thread.is_alive(), outcome
-        time.sleep(0.01)
+
+    def collector_locked() -> list[str]:
+        held = locks(s3_url, "gc")
+        assert held or thread.is_alive(), f"the collector ended before it took its lock: {outcome}"
+        return held
+
+    until(collector_locked, 60, "the collector's lock", describe=lambda: outcome)
     writer = S3Store(s3_url)
     assert writer.put_blob(digest_of(b"new"), b"new") == 3
     thread.join(60)

@@ -15,9 +15,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "tests"))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "tests"))  # the test harness
 
-from s3_server import MotoServer  # noqa: E402
+from harness.s3 import MotoServer  # noqa: E402
 
 from jupyter_spot.store import FileStore, ManifestError, Store, StoreError  # noqa: E402
 
