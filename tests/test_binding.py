@@ -17,47 +17,25 @@ import shutil
 import signal
 import socket
 import subprocess
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-from spot_kernel import SpotKernel
+from harness import Kernel, snapshot_line, until
+from harness.job_records import job_named as _job
+from harness.job_records import runner_pids as _runners
 
 from jupyter_spot.store import ManifestError, open_store
 
 DEADLINE = 60.0
 NEWER_ID = "29991231T235959.999999Z-ffff"
+Kernels = Callable[..., Kernel]
 
 
-def _until(what: str, check: Callable[[], Any], timeout: float = DEADLINE) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = check()
-        if value:
-            return value
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.05)
-
-
-def _kernel(monkeypatch: pytest.MonkeyPatch, session: str) -> SpotKernel:
-    monkeypatch.setenv("JUPYTER_SPOT_SESSION", session)
-    return SpotKernel()
-
-
-def _runners(store: Path) -> list[int]:
-    """Pids of runner processes working on this test's store."""
-    pids = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                argv = (entry / "cmdline").read_bytes().split(b"\0")
-            except OSError:
-                continue
-            if b"jupyter_spot.jobs.runner" in argv and str(store).encode() in argv:
-                pids.append(int(entry.name))
-    return pids
+def _kernel(kernels: Kernels, session: str) -> Kernel:
+    """A kernel of notebook ``session`` with jupyter_spot loaded (shut down at teardown at the latest)."""
+    return kernels(session=session, load=True)
 
 
 @pytest.fixture
@@ -72,13 +50,6 @@ def _record_path(store: Path, job_id: str) -> Path:
     return store / "records" / f"job-{job_id}.json"
 
 
-def _job(store: Path, name: str) -> dict[str, Any]:
-    records = (store / "records").glob("job-*.json")
-    (job,) = [j for j in (json.loads(p.read_text()) for p in records if "checkpoint" not in p.name)
-              if j.get("name") == name]
-    return job
-
-
 def _forge(store: Path, job_id: str, **fields: Any) -> None:
     """Write a job record as someone with write access but no key would."""
     path = _record_path(store, job_id)
@@ -88,13 +59,13 @@ def _forge(store: Path, job_id: str, **fields: Any) -> None:
 
 
 # -- manifests ---------------------------------------------------------------------
-def test_manifest_copied_into_another_session_is_refused(store: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    with _kernel(monkeypatch, "c.ipynb") as c:
+def test_manifest_copied_into_another_session_is_refused(store: Path, kernels: Kernels) -> None:
+    with _kernel(kernels, "c.ipynb") as c:
         c.run("z = 'secret of c'")
-        assert "snapshot" in c.run("%spot snapshot")
-    with _kernel(monkeypatch, "d.ipynb") as d:
+        snapshot_line(c.run("%spot snapshot"))
+    with _kernel(kernels, "d.ipynb") as d:
         d.run("w = 'work of d'")
-        assert "snapshot" in d.run("%spot snapshot")
+        snapshot_line(d.run("%spot snapshot"))
     snapshots = open_store(str(store))
     stolen = snapshots.list_snapshots("c.ipynb")[-1]
     planted = snapshots._manifest_path("d.ipynb", NEWER_ID)  # type: ignore[attr-defined]
@@ -102,7 +73,7 @@ def test_manifest_copied_into_another_session_is_refused(store: Path, monkeypatc
     with pytest.raises(ManifestError, match=f"signed for snapshot {stolen} of session 'c.ipynb'"):
         snapshots.load_manifest("d.ipynb", NEWER_ID)
 
-    with _kernel(monkeypatch, "d.ipynb") as d:
+    with _kernel(kernels, "d.ipynb") as d:
         report = d.run("%spot restore latest")
         assert d.value("'z' in globals()") is False
         assert d.value("w") == "work of d"
@@ -127,18 +98,18 @@ def test_manifest_replayed_under_another_id_of_its_own_session_is_refused(store:
 
 # -- job specs and results -----------------------------------------------------------
 def test_forged_record_with_another_sessions_spec_or_result_is_not_run_or_loaded(
-    store: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    store: Path, tmp_path: Path, kernels: Kernels
 ) -> None:
     effects = tmp_path / "effects"
-    with _kernel(monkeypatch, "c.ipynb") as c:
+    with _kernel(kernels, "c.ipynb") as c:
         c.run(f"effects = {str(effects)!r}")
         c.run("%%spot_job --name effect\nwith open(effects, 'a') as f:\n    f.write('ran\\n')\nloot = 42")
-        _until("c's job to finish", lambda: _job(store, "effect")["state"] == "done")
+        until(lambda: _job(store, "effect")["state"] == "done", DEADLINE, "c's job to finish")
     assert effects.read_text() == "ran\n"
     original = _job(store, "effect")
-    with _kernel(monkeypatch, "d.ipynb") as d:
+    with _kernel(kernels, "d.ipynb") as d:
         d.run("w = 1")
-        d.run("%spot snapshot")
+        snapshot_line(d.run("%spot snapshot"))
     # A lost job of d (running on a machine that is gone) carrying c's signed spec, and a
     # finished job of d carrying c's signed outputs.
     _forge(store, "20261129T000000-f00d", session="d.ipynb", name="stolen", state="running", host="gone-machine",
@@ -150,7 +121,7 @@ def test_forged_record_with_another_sessions_spec_or_result_is_not_run_or_loaded
                 "heartbeat": None, "result": None}
     _record_path(store, original["id"]).write_text(json.dumps(replayed))
 
-    with _kernel(monkeypatch, "d.ipynb") as d:
+    with _kernel(kernels, "d.ipynb") as d:
         report = d.run("%spot restore latest")
         assert d.value("'loot' in globals()") is False
         for name in ("stolen", "looted", "replayed"):
@@ -163,17 +134,17 @@ def test_forged_record_with_another_sessions_spec_or_result_is_not_run_or_loaded
 
 # -- cancelling --------------------------------------------------------------------
 def test_cancel_of_a_forged_record_never_signals_a_process_that_is_not_its_runner(
-    store: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    store: Path, tmp_path: Path, kernels: Kernels
 ) -> None:
     release = tmp_path / "release"
     victim = subprocess.Popen(["sleep", "600"], start_new_session=True)
     try:
-        with _kernel(monkeypatch, "c.ipynb") as c:
+        with _kernel(kernels, "c.ipynb") as c:
             c.run(f"release = {str(release)!r}")
             c.run("%%spot_job --name waiter\nimport os, time\nwhile not os.path.exists(release):\n"
                   "    time.sleep(0.02)\nfinished = True")
-            running = _until("c's job to run", lambda: (j := _job(store, "waiter"))["state"] == "running" and j)
-            with _kernel(monkeypatch, "d.ipynb") as d:
+            running = until(lambda: (j := _job(store, "waiter"))["state"] == "running" and j, DEADLINE, "c's job to run")
+            with _kernel(kernels, "d.ipynb") as d:
                 # an unsigned record naming any process of the user whose command line holds its id
                 _forge(store, "sleep", session="d.ipynb", name="victim", state="running",
                        host=socket.gethostname(), pid=victim.pid)
@@ -186,30 +157,31 @@ def test_cancel_of_a_forged_record_never_signals_a_process_that_is_not_its_runne
             assert victim.poll() is None, "the forged record's cancel killed an unrelated process"
             assert running["pid"] in _runners(store), "the forged record's cancel killed c's runner"
             release.touch()
-            _until("c's job to finish", lambda: _job(store, "waiter")["state"] == "done")
+            until(lambda: _job(store, "waiter")["state"] == "done", DEADLINE, "c's job to finish")
     finally:
         victim.kill()
         victim.wait()
 
 
+@pytest.mark.faults  # SIGKILLs a kernel whose job runner must live on
 def test_cancel_stops_a_real_runner_from_its_kernel_and_from_a_fresh_kernel(
-    store: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    store: Path, tmp_path: Path, kernels: Kernels
 ) -> None:
-    kernel = _kernel(monkeypatch, "d.ipynb")
+    kernel = _kernel(kernels, "d.ipynb")
     kernel.run(f"never = {str(tmp_path / 'never')!r}")
     kernel.run("%%spot_job --name mine\nimport os, time\nwhile not os.path.exists(never):\n    time.sleep(0.02)")
-    mine = _until("the job to run", lambda: (j := _job(store, "mine"))["state"] == "running" and j)
+    mine = until(lambda: (j := _job(store, "mine"))["state"] == "running" and j, DEADLINE, "the job to run")
     assert "job mine cancelled" in kernel.run("%spot_job cancel mine")  # the runner this kernel started
     assert mine["pid"] not in _runners(store) and _job(store, "mine")["state"] == "cancelled"
     kernel.run("%%spot_job --name forever\nimport os, time\nwhile not os.path.exists(never):\n    time.sleep(0.02)")
-    job = _until("the job to run", lambda: (j := _job(store, "forever"))["state"] == "running" and j)
-    kernel.run("%spot snapshot")
+    job = until(lambda: (j := _job(store, "forever"))["state"] == "running" and j, DEADLINE, "the job to run")
+    snapshot_line(kernel.run("%spot snapshot"))
     kernel.kill()  # the runner is in its own session: it lives on
     assert job["pid"] in _runners(store)
-    with _kernel(monkeypatch, "d.ipynb") as fresh:
+    with _kernel(kernels, "d.ipynb") as fresh:
         assert "job forever is still running" in fresh.run("%spot restore latest")
         assert "job forever cancelled" in fresh.run("%spot_job cancel forever")
-    _until("the runner to go", lambda: job["pid"] not in _runners(store))
+    until(lambda: job["pid"] not in _runners(store), DEADLINE, "the runner to go")
     assert _job(store, "forever")["state"] == "cancelled"
 
 

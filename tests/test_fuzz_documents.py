@@ -12,15 +12,15 @@ from __future__ import annotations
 import json
 import os
 import random
-import subprocess
 import urllib.parse
-from collections.abc import Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
-from fuzz_documents import ELSEWHERE, SEED, Document, documents, genuine_documents
-from spot_kernel import SpotKernel
+from harness import Kernel, snapshot_line
+from harness.fuzz_documents import ELSEWHERE, SEED, Document, documents, genuine_documents
+from harness.job_records import runner_pids
 from tornado.httpclient import HTTPClientError
 
 from jupyter_spot.jobs import checkpoint, record
@@ -153,26 +153,12 @@ def test_store_catalog_and_job_paths_refuse_every_fuzzed_document(spot_env: Path
 
 # -- an S3 store (moto's server) --------------------------------------------------------
 @pytest.fixture
-def s3_store(spot_env: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Any]:
-    import boto3
-    from s3_server import MotoServer
-
-    server = MotoServer()
-    for name, value in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
-                        "AWS_DEFAULT_REGION": "us-east-1", "AWS_ENDPOINT_URL": server.url,
-                        "AWS_CONFIG_FILE": str(spot_env.parent / "no-aws-config"),
-                        "AWS_SHARED_CREDENTIALS_FILE": str(spot_env.parent / "no-aws-credentials"),
-                        "AWS_EC2_METADATA_DISABLED": "true"}.items():
-        monkeypatch.setenv(name, value)
-    monkeypatch.delenv("AWS_PROFILE", raising=False)
-    monkeypatch.delenv("JUPYTER_SPOT_CACHE", raising=False)
-    try:
-        boto3.client("s3").create_bucket(Bucket="fuzz")
-        yield open_store("s3://fuzz/spot")
-    finally:
-        server.stop()
+def s3_store(s3_url: str) -> Any:
+    """A store in a fresh bucket of the suite's moto server."""
+    return open_store(s3_url)
 
 
+@pytest.mark.s3
 def test_an_s3_store_refuses_fuzzed_manifests_and_records(s3_store: Any, tmp_path: Path) -> None:
     marker = tmp_path / "unpickled"
     corpus = _corpus(s3_store, marker)
@@ -245,18 +231,12 @@ async def test_rest_api_answers_no_500_for_fuzzed_documents(
 
 
 # -- restore in a real kernel ----------------------------------------------------------
-def _runners(store: Path) -> list[int]:
-    out = subprocess.run(["pgrep", "-f", f"jupyter_spot.jobs.runner {store}"], capture_output=True, text=True)
-    return [int(pid) for pid in out.stdout.split()]
-
-
 def test_restore_skips_fuzzed_manifests_and_jobs_and_loads_the_good_snapshot(
-    spot_env: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    spot_env: Path, tmp_path: Path, kernels: Callable[..., Kernel]
 ) -> None:
-    monkeypatch.setenv("JUPYTER_SPOT_SESSION", SESSION)
-    with SpotKernel() as kernel:
+    with kernels(session=SESSION, load=True) as kernel:
         kernel.run("kept = {'answer': 42}")
-        assert "snapshot" in kernel.run("%spot snapshot")
+        snapshot_line(kernel.run("%spot snapshot"))
     store = open_store(str(spot_env))
     good = store.list_snapshots(SESSION)[-1]
     marker = tmp_path / "unpickled"
@@ -268,7 +248,7 @@ def test_restore_skips_fuzzed_manifests_and_jobs_and_loads_the_good_snapshot(
     planted = _plant_job_records(store, sample[:80])
     before = {name: store._record_path(name).read_bytes() for name in store.list_records()}
 
-    with SpotKernel() as kernel:
+    with kernels(session=SESSION, load=True) as kernel:
         report = kernel.run("%spot restore latest")
         assert kernel.value("kept") == {"answer": 42}
         assert kernel.value("'evil' in globals()") is False
@@ -280,7 +260,7 @@ def test_restore_skips_fuzzed_manifests_and_jobs_and_loads_the_good_snapshot(
         refused = kernel.run(f"%spot_job cancel {forged}", allow_error=True)
         assert "not signalling" in refused, refused
     assert not marker.exists()
-    assert not _runners(spot_env)
+    assert not runner_pids(spot_env)
     # restoring re-ran, collected and rewrote nothing (a re-run re-queues its record before starting it);
     # the one record it adds is the session's line decision ("restored"), which names no job
     after = {name: store._record_path(name).read_bytes() for name in store.list_records()}

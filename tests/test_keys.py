@@ -9,59 +9,43 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import secrets
 import subprocess
 import sys
-import time
-from collections.abc import Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import boto3
 import pytest
-from s3_server import MotoServer
-from spot_kernel import SpotKernel
+from harness import FaultPause, JupyterServer, Kernel, snapshot_line, until, write_notebook
+from harness.browser import shot
+from playwright.sync_api import Page, expect
 
 SESSION = "analysis.ipynb"
-
-
-@pytest.fixture(scope="module")
-def moto() -> Iterator[MotoServer]:
-    server = MotoServer()
-    yield server
-    server.stop()
+Kernels = Callable[..., Kernel]
 
 
 @pytest.fixture
-def aws(moto: MotoServer, spot_env: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """moto's endpoint and fake credentials for this process and every process it starts."""
-    for name, value in {
-        "AWS_ACCESS_KEY_ID": "testing",
-        "AWS_SECRET_ACCESS_KEY": "testing",
-        "AWS_DEFAULT_REGION": "us-east-1",
-        "AWS_ENDPOINT_URL": moto.url,
-        "AWS_CONFIG_FILE": str(spot_env.parent / "no-aws-config"),
-        "AWS_SHARED_CREDENTIALS_FILE": str(spot_env.parent / "no-aws-credentials"),
-        "AWS_EC2_METADATA_DISABLED": "true",
-    }.items():
-        monkeypatch.setenv(name, value)
-    for name in ("AWS_PROFILE", "JUPYTER_SPOT_CACHE", "JUPYTER_SPOT_SIGNING_KEY", "JUPYTER_SPOT_SIGNING_KEY_FILE"):
+def shared_store(s3_url: str, monkeypatch: pytest.MonkeyPatch) -> str:
+    """A fresh S3 store (the suite's moto, which serves KMS too) that this process and every process
+    it starts use, with no signing key given: the keys must come from the store (or be missing)."""
+    for name in ("JUPYTER_SPOT_SIGNING_KEY", "JUPYTER_SPOT_SIGNING_KEY_FILE"):
         monkeypatch.delenv(name, raising=False)
-    return spot_env
-
-
-@pytest.fixture
-def s3_url(aws: Path, monkeypatch: pytest.MonkeyPatch) -> str:
-    bucket = f"spot-{secrets.token_hex(6)}"
-    boto3.client("s3").create_bucket(Bucket=bucket)
-    url = f"s3://{bucket}/team"
-    monkeypatch.setenv("JUPYTER_SPOT_STORE", url)
+    monkeypatch.setenv("JUPYTER_SPOT_STORE", s3_url)
     monkeypatch.setenv("JUPYTER_SPOT_SESSION", SESSION)
-    return url
+    return s3_url
+
+
+def bucket_and_prefix(url: str) -> tuple[str, str]:
+    """``s3://bucket/some/prefix`` -> (``bucket``, ``some/prefix``)."""
+    bucket, _, prefix = url[len("s3://"):].partition("/")
+    return bucket, prefix
 
 
 @pytest.fixture
-def kms_key(aws: Path) -> str:
+def kms_key(shared_store: str) -> str:
     """A fresh KMS key, named by an alias as users usually do."""
     kms = boto3.client("kms")
     key_id = kms.create_key(Description="jupyter-spot test")["KeyMetadata"]["KeyId"]
@@ -82,34 +66,37 @@ def secret_files(data_dir: Path) -> list[Path]:
 
 
 # -- the main job: restore on a fresh machine ------------------------------------------
+@pytest.mark.s3
 def test_fresh_machine_restores_with_the_kms_key_and_no_key_copied(
-    s3_url: str, kms_key: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    shared_store: str, kms_key: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, kernels: Kernels
 ) -> None:
     monkeypatch.setenv("JUPYTER_SPOT_KMS_KEY", kms_key)
     data_a = machine(tmp_path, "a", monkeypatch)
-    with SpotKernel() as kernel:
+    with kernels(load=True) as kernel:
         kernel.run("weights = {'alpha': 0.25, 'beta': [1, 2, 3]}")
-        assert "snapshot" in kernel.run("%spot snapshot")
+        snapshot_line(kernel.run("%spot snapshot"))
     data_b = machine(tmp_path, "b", monkeypatch)
-    with SpotKernel() as fresh:
+    with kernels(load=True) as fresh:
         report = fresh.run("%spot restore latest")
         assert "restored snapshot" in report, report
         assert fresh.value("weights") == {"alpha": 0.25, "beta": [1, 2, 3]}
     # Nothing secret on either machine's disk: the key lives wrapped in the store.
     assert secret_files(data_a) == [] and secret_files(data_b) == []
-    keys = boto3.client("s3").list_objects_v2(Bucket=s3_url[5:].split("/")[0], Prefix="team/keys/")
-    assert [item["Key"] for item in keys["Contents"]] == ["team/keys/000001.json"]
+    bucket, prefix = bucket_and_prefix(shared_store)
+    keys = boto3.client("s3").list_objects_v2(Bucket=bucket, Prefix=f"{prefix}/keys/")
+    assert [item["Key"] for item in keys["Contents"]] == [f"{prefix}/keys/000001.json"]
 
 
+@pytest.mark.s3
 def test_fresh_machine_without_kms_names_the_fix_and_restores_nothing(
-    s3_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    shared_store: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, kernels: Kernels
 ) -> None:
     machine(tmp_path, "a", monkeypatch)
-    with SpotKernel() as kernel:
+    with kernels(load=True) as kernel:
         kernel.run("secret_model = 42")
-        assert "snapshot" in kernel.run("%spot snapshot")
+        snapshot_line(kernel.run("%spot snapshot"))
     machine(tmp_path, "b", monkeypatch)
-    with SpotKernel() as fresh:
+    with kernels(load=True) as fresh:
         restore = fresh.run("%spot restore latest", allow_error=True)
         listing = fresh.run("%spot list")
         assert "NameError" in fresh.run("secret_model", allow_error=True)  # nothing was unpickled
@@ -119,18 +106,19 @@ def test_fresh_machine_without_kms_names_the_fix_and_restores_nothing(
     assert "restored snapshot" not in restore
 
 
+@pytest.mark.s3
 def test_fresh_machine_missing_the_kms_setting_is_told_which_kms_key(
-    s3_url: str, kms_key: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    shared_store: str, kms_key: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, kernels: Kernels
 ) -> None:
     monkeypatch.setenv("JUPYTER_SPOT_KMS_KEY", kms_key)
     machine(tmp_path, "a", monkeypatch)
-    with SpotKernel() as kernel:
+    with kernels(load=True) as kernel:
         kernel.run("secret_model = 42")
-        assert "snapshot" in kernel.run("%spot snapshot")
+        snapshot_line(kernel.run("%spot snapshot"))
     arn = boto3.client("kms").describe_key(KeyId=kms_key)["KeyMetadata"]["Arn"]
     monkeypatch.delenv("JUPYTER_SPOT_KMS_KEY")
     machine(tmp_path, "b", monkeypatch)
-    with SpotKernel() as fresh:
+    with kernels(load=True) as fresh:
         restore = fresh.run("%spot restore latest", allow_error=True)
         listing = fresh.run("%spot list")
         assert "NameError" in fresh.run("secret_model", allow_error=True)
@@ -181,83 +169,85 @@ def spot_cli(tmp_path: Path, *args: str) -> subprocess.CompletedProcess[str]:
 
 
 def key_objects(url: str) -> list[str]:
-    bucket, _, prefix = url[5:].partition("/")
+    bucket, prefix = bucket_and_prefix(url)
     listed = boto3.client("s3").list_objects_v2(Bucket=bucket, Prefix=f"{prefix}/keys/")
     return [item["Key"].rsplit("/", 1)[-1] for item in listed.get("Contents", [])]
 
 
+def both_held(pauses: list[FaultPause], processes: list[subprocess.Popen[str]]) -> bool:
+    """Whether every process is held at key creation; fails the test at once if one has exited."""
+    exited = [p for p in processes if p.poll() is not None]
+    assert not exited, [p.communicate() for p in exited]
+    return all((pause.folder / "key-create.reached").exists() for pause in pauses)
+
+
+@pytest.mark.s3
 def test_rotation_signs_with_the_new_key_and_old_snapshots_still_verify(
-    s3_url: str, kms_key: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    shared_store: str, kms_key: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv("JUPYTER_SPOT_KMS_KEY", kms_key)
-    assert output(on_machine(tmp_path, "a", SIGN, s3_url, SESSION, "0001")) == "kms-000001"
+    assert output(on_machine(tmp_path, "a", SIGN, shared_store, SESSION, "0001")) == "kms-000001"
     rotated = spot_cli(tmp_path, "key", "rotate")
     assert rotated.returncode == 0, rotated.stderr
     assert "kms-000002" in rotated.stdout and "older ones still verify" in rotated.stdout
-    assert output(on_machine(tmp_path, "b", SIGN, s3_url, SESSION, "0002")) == "kms-000002"
-    assert json.loads(output(on_machine(tmp_path, "c", VERIFY, s3_url))) == ["0001", "0002"]
-    assert key_objects(s3_url) == ["000001.json", "000002.json"]
+    assert output(on_machine(tmp_path, "b", SIGN, shared_store, SESSION, "0002")) == "kms-000002"
+    assert json.loads(output(on_machine(tmp_path, "c", VERIFY, shared_store))) == ["0001", "0002"]
+    assert key_objects(shared_store) == ["000001.json", "000002.json"]
     shown = spot_cli(tmp_path, "key", "--json")
     assert json.loads(shown.stdout)["current"] == "kms-000002", shown.stderr
 
 
+@pytest.mark.s3
+@pytest.mark.faults  # holds two writers at key creation
 def test_two_machines_creating_the_first_key_at_once_agree_on_one(
-    s3_url: str, kms_key: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    shared_store: str, kms_key: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv("JUPYTER_SPOT_KMS_KEY", kms_key)
-    pauses = [tmp_path / "pause-a", tmp_path / "pause-b"]
-    writers = []
-    for name, pause in zip("ab", pauses):
-        pause.mkdir()
-        writers.append(on_machine(tmp_path, name, SIGN, s3_url, f"{name}.ipynb", "0001",
-                                  JUPYTER_SPOT_FAULTS=f"key-create=pause:{pause}"))
-    deadline = time.monotonic() + 60  # both hold a fresh data key, neither has written it
-    while not all((pause / "key-create.reached").exists() for pause in pauses):
-        assert time.monotonic() < deadline, "a writer never reached key creation"
-        assert all(w.poll() is None for w in writers), [w.communicate() for w in writers if w.poll() is not None]
-        time.sleep(0.05)
+    pauses = [FaultPause(tmp_path / f"pause-{name}", "key-create") for name in "ab"]
+    writers = [on_machine(tmp_path, name, SIGN, shared_store, f"{name}.ipynb", "0001", **pause.env)
+               for name, pause in zip("ab", pauses)]
+    # both hold a fresh data key, neither has written it
+    until(lambda: both_held(pauses, writers), 60, "both writers to reach key creation")
     # One finishes first (its snapshot signed); only then may the other write its key object.
-    (pauses[0] / "key-create.release").touch()
+    pauses[0].release("key-create")
     first = output(writers[0])
-    (pauses[1] / "key-create.release").touch()
+    pauses[1].release("key-create")
     assert [first, output(writers[1])] == ["kms-000001", "kms-000001"]
-    assert key_objects(s3_url) == ["000001.json"]
+    assert key_objects(shared_store) == ["000001.json"]
     # The loser signed with the winner's key, not its own: a third machine verifies both.
-    assert sorted(json.loads(output(on_machine(tmp_path, "c", VERIFY, s3_url)))) == ["0001", "0001"]
+    assert sorted(json.loads(output(on_machine(tmp_path, "c", VERIFY, shared_store)))) == ["0001", "0001"]
 
 
+@pytest.mark.s3
+@pytest.mark.faults  # holds two rotations at key creation
 def test_two_rotations_at_once_make_one_new_key(
-    s3_url: str, kms_key: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    shared_store: str, kms_key: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv("JUPYTER_SPOT_KMS_KEY", kms_key)
-    assert output(on_machine(tmp_path, "a", SIGN, s3_url, SESSION, "0001")) == "kms-000001"
+    assert output(on_machine(tmp_path, "a", SIGN, shared_store, SESSION, "0001")) == "kms-000001"
     rotate = "import sys\nfrom jupyter_spot.store import open_store\nprint(open_store(sys.argv[1]).signer.ring.kms.rotate().id)"
-    pauses = [tmp_path / "pause-a", tmp_path / "pause-b"]
-    rotators = []
-    for name, pause in zip("ab", pauses):
-        pause.mkdir()
-        rotators.append(on_machine(tmp_path, name, rotate, s3_url, JUPYTER_SPOT_FAULTS=f"key-create=pause:{pause}"))
-    deadline = time.monotonic() + 60  # both have made key 2 in memory, neither has written it
-    while not all((pause / "key-create.reached").exists() for pause in pauses):
-        assert time.monotonic() < deadline, "a rotation never reached key creation"
-        time.sleep(0.05)
-    (pauses[0] / "key-create.release").touch()
+    pauses = [FaultPause(tmp_path / f"pause-{name}", "key-create") for name in "ab"]
+    rotators = [on_machine(tmp_path, name, rotate, shared_store, **pause.env) for name, pause in zip("ab", pauses)]
+    # both have made key 2 in memory, neither has written it
+    until(lambda: both_held(pauses, rotators), 60, "both rotations to reach key creation")
+    pauses[0].release("key-create")
     first = output(rotators[0])
-    (pauses[1] / "key-create.release").touch()
+    pauses[1].release("key-create")
     assert [first, output(rotators[1])] == ["kms-000002", "kms-000002"]
-    assert key_objects(s3_url) == ["000001.json", "000002.json"]
-    assert output(on_machine(tmp_path, "c", SIGN, s3_url, SESSION, "0002")) == "kms-000002"
-    assert json.loads(output(on_machine(tmp_path, "d", VERIFY, s3_url))) == ["0001", "0002"]
+    assert key_objects(shared_store) == ["000001.json", "000002.json"]
+    assert output(on_machine(tmp_path, "c", SIGN, shared_store, SESSION, "0002")) == "kms-000002"
+    assert json.loads(output(on_machine(tmp_path, "d", VERIFY, shared_store))) == ["0001", "0002"]
 
 
+@pytest.mark.s3
 def test_forged_key_objects_are_skipped_not_trusted_and_break_nothing(
-    s3_url: str, kms_key: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    shared_store: str, kms_key: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Someone who may write to the store but not use our KMS key plants key objects."""
     import base64
 
     monkeypatch.setenv("JUPYTER_SPOT_KMS_KEY", kms_key)
-    bucket = s3_url[5:].split("/")[0]
+    bucket, prefix = bucket_and_prefix(shared_store)
     kms = boto3.client("kms")
     their_key = kms.create_key()["KeyMetadata"]["KeyId"]
     planted = kms.generate_data_key(
@@ -265,16 +255,16 @@ def test_forged_key_objects_are_skipped_not_trusted_and_break_nothing(
         EncryptionContext={"purpose": "jupyter-spot signing key", "key-id": "kms-000002"},
     )
     s3 = boto3.client("s3")
-    s3.put_object(Bucket=bucket, Key="team/keys/000001.json", Body=b"not json")
-    s3.put_object(Bucket=bucket, Key="team/keys/000002.json", Body=json.dumps({
+    s3.put_object(Bucket=bucket, Key=f"{prefix}/keys/000001.json", Body=b"not json")
+    s3.put_object(Bucket=bucket, Key=f"{prefix}/keys/000002.json", Body=json.dumps({
         "format": "jupyter-spot-key/1", "id": "kms-000002", "kms_key": their_key,
         "ciphertext": base64.b64encode(planted["CiphertextBlob"]).decode(),
     }).encode())
-    signer = on_machine(tmp_path, "a", SIGN, s3_url, SESSION, "0001")
+    signer = on_machine(tmp_path, "a", SIGN, shared_store, SESSION, "0001")
     assert output(signer) == "kms-000003"  # its own key, made beside the planted ones
-    assert json.loads(output(on_machine(tmp_path, "b", VERIFY, s3_url))) == ["0001"]
+    assert json.loads(output(on_machine(tmp_path, "b", VERIFY, shared_store))) == ["0001"]
     # An envelope that names a planted key is refused, not verified with the attacker's key.
-    manifest_key = f"team/sessions/{SESSION}/0001.json"
+    manifest_key = f"{prefix}/sessions/{SESSION}/0001.json"
     envelope = json.loads(s3.get_object(Bucket=bucket, Key=manifest_key)["Body"].read())
     body = envelope["body"].replace('"blobs":[]', '"blobs":[],"evil":1').replace('"id":"0001"', '"id":"0002"')
     import hashlib
@@ -285,22 +275,23 @@ def test_forged_key_objects_are_skipped_not_trusted_and_break_nothing(
     place = snapshot_place(SESSION, "0002")
     forged = {**envelope, "key": "kms-000002", "body": body, "place": place,
               "signature": hmac.new(planted["Plaintext"], _message(MANIFEST, place, body), hashlib.sha256).hexdigest()}
-    s3.put_object(Bucket=bucket, Key=f"team/sessions/{SESSION}/0002.json", Body=json.dumps(forged).encode())
-    verify = on_machine(tmp_path, "c", VERIFY, s3_url)
+    s3.put_object(Bucket=bucket, Key=f"{prefix}/sessions/{SESSION}/0002.json", Body=json.dumps(forged).encode())
+    verify = on_machine(tmp_path, "c", VERIFY, shared_store)
     _, err = verify.communicate(timeout=120)
     assert verify.returncode != 0 and "kms-000002" in err and "refusing to unpickle" in err, err
 
 
+@pytest.mark.s3
 def test_a_tiered_store_signs_with_the_keys_in_s3(
-    s3_url: str, kms_key: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    shared_store: str, kms_key: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv("JUPYTER_SPOT_KMS_KEY", kms_key)
     cache = tmp_path / "efs-cache"
     script = SIGN + "assert store.kind == 'tiered' and store.flush_replication() == []\n"
-    assert output(on_machine(tmp_path, "a", script, s3_url, SESSION, "0001", JUPYTER_SPOT_CACHE=str(cache))) == "kms-000001"
+    assert output(on_machine(tmp_path, "a", script, shared_store, SESSION, "0001", JUPYTER_SPOT_CACHE=str(cache))) == "kms-000001"
     assert not (cache / "keys").exists()  # the keys live with the durable copy
-    assert key_objects(s3_url) == ["000001.json"]
-    assert json.loads(output(on_machine(tmp_path, "b", VERIFY, s3_url))) == ["0001"]
+    assert key_objects(shared_store) == ["000001.json"]
+    assert json.loads(output(on_machine(tmp_path, "b", VERIFY, shared_store))) == ["0001"]
 
 
 # -- jupyter spot doctor -------------------------------------------------------------
@@ -319,7 +310,8 @@ def key_line(text: str) -> str:
     return "\n".join(lines)
 
 
-def test_doctor_fails_when_a_shared_store_has_a_key_only_this_machine_holds(s3_url: str, tmp_path: Path) -> None:
+@pytest.mark.s3
+def test_doctor_fails_when_a_shared_store_has_a_key_only_this_machine_holds(shared_store: str, tmp_path: Path) -> None:
     status, out, err = doctor(tmp_path)
     assert status == 1, out + err
     line = key_line(out)
@@ -327,20 +319,23 @@ def test_doctor_fails_when_a_shared_store_has_a_key_only_this_machine_holds(s3_u
     assert "export JUPYTER_SPOT_KMS_KEY=" in line, out
 
 
-def test_doctor_warns_when_a_shared_store_relies_on_an_env_key(s3_url: str, tmp_path: Path) -> None:
+@pytest.mark.s3
+def test_doctor_warns_when_a_shared_store_relies_on_an_env_key(shared_store: str, tmp_path: Path) -> None:
     status, out, err = doctor(tmp_path, JUPYTER_SPOT_SIGNING_KEY=secrets.token_hex(32))
     assert status == 0, out + err  # the user may set the same key everywhere: a warning, with the better way
     line = key_line(out)
     assert line.startswith("warn") and "same value" in line and "export JUPYTER_SPOT_KMS_KEY=" in line, out
 
 
-def test_doctor_passes_with_kms_keys_in_the_store(s3_url: str, kms_key: str, tmp_path: Path) -> None:
+@pytest.mark.s3
+def test_doctor_passes_with_kms_keys_in_the_store(shared_store: str, kms_key: str, tmp_path: Path) -> None:
     status, out, err = doctor(tmp_path, JUPYTER_SPOT_KMS_KEY=kms_key)
     assert status == 0, out + err
     assert key_line(out).startswith("ok") and kms_key in key_line(out), out
 
 
-def test_doctor_fails_clearly_when_kms_refuses(s3_url: str, tmp_path: Path) -> None:
+@pytest.mark.s3
+def test_doctor_fails_clearly_when_kms_refuses(shared_store: str, tmp_path: Path) -> None:
     status, out, err = doctor(tmp_path, JUPYTER_SPOT_KMS_KEY="alias/no-such-key")
     assert status == 1 and "Traceback" not in err, out + err
     line = key_line(out)
@@ -398,17 +393,18 @@ def jp_server_config(spot_env: Path, request: pytest.FixtureRequest) -> dict[str
 
 
 @pytest.fixture
-def server_kms(s3_url: str, kms_key: str, monkeypatch: pytest.MonkeyPatch) -> str:
+def server_kms(shared_store: str, kms_key: str, monkeypatch: pytest.MonkeyPatch) -> str:
     """A KMS key given to the server as c.SpotApp.kms_key_id only (the variable it sets is undone after)."""
     monkeypatch.setenv("JUPYTER_SPOT_KMS_KEY", "unset after the test")
     monkeypatch.delenv("JUPYTER_SPOT_KMS_KEY")
     return kms_key
 
 
+@pytest.mark.s3
 async def test_server_config_kms_key_verifies_and_reaches_its_kernels(
-    server_kms: str, s3_url: str, tmp_path: Path, jp_serverapp: Any, jp_fetch: Any
+    server_kms: str, shared_store: str, tmp_path: Path, jp_serverapp: Any, jp_fetch: Any
 ) -> None:
-    writer = on_machine(tmp_path, "a", SIGN, s3_url, SESSION, "0001", JUPYTER_SPOT_KMS_KEY=server_kms)
+    writer = on_machine(tmp_path, "a", SIGN, shared_store, SESSION, "0001", JUPYTER_SPOT_KMS_KEY=server_kms)
     assert output(writer) == "kms-000001"
     reply = json.loads((await jp_fetch("jupyter-spot", "api", "sessions", params={"path": SESSION})).body)
     assert [s["id"] for s in reply["sessions"]] == [SESSION] and reply["unverifiable"] == []
@@ -458,35 +454,29 @@ def test_cli_list_shows_snapshots_signed_elsewhere_with_the_fix(spot_env: Path, 
     assert "fix: the key is on the machine that wrote it" in listed.stdout
 
 
-def test_lab_shows_the_fix_and_offers_no_restore_for_snapshots_signed_elsewhere(spot_env: Path, tmp_path: Path) -> None:
-    import re
-
-    from lab_harness import CHROMIUM, CHROMIUM_ARGS, SCREENSHOTS, Lab, write_notebook
-    from playwright.sync_api import expect, sync_playwright
-
+@pytest.mark.browser
+@pytest.mark.servers
+def test_lab_shows_the_fix_and_offers_no_restore_for_snapshots_signed_elsewhere(
+    spot_env: Path, tmp_path: Path, jupyter_servers: Callable[..., JupyterServer], page: Page
+) -> None:
     notebook = "work/analysis.ipynb"
     write_notebook(tmp_path / "root" / notebook, "x = 1")
     written_on_another_machine(spot_env, notebook)
-    lab = Lab(tmp_path, tmp_path / "root", spot_env, env={"JUPYTER_SPOT_CLOUD": "none"}).start()
-    try:
-        with sync_playwright() as playwright:
-            chromium = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
-            page = chromium.new_context(viewport={"width": 1400, "height": 860}).new_page()
-            page.goto(lab.lab_url(notebook), timeout=60_000)
-            note = page.get_by_role("alert", name="Snapshots signed with another key")
-            expect(note).to_be_visible(timeout=60_000)
-            expect(note).to_contain_text(re.compile(
-                r"This notebook has 1 snapshot signed with key local-[0-9a-f]{16}, which this machine does not "
-                r"have, so none can be restored here\. To use them: .*JUPYTER_SPOT_KMS_KEY=.*JUPYTER_SPOT_SIGNING_KEY"
-            ))
-            expect(page.locator(".jp-spot-restore")).to_have_count(0)  # nothing offered that would load it
-            SCREENSHOTS.mkdir(exist_ok=True)
-            page.screenshot(path=str(SCREENSHOTS / "unverified.png"))
-            note.get_by_role("button", name="Dismiss").click()
-            expect(note).to_have_count(0)
-            chromium.close()
-    finally:
-        lab.stop()
+    lab = jupyter_servers(
+        "lab", tmp_path / "root", lab=True, store=spot_env, env={"JUPYTER_SPOT_CLOUD": "none"}, poll=0.5,
+        options=["--SpotApp.gc_interval=0"],
+    ).start()
+    page.goto(lab.lab_url(notebook), timeout=60_000)
+    note = page.get_by_role("alert", name="Snapshots signed with another key")
+    expect(note).to_be_visible(timeout=60_000)
+    expect(note).to_contain_text(re.compile(
+        r"This notebook has 1 snapshot signed with key local-[0-9a-f]{16}, which this machine does not "
+        r"have, so none can be restored here\. To use them: .*JUPYTER_SPOT_KMS_KEY=.*JUPYTER_SPOT_SIGNING_KEY"
+    ))
+    expect(page.locator(".jp-spot-restore")).to_have_count(0)  # nothing offered that would load it
+    shot(page, "unverified")
+    note.get_by_role("button", name="Dismiss").click()
+    expect(note).to_have_count(0)
 
 
 def test_envelopes_name_their_key_and_a_forged_key_id_or_signature_is_refused(tmp_path: Path) -> None:

@@ -11,12 +11,14 @@ import subprocess
 import sys
 import time
 import urllib.parse
+from collections.abc import Callable
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 
 import nbformat
 import pytest
+from harness import JupyterServer, Kernel, snapshot_line, until_async
 from tornado.httpclient import HTTPClientError
 
 from jupyter_spot.server import catalog
@@ -95,13 +97,6 @@ def open_body(path: str, name: str | None = None) -> dict[str, Any]:
             "kernel": {"name": "python3"}}
 
 
-async def wait_until(condition: Any, what: str, timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, what
-        await asyncio.sleep(0.05)
-
-
 def warnings_naming(caplog: pytest.LogCaptureFixture, text: str) -> list[str]:
     return [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING and text in r.getMessage()]
 
@@ -135,44 +130,41 @@ async def test_a_kernel_whose_post_start_steps_fail_is_shut_down(
     assert jp_serverapp.kernel_manager.list_kernel_ids() == []
 
 
+@pytest.mark.servers
 async def test_the_heartbeat_outlives_a_malformed_record_and_a_failed_beat(
-    spot_env: Path, tmp_path: Path, store: Any
+    spot_env: Path, tmp_path: Path, store: Any, jupyter_servers: Callable[..., JupyterServer]
 ) -> None:
     """A real server: one session's record turns into a list and one beat fails; every live notebook still
     beats, so `jupyter spot list` (and other servers) never call them INTERRUPTED."""
-    from test_server_e2e import Server
-
     root = tmp_path / "root"
     root.mkdir()
     for notebook in ("a.ipynb", "b.ipynb"):
         nbformat.write(nbformat.v4.new_notebook(), root / notebook)
         commit(store, notebook)
-    home = tmp_path / "home"
-    home.mkdir()
-    env = {**os.environ, "JUPYTER_SPOT_FAULTS": "heartbeat=raise@3"}
-    server = Server(root, home, env, sources="signal", extra=("--SpotApp.heartbeat_interval=0.3",))
-    try:
-        await server.wait_ready()
-        for notebook in ("a.ipynb", "b.ipynb"):
-            await server.fetch("api/sessions", "POST", open_body(notebook))
-        good, bad = session_record_name("a.ipynb"), session_record_name("b.ipynb")
-        write_raw_record(spot_env, bad, b'["x"]')
-        beats: set[str] = set()
+    server = jupyter_servers(
+        "server", root, env={"JUPYTER_SPOT_FAULTS": "heartbeat=raise@3"}, sources=["signal"],
+        options=["--SpotApp.heartbeat_interval=0.3"],
+    )
+    await asyncio.to_thread(server.start)
+    for notebook in ("a.ipynb", "b.ipynb"):
+        await server.fetch("api/sessions", "POST", open_body(notebook))
+    good, bad = session_record_name("a.ipynb"), session_record_name("b.ipynb")
+    write_raw_record(spot_env, bad, b'["x"]')
+    beats: set[str] = set()
 
-        def a_beats_on() -> bool:
-            (holder,) = store.get_record(good)["holders"].values()
-            beats.add(holder["heartbeat"])
-            return len(beats) >= 5
+    def a_beats_on() -> bool:
+        (holder,) = store.get_record(good)["holders"].values()
+        beats.add(holder["heartbeat"])
+        return len(beats) >= 5
 
-        await wait_until(a_beats_on, "the heartbeat task died")
-        await wait_until(lambda: store.get_record(bad) is not None, "the malformed record was never rewritten")
-        listed = spot_list(spot_env)
-        assert listed.returncode == 0, listed.stderr
-        flags = {s["id"]: (s["interrupted"], bool(s["live_elsewhere"])) for s in json.loads(listed.stdout)["sessions"]}
-        assert flags == {"a.ipynb": (False, True), "b.ipynb": (False, True)}
-    finally:
-        server.stop()
-    log = (home / "server.log").read_text()
+    await until_async(a_beats_on, 30, "a's heartbeat to go on beating (the heartbeat task died)")
+    await until_async(lambda: store.get_record(bad) is not None, 30, "the malformed record to be rewritten")
+    listed = spot_list(spot_env)
+    assert listed.returncode == 0, listed.stderr
+    flags = {s["id"]: (s["interrupted"], bool(s["live_elsewhere"])) for s in json.loads(listed.stdout)["sessions"]}
+    assert flags == {"a.ipynb": (False, True), "b.ipynb": (False, True)}
+    server.kill()  # the machine vanishes: the log holds what the server said until then
+    log = server.log_path.read_text(errors="replace")
     assert "heartbeat failed" in log and "injected fault at heartbeat" in log
     assert log.count(bad) == 1, log  # one warning, however many beats read it
 
@@ -247,32 +239,12 @@ def test_long_names_are_stored_listed_and_loaded_under_their_real_name(session: 
         assert len(path.name.encode()) <= 255, path
 
 
-@pytest.fixture(scope="module")
-def moto() -> Any:
-    from s3_server import MotoServer
-
-    server = MotoServer()
-    yield server
-    server.stop()
-
-
-def test_long_names_on_s3_keep_keys_under_1024_bytes(
-    moto: Any, spot_env: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
-) -> None:
-    import secrets
-
+@pytest.mark.s3
+def test_long_names_on_s3_keep_keys_under_1024_bytes(s3_url: str, spot_env: Path) -> None:
     import boto3
 
-    for name, value in {
-        "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
-        "AWS_ENDPOINT_URL": moto.url, "AWS_CONFIG_FILE": str(spot_env.parent / "none"),
-        "AWS_SHARED_CREDENTIALS_FILE": str(spot_env.parent / "none"), "AWS_EC2_METADATA_DISABLED": "true",
-    }.items():
-        monkeypatch.setenv(name, value)
-    monkeypatch.delenv("JUPYTER_SPOT_CACHE", raising=False)
-    bucket = f"spot-{secrets.token_hex(6)}"
+    bucket = s3_url[len("s3://"):].split("/")[0]
     client = boto3.client("s3")
-    client.create_bucket(Bucket=bucket)
     s3 = open_store(f"s3://{bucket}/team/spot")
     longest = "d/" + "長" * 1000  # 9,000 bytes percent-encoded
     middle = "m/" + "é" * 100 + ".ipynb"  # 608 bytes encoded: too long for a disk, fine as an S3 key
@@ -314,13 +286,11 @@ def test_a_long_names_folder_does_not_answer_for_another_name(spot_env: Path, st
     assert len(listed) == 1 and listed[0] in (LONG_NAME, other)
 
 
-def test_a_long_name_snapshots_from_a_real_kernel(spot_env: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from spot_kernel import SpotKernel
-
-    monkeypatch.setenv("JUPYTER_SPOT_SESSION", LONG_NAME)
-    with SpotKernel() as kernel:
+def test_a_long_name_snapshots_from_a_real_kernel(spot_env: Path, kernels: Callable[..., Kernel]) -> None:
+    with kernels(session=LONG_NAME, load=True) as kernel:
         out = kernel.run("sales = [1, 2, 3]\n%spot snapshot")
         assert "too long" not in out.lower(), out
+        snapshot_line(out)
     store = open_store(str(spot_env))
     assert store.list_sessions() == [LONG_NAME]
     assert len(store.list_snapshots(LONG_NAME)) >= 1

@@ -1,4 +1,4 @@
-"""Malformed and misplaced signed documents, generated from a seed (helper for test_fuzz_documents).
+"""Malformed and misplaced signed documents, generated from a seed (used by test_fuzz_documents).
 
 Every document is one that a reader must refuse *where it is planted*:
 truncated, of the wrong JSON types, of the wrong shape, huge or deeply nested,
