@@ -24,6 +24,7 @@ from harness import Kernel, until
 from jupyter_spot.jobs import record
 from jupyter_spot.jobs.record import active_on_host
 from jupyter_spot.store import collect_garbage, open_store
+from jupyter_spot.store.manifest import JOB_RUNNER
 
 DEADLINE = 30.0
 Kernels = Callable[..., Kernel]
@@ -246,8 +247,13 @@ def test_a_job_running_on_another_machine_counts_while_its_heartbeat_is_fresh(
     os.killpg(pid, signal.SIGKILL)
     until(lambda: not _runners(store), DEADLINE, "the job's process to go")
     # As if that runner had been on another machine, which last stamped the record `beat_age` s ago.
+    # Only the runner's signed claim says where it runs (the plain `host` is for people), so the
+    # claim is signed anew for the other host, as that machine's runner would have signed it.
     beat = (datetime.now(timezone.utc) - timedelta(seconds=beat_age)).isoformat(timespec="milliseconds")
-    record.update(open_store(str(store)), _job(store, "far")["id"], host="other-machine.internal", heartbeat=beat)
+    opened, job = open_store(str(store)), _job(store, "far")
+    claim = {**record.runner(opened, job), "host": "other-machine.internal"}
+    runner = record.sign(opened, claim, JOB_RUNNER, job["session"], job["id"])
+    record.update(opened, job["id"], host="other-machine.internal", heartbeat=beat, runner=runner)
     go.touch()
     fresh = _kernel(kernels, tmp_path)
     report = fresh.execute("%spot restore latest")
