@@ -83,8 +83,10 @@ ASK_FIRST_SIZE = 1 << 20
 #: A writer's lease older than this belongs to a process that died and is
 #: ignored; a live writer refreshes it on use well before.
 LEASE_SECONDS = 10 * 60
-#: The same for a collector's lock, which a live collector refreshes every second.
-GC_LOCK_SECONDS = 30
+#: The same for a collector's lock, which a live collector refreshes every second
+#: (between manifests, blobs and deletions). Short, because a dead collector's lock
+#: holds writers back until it expires, and GCP and Azure give a notice only 30 s.
+GC_LOCK_SECONDS = 10
 #: The longest a writer waits for collectors' locks to go. A live collector
 #: yields within about a second of seeing the writer's lease and a dead one's
 #: lock expires after GC_LOCK_SECONDS, so a lock still live after this belongs to
