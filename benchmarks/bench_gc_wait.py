@@ -30,6 +30,7 @@ import boto3
 from harness.s3 import MotoServer
 
 from jupyter_spot.store import collect_garbage, digest_of
+from jupyter_spot.store.manifest import MANIFEST, snapshot_place
 from jupyter_spot.store.s3 import S3Store
 
 
@@ -62,7 +63,8 @@ def run(endpoint: str, args: argparse.Namespace) -> None:
         if number == args.manifests - 1:
             setup.commit_manifest(manifest)  # the last one drops the lease put_blob took
         else:  # the others straight in: the setup need not pay a lease per manifest
-            setup._write_manifest(manifest["session"], manifest["id"], setup.signer.encode(manifest))
+            place = snapshot_place(manifest["session"], manifest["id"])
+            setup._write_manifest(manifest["session"], manifest["id"], setup.signer.encode(manifest, MANIFEST, place))
 
     started = time.perf_counter()
     collect_garbage(S3Store(url), keep=args.manifests, grace_seconds=0)
