@@ -3,31 +3,17 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
+from harness.spot_cli import spot
 from harness.store import commit_snapshot
 
 from jupyter_spot.server.catalog import session_record_name
 from jupyter_spot.store import open_store
 
 pytestmark = pytest.mark.timeout(120)
-
-
-SPOT = [sys.executable, "-c", "from jupyter_spot.cli import main; main()"]
-
-
-def spot(*args: str, check: bool = True, **env: str) -> subprocess.CompletedProcess[str]:
-    """``jupyter spot ARGS`` in a subprocess (no cloud detection unless ``env`` asks for one)."""
-    env = {**os.environ, "JUPYTER_SPOT_CLOUD": "none", **env}
-    result = subprocess.run([*SPOT, *args], capture_output=True, text=True, env=env, timeout=60)
-    if check:
-        assert result.returncode == 0, result.stderr
-    return result
 
 
 @pytest.fixture

@@ -8,18 +8,16 @@ back with the reason "culled".
 
 from __future__ import annotations
 
-import asyncio
 import json
 import os
 import signal
-import time
 import urllib.parse
-from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
 import nbformat
 import pytest
+from harness import until_async
 
 from jupyter_spot.store import open_store
 from jupyter_spot.store.lines import load_decisions
@@ -64,17 +62,6 @@ async def execute(km: Any, kernel_id: str, code: str) -> str:
     return "".join(chunks)
 
 
-async def wait_until(check: Callable[[], Awaitable[Any]], what: str, timeout: float = 90) -> Any:
-    """Poll ``check`` until it returns something truthy; fail with ``what`` on timeout."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = await check()
-        if value:
-            return value
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        await asyncio.sleep(0.2)
-
-
 async def open_notebook(jp_fetch: Any) -> str:
     body = {"path": NOTEBOOK, "name": NOTEBOOK, "type": "notebook", "kernel": {"name": "python3"}}
     response = await jp_fetch("api", "sessions", method="POST", body=json.dumps(body))
@@ -94,7 +81,7 @@ async def snapshotted(store: Any, names: set[str]) -> None:
         ids = store.list_snapshots(NOTEBOOK)
         return bool(ids) and names <= set(store.load_manifest(NOTEBOOK, ids[-1])["variables"])
 
-    await wait_until(check, f"a snapshot holding {names}")
+    await until_async(check, 90, f"a snapshot holding {names}", interval=0.2)
 
 
 def restore_path() -> tuple[str, ...]:
@@ -116,13 +103,15 @@ async def test_an_oom_killed_kernel_is_offered_back_with_the_cause_and_its_large
         described = await session(jp_fetch)
         return described if described and described["interrupted"] else None
 
-    described = await wait_until(interrupted, "the session to be offered back after the kill")
+    described = await until_async(interrupted, 90, "the session to be offered back after the kill", interval=0.2)
     assert described["reason"] == "the kernel was killed (signal 9) — most likely out of memory", described
     assert described["cause"] == "oom"
     assert [v["name"] for v in described["largest_variables"]][0] == "big", described["largest_variables"]
     # jupyter_server restarted it under the same id: the restore goes into that kernel.
-    await wait_until(lambda: asyncio.sleep(0, kernel_id in km and km.get_kernel(kernel_id).provisioner.pid != pid),
-                     "the automatic restart")
+    await until_async(
+        lambda: kernel_id in km and km.get_kernel(kernel_id).provisioner.pid != pid, 90, "the automatic restart",
+        interval=0.2,
+    )
     # The restarted kernel's first cell says what it did not restore; running it does not end the offer.
     hint = await execute(km, kernel_id, "z = 1")
     assert "has state this kernel did not restore" in hint and described["latest"]["id"] in hint, hint
@@ -148,7 +137,7 @@ async def test_a_crashed_kernel_is_offered_back_as_a_crash(
         described = await session(jp_fetch)
         return described if described and described["interrupted"] else None
 
-    described = await wait_until(interrupted, "the session to be offered back after the crash")
+    described = await until_async(interrupted, 90, "the session to be offered back after the crash", interval=0.2)
     assert (described["reason"], described["cause"]) == ("the kernel crashed (signal 11)", "crash"), described
     assert described["largest_variables"] == []  # named only after an OOM
 
@@ -168,7 +157,7 @@ async def test_a_restart_the_user_asked_for_is_a_clean_end(
         decision = load_decisions(store, NOTEBOOK).get(line)
         return decision is not None and decision.decision == "closed"
 
-    await wait_until(closed, "the restarted kernel's old line to be closed")
+    await until_async(closed, 90, "the restarted kernel's old line to be closed", interval=0.2)
     described = await session(jp_fetch)
     assert described is not None and described["interrupted"] is False, described
     snapshots = await jp_fetch("jupyter-spot", "api", "sessions", urllib.parse.quote(NOTEBOOK, safe=""), "snapshots")
@@ -184,10 +173,10 @@ async def test_a_culled_kernel_is_offered_back_with_the_reason_culled(
     kernel_id = await open_notebook(jp_fetch)
     await execute(km, kernel_id, "x = 42")
     await snapshotted(store, {"x"})
-    await wait_until(lambda: asyncio.sleep(0, kernel_id not in km), "the idle culler", timeout=120)
+    await until_async(lambda: kernel_id not in km, 120, "the idle culler", interval=0.2)
     km._culler_callback.stop()  # the kernel the restore starts must not be culled in turn
 
-    described = await wait_until(lambda: session(jp_fetch), "the culled session")
+    described = await until_async(lambda: session(jp_fetch), 90, "the culled session", interval=0.2)
     assert described["interrupted"] is True, described
     assert described["reason"].startswith("culled after ") and described["reason"].endswith(" idle"), described
     assert described["cause"] == "culled" and described["largest_variables"] == []

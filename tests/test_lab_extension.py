@@ -8,7 +8,6 @@ state land in tests/screenshots/ (docs/screenshots/ holds a committed set).
 
 from __future__ import annotations
 
-import itertools
 import re
 import socket
 import time
@@ -19,63 +18,24 @@ from urllib.parse import quote
 import pytest
 from harness import JupyterServer, notebook_outputs, until, write_notebook
 from harness.browser import shot
-from playwright.sync_api import Locator, Page, expect
+from harness.lab_notebook import (  # noqa: F401 - fixtures
+    CELLS,
+    NOTEBOOK,
+    SLOW,
+    cell,
+    imds,
+    lab_factory,
+    open_notebook,
+    run_cell,
+)
+from playwright.sync_api import Page, expect
 
 from jupyter_spot.notice.simulator import Simulator
-
-NOTEBOOK = "work/analysis.ipynb"
-CELLS = (
-    'x = 6 * 7\nsecret = f"restored-{x}"\ncountdown = (i for i in range(3))\nprint("hello-from-cell", x)',
-    'y = [x] * 3\nprint("second-cell", len(y))',
-)
-SLOW = 60_000  # ms: Lab's first load and a kernel start on a busy 2-core machine
-expect.set_options(timeout=15_000)  # every other wait: generous for a loaded CI machine
 
 pytestmark = [pytest.mark.browser, pytest.mark.servers]
 
 
 Lab = JupyterServer
-
-
-@pytest.fixture
-def imds(simulators: Callable[..., Simulator]) -> Simulator:
-    return simulators("aws")
-
-
-@pytest.fixture
-def lab_factory(
-    spot_env: Path, tmp_path: Path, imds: Simulator, jupyter_servers: Callable[..., JupyterServer]
-) -> Callable[..., Lab]:
-    """Starts Lab servers (each its own home and log) on one root dir and store, with these plugin settings."""
-    root = tmp_path / "root"
-    write_notebook(root / NOTEBOOK, *CELLS)
-    count = itertools.count(1)
-
-    def start(**settings: object) -> Lab:
-        lab = jupyter_servers(
-            f"lab-{next(count)}", root, lab=True, env=imds.env, poll=0.5,
-            options=["--SpotApp.gc_interval=0"], spot_settings=settings,
-        )
-        return lab.start()
-
-    return start
-
-
-def open_notebook(page: Page, lab: Lab) -> None:
-    """Open the notebook and wait until its kernel is idle."""
-    page.goto(lab.lab_url(NOTEBOOK), timeout=SLOW)
-    expect(page.locator(".jp-NotebookPanel .jp-Cell").first).to_be_visible(timeout=SLOW)
-    expect(page.get_by_role("button", name=re.compile(r"\| Idle$"))).to_be_visible(timeout=SLOW)
-
-
-def cell(page: Page, index: int) -> Locator:
-    return page.locator(".jp-NotebookPanel .jp-Notebook .jp-Cell").nth(index)
-
-
-def run_cell(page: Page, index: int, expected_output: str) -> None:
-    cell(page, index).locator(".cm-content").click()
-    page.keyboard.press("Shift+Enter")
-    expect(cell(page, index).locator(".jp-OutputArea-output")).to_contain_text(expected_output, timeout=SLOW)
 
 
 def test_notice_shows_countdown_and_saves_the_dirty_notebook(page: Page, lab_factory: Callable[..., Lab], imds: Simulator) -> None:

@@ -11,29 +11,21 @@ from __future__ import annotations
 import os
 import re
 import signal
-import time
 from collections.abc import Callable
 from urllib.parse import quote
 
 import psutil
 import pytest
-from lab_harness import Lab
+from harness import JupyterServer, until
+from harness.browser import shot
+from harness.lab_notebook import NOTEBOOK, SLOW, imds, lab_factory, run_cell  # noqa: F401 - fixtures
 from playwright.sync_api import Page, expect
-from test_lab_extension import (  # noqa: F401 - fixtures
-    NOTEBOOK,
-    SLOW,
-    cell,
-    chromium,
-    imds,
-    lab_factory,
-    page,
-    shot,
-)
 
 from jupyter_spot.notice.simulator import Simulator
 
-pytestmark = pytest.mark.timeout(420)
+pytestmark = [pytest.mark.timeout(420), pytest.mark.browser, pytest.mark.servers]
 FRONT_ENDS = ["lab", "notebook"]
+Lab = JupyterServer
 
 
 def url(lab: Lab, front_end: str) -> str:
@@ -45,27 +37,12 @@ def described(lab: Lab) -> dict | None:
     return sessions[0] if sessions else None
 
 
-def wait_for(predicate: Callable[[], object], what: str, timeout: float = 90) -> object:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.2)
-
-
 def open_in(page: Page, lab: Lab, front_end: str) -> None:
     """Open the notebook in Lab or Notebook 7 and wait until its kernel is idle (asked of the server)."""
     page.goto(url(lab, front_end), timeout=SLOW)
     expect(page.locator(".jp-NotebookPanel .jp-Cell").first).to_be_visible(timeout=SLOW)
-    wait_for(lambda: [k for k in lab.api("api/kernels") if k["execution_state"] == "idle"], "an idle kernel")
-
-
-def run(page: Page, index: int, expected_output: str) -> None:
-    cell(page, index).locator(".cm-content").click()
-    page.keyboard.press("Shift+Enter")
-    expect(cell(page, index).locator(".jp-OutputArea-output")).to_contain_text(expected_output, timeout=SLOW)
+    until(lambda: [k for k in lab.api("api/kernels") if k["execution_state"] == "idle"], 90, "an idle kernel",
+          interval=0.2, describe=lab.log)
 
 
 def kernel_pids(lab: Lab) -> list[int]:
@@ -82,7 +59,7 @@ def kernel_pids(lab: Lab) -> list[int]:
 
 
 def kernel_pid(lab: Lab) -> int:
-    (pid,) = wait_for(lambda: kernel_pids(lab), "a kernel process")
+    (pid,) = until(lambda: kernel_pids(lab), 90, "a kernel process", interval=0.2, describe=lab.log)
     return pid
 
 
@@ -95,7 +72,8 @@ def dismiss_restart_dialog(page: Page) -> None:
 
 
 def snapshot_holds_x(lab: Lab) -> None:
-    wait_for(lambda: (described(lab) or {}).get("latest", {}).get("variable_count", 0) >= 2, "a snapshot of cell 1")
+    until(lambda: (described(lab) or {}).get("latest", {}).get("variable_count", 0) >= 2, 90, "a snapshot of cell 1",
+          interval=0.2, describe=lab.log)
 
 
 @pytest.mark.parametrize("front_end", FRONT_ENDS)
@@ -104,7 +82,7 @@ def test_an_oom_killed_kernel_offers_its_state_at_once_restore_and_discard(
 ) -> None:
     lab = lab_factory()
     open_in(page, lab, front_end)
-    run(page, 0, "hello-from-cell 42")
+    run_cell(page, 0, "hello-from-cell 42")
     snapshot_holds_x(lab)
     os.kill(kernel_pid(lab), signal.SIGKILL)  # what the OOM killer does
 
@@ -119,7 +97,7 @@ def test_an_oom_killed_kernel_offers_its_state_at_once_restore_and_discard(
     shot(page, f"kernel-lost-oom-{front_end}")
     banner.get_by_role("button", name="Restore").click()
     expect(banner).to_have_attribute("data-state", "restored", timeout=SLOW)
-    run(page, 1, "second-cell 3")  # y = [x] * 3: x came back into the restarted kernel
+    run_cell(page, 1, "second-cell 3")  # y = [x] * 3: x came back into the restarted kernel
 
     os.kill(kernel_pid(lab), signal.SIGKILL)  # lost again: a new offer replaces the settled banner
     expect(banner).to_have_attribute("data-cause", "oom", timeout=SLOW)
@@ -130,7 +108,7 @@ def test_an_oom_killed_kernel_offers_its_state_at_once_restore_and_discard(
     assert described(lab)["interrupted"] is False
 
     open_in(page, lab, front_end)  # for good: a reload offers nothing
-    wait_for(lambda: described(lab)["interrupted"] is False, "the server to stop offering it")
+    until(lambda: described(lab)["interrupted"] is False, 90, "the server to stop offering it", interval=0.2)
     expect(banner).to_have_count(0)
 
 
@@ -140,15 +118,16 @@ def test_a_restart_the_user_asks_for_shows_no_banner(
 ) -> None:
     lab = lab_factory()
     open_in(page, lab, front_end)
-    run(page, 0, "hello-from-cell 42")
+    run_cell(page, 0, "hello-from-cell 42")
     snapshot_holds_x(lab)
     pid = kernel_pid(lab)
     page.get_by_role("menuitem", name="Kernel", exact=True).click()  # Kernel ▸ Restart Kernel…, as the user would
     page.get_by_role("menuitem", name=re.compile(r"^Restart Kernel…")).first.click()
     page.get_by_role("dialog").get_by_role("button", name="Confirm Kernel Restart").click()
-    wait_for(lambda: kernel_pids(lab) not in ([], [pid]), "the restarted kernel")
-    wait_for(lambda: [k for k in lab.api("api/kernels") if k["execution_state"] == "idle"], "an idle kernel")
-    run(page, 0, "hello-from-cell 42")  # the restarted kernel works and has taken a snapshot of its own
+    until(lambda: kernel_pids(lab) not in ([], [pid]), 90, "the restarted kernel", interval=0.2, describe=lab.log)
+    until(lambda: [k for k in lab.api("api/kernels") if k["execution_state"] == "idle"], 90, "an idle kernel",
+          interval=0.2, describe=lab.log)
+    run_cell(page, 0, "hello-from-cell 42")  # the restarted kernel works and has taken a snapshot of its own
     assert described(lab)["interrupted"] is False
     expect(page.locator(".jp-spot-restore")).to_have_count(0)
 

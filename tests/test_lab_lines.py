@@ -1,6 +1,6 @@
 """The restore banner's Discard button, and a banner that survives the user running cells first (issue 9 §1).
 
-A real ``jupyter lab`` per server, Chromium through Playwright (see tests/test_lab_extension.py).
+A real ``jupyter lab`` per server, Chromium through Playwright (see tests/harness/lab_notebook.py).
 """
 
 from __future__ import annotations
@@ -9,19 +9,14 @@ import re
 from collections.abc import Callable
 from urllib.parse import quote
 
-from lab_harness import Lab
+import pytest
+from harness import JupyterServer
+from harness.browser import shot
+from harness.lab_notebook import NOTEBOOK, SLOW, imds, lab_factory, open_notebook, run_cell  # noqa: F401 - fixtures
 from playwright.sync_api import Page, expect
-from test_lab_extension import (  # noqa: F401 - fixtures
-    NOTEBOOK,
-    SLOW,
-    chromium,
-    imds,
-    lab_factory,
-    open_notebook,
-    page,
-    run_cell,
-    shot,
-)
+
+pytestmark = [pytest.mark.browser, pytest.mark.servers]
+Lab = JupyterServer
 
 
 def sessions(lab: Lab) -> dict:

@@ -6,18 +6,22 @@ fresh kernel in the same session runs cells, sees a notice, restores or discards
 
 from __future__ import annotations
 
+import json
 import os
-import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import nbformat
 import pytest
-from spot_kernel import SpotKernel
+from harness import Kernel, snapshot_line, until, until_async
+from harness.spot_cli import spot
+from harness.store import commit_snapshot
 
 from jupyter_spot.notice import Notice, deliver_notice_to_kernel
 from jupyter_spot.notice.model import deadline_in
-from jupyter_spot.store import open_store
+from jupyter_spot.server.catalog import describe_session, session_record_name
+from jupyter_spot.store import collect_garbage, open_store
+from jupyter_spot.store.lines import DISCARDED, lines_record_name, record_decision
 
 pytestmark = pytest.mark.timeout(240)
 SESSION = "lines.ipynb"
@@ -29,24 +33,11 @@ def session(spot_env: Path, monkeypatch: pytest.MonkeyPatch) -> str:
     return SESSION
 
 
-def wait_for(predicate: Callable[[], Any], what: str, timeout: float = 60) -> Any:
-    """Poll until ``predicate`` is truthy; fail with ``what`` on timeout."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.05)
-
-
 def interrupted_machine(code: str) -> str:
     """A kernel on the old machine: runs ``code``, waits until it is durable, is SIGKILLed. Its newest snapshot."""
-    kernel = SpotKernel()
-    try:
+    with Kernel(load=True) as kernel:
         kernel.run(code)
         assert "pending: 0" in kernel.run("%spot status")
-    finally:
         kernel.kill()
     store = open_store(os.environ["JUPYTER_SPOT_STORE"])
     return store.list_snapshots(os.environ["JUPYTER_SPOT_SESSION"])[-1]
@@ -54,7 +45,7 @@ def interrupted_machine(code: str) -> str:
 
 def test_a_cell_before_restore_latest_does_not_shadow_the_interrupted_line(session: str, spot_env: Path) -> None:
     interrupted = interrupted_machine("x = 41\ndata = list(range(1000))")
-    with SpotKernel(load=False, extra_arguments=["--SpotSettings.keep=2"]) as fresh:
+    with Kernel(extra_arguments=["--SpotSettings.keep=2"]) as fresh:
         notice = fresh.run("%load_ext jupyter_spot")
         # Said once, in the first cell's output: which snapshot, when, how big, what, how to restore.
         assert interrupted in notice, notice
@@ -85,17 +76,15 @@ def test_a_notice_before_any_restore_does_not_shadow_the_interrupted_line(
     monkeypatch.setenv("JUPYTER_SPOT_SERVER_WATCHES", "1")
     monkeypatch.setenv("JUPYTER_SPOT_NOTICE_FILE", str(notice_file))
     store = open_store(str(spot_env))
-    fresh = SpotKernel()
-    try:
+    with Kernel(load=True) as fresh:
         before = len(store.list_snapshots(SESSION))
         notice = Notice("interruption", "terminate", deadline_in(60), "aws", event_id="lines-1")
         deliver_notice_to_kernel(fresh.pid, notice, notice_file)
-        wait_for(lambda: len(store.list_snapshots(SESSION)) > before, "the notice's flush")
-    finally:
+        until(lambda: len(store.list_snapshots(SESSION)) > before, 60, "the notice's flush")
         fresh.kill()
     flushed = store.load_manifest(SESSION, store.list_snapshots(SESSION)[-1])
     assert flushed["kind"] == "notice" and flushed["line"] != store.load_manifest(SESSION, interrupted)["line"]
-    with SpotKernel() as third:
+    with Kernel(load=True) as third:
         report = third.run("%spot restore latest")
         assert interrupted in report, report
         assert third.value("x") == 41
@@ -103,7 +92,7 @@ def test_a_notice_before_any_restore_does_not_shadow_the_interrupted_line(
 
 def test_discard_then_latest_is_the_newest_snapshot(session: str, spot_env: Path) -> None:
     interrupted = interrupted_machine("x = 41")
-    with SpotKernel() as fresh:
+    with Kernel(load=True) as fresh:
         fresh.run("y = 2")
         out = fresh.run("%spot discard")
         assert interrupted in out and "discarded" in out, out
@@ -114,20 +103,20 @@ def test_discard_then_latest_is_the_newest_snapshot(session: str, spot_env: Path
         assert "nothing to discard" in fresh.run("%spot discard")
         fresh.run("w = 3")
         own = store.list_snapshots(SESSION)[-1]
-    with SpotKernel(load=False) as later:
+    with Kernel() as later:
         notice = later.run("%load_ext jupyter_spot")
         assert own in notice and interrupted not in notice, notice  # the discarded line is not offered again
 
 
 def test_string_and_bytes_buffers_restore_with_contents_and_position(session: str) -> None:
-    with SpotKernel() as kernel:
+    with Kernel(load=True) as kernel:
         kernel.run(
             "import io\ntext = io.StringIO('hello\\nworld')\ntext.read(3)\n"
             "raw = io.BytesIO(b'abcdef')\nraw.seek(4)\nboth = [text, raw]"
         )
         out = kernel.run("%spot snapshot")
-        assert "0 skipped" in out, out
-    with SpotKernel() as fresh:
+        assert snapshot_line(out)["skipped"] == "0", out  # a snapshot was taken, and nothing left out
+    with Kernel(load=True) as fresh:
         report = fresh.run("%spot restore")
         assert "not restored" not in report, report
         assert fresh.value("(text.tell(), text.read(), raw.tell(), raw.read(), both[0] is text)") == (
@@ -165,11 +154,6 @@ async def run_in(km: Any, kernel_id: str, code: str) -> str:
 async def test_server_keeps_offering_the_interrupted_line_until_discard(
     session: str, spot_env: Path, jp_fetch: Any, jp_serverapp: Any, jp_root_dir: Path
 ) -> None:
-    import asyncio
-    import json
-
-    import nbformat
-
     interrupted = interrupted_machine("x = 41")
     nbformat.write(nbformat.v4.new_notebook(), jp_root_dir / SESSION)
     store = open_store(str(spot_env))
@@ -186,10 +170,12 @@ async def test_server_keeps_offering_the_interrupted_line_until_discard(
         ]
         return described
 
-    deadline = time.monotonic() + 60
-    while not any(store.load_manifest(SESSION, s).get("kernel") == kernel_id for s in store.list_snapshots(SESSION)):
-        assert time.monotonic() < deadline, "the new kernel never snapshotted"
-        await asyncio.sleep(0.1)
+    await until_async(
+        lambda: any(store.load_manifest(SESSION, s).get("kernel") == kernel_id for s in store.list_snapshots(SESSION)),
+        60,
+        "the new kernel's first snapshot",
+        interval=0.1,
+    )
     described = await listed()
     assert described["interrupted"] is True and described["live_kernel"] == kernel_id, described
     assert described["latest"]["id"] == interrupted and described["newest"]["id"] != interrupted, described
@@ -219,21 +205,13 @@ async def test_server_keeps_offering_the_interrupted_line_until_discard(
 
 
 def test_gc_spares_each_undecided_lines_newest_snapshot_for_keep_interrupted_days(spot_env: Path) -> None:
-    import json
-
-    from test_cli_store import spot
-    from test_server_api import commit
-
-    from jupyter_spot.store import collect_garbage
-    from jupyter_spot.store.lines import DISCARDED, record_decision
-
     store = open_store(str(spot_env))
     minutes = 24 * 60
-    ancient = commit(store, "nb.ipynb", minutes_ago=20 * minutes, line="ancient")  # lost 20 days ago
-    recent = [commit(store, "nb.ipynb", minutes_ago=2 * minutes - m, line="recent") for m in range(2)]
-    dropped = commit(store, "nb.ipynb", minutes_ago=minutes, line="dropped")
+    ancient = commit_snapshot(store, "nb.ipynb", minutes_ago=20 * minutes, line="ancient")  # lost 20 days ago
+    recent = [commit_snapshot(store, "nb.ipynb", minutes_ago=2 * minutes - m, line="recent") for m in range(2)]
+    dropped = commit_snapshot(store, "nb.ipynb", minutes_ago=minutes, line="dropped")
     record_decision(store, "nb.ipynb", "dropped", DISCARDED, dropped, "test")
-    current = [commit(store, "nb.ipynb", minutes_ago=10 - m, line="current") for m in range(4)]
+    current = [commit_snapshot(store, "nb.ipynb", minutes_ago=10 - m, line="current") for m in range(4)]
 
     report = json.loads(spot("gc", "--keep=2", "--keep-interrupted-days=30", "--json").stdout)
     assert sorted(report["snapshots_deleted"]) == [f"nb.ipynb/{i}" for i in sorted([recent[0], dropped, *current[:2]])]
@@ -245,13 +223,8 @@ def test_gc_spares_each_undecided_lines_newest_snapshot_for_keep_interrupted_day
 
 
 def test_old_manifests_are_one_line_and_a_forged_record_only_changes_what_is_offered(spot_env: Path) -> None:
-    from test_server_api import commit
-
-    from jupyter_spot.server.catalog import describe_session
-    from jupyter_spot.store.lines import lines_record_name
-
     store = open_store(str(spot_env))
-    old = [commit(store, "old.ipynb", minutes_ago=m) for m in (30, 20)]  # no `line`: written before lines
+    old = [commit_snapshot(store, "old.ipynb", minutes_ago=m) for m in (30, 20)]  # no `line`: written before lines
     described = describe_session(store, "old.ipynb", live=[])
     assert described is not None
     assert (described["interrupted"], described["line"], described["latest"]["id"]) == (True, "legacy", old[-1])
@@ -271,28 +244,19 @@ def test_old_manifests_are_one_line_and_a_forged_record_only_changes_what_is_off
 async def test_closing_the_new_kernel_closes_its_line_not_the_interrupted_one(
     session: str, spot_env: Path, jp_fetch: Any, jp_serverapp: Any, jp_root_dir: Path
 ) -> None:
-    import asyncio
-    import json
-
-    import nbformat
-
-    from jupyter_spot.server.catalog import session_record_name
-
     interrupted = interrupted_machine("x = 41")
     nbformat.write(nbformat.v4.new_notebook(), jp_root_dir / SESSION)
     store = open_store(str(spot_env))
     body = json.dumps({"path": SESSION, "name": SESSION, "type": "notebook", "kernel": {"name": "python3"}})
     opened = json.loads((await jp_fetch("api", "sessions", method="POST", body=body)).body)
     await run_in(jp_serverapp.kernel_manager, opened["kernel"]["id"], "y = 2")
-    deadline = time.monotonic() + 60
-    while len(store.list_snapshots(SESSION)) < 2:
-        assert time.monotonic() < deadline, "the new kernel never snapshotted"
-        await asyncio.sleep(0.1)
+    await until_async(lambda: len(store.list_snapshots(SESSION)) >= 2, 60, "the new kernel's first snapshot", interval=0.1)
     await jp_fetch("api", "sessions", opened["id"], method="DELETE")  # the user shuts the new kernel down
-    deadline = time.monotonic() + 30
-    while (store.get_record(session_record_name(SESSION)) or {}).get("state") != "closed":
-        assert time.monotonic() < deadline, "no closed record after the shutdown"
-        await asyncio.sleep(0.05)
+    await until_async(
+        lambda: (store.get_record(session_record_name(SESSION)) or {}).get("state") == "closed",
+        30,
+        "a closed record after the shutdown",
+    )
     (described,) = json.loads((await jp_fetch("jupyter-spot", "api", "sessions")).body)["sessions"]
     assert described["interrupted"] is True and described["latest"]["id"] == interrupted, described
     # Reopened: a new kernel is told about the lost line, not about the one the user closed.
