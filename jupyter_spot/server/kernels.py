@@ -171,17 +171,18 @@ class SpotKernels:
         return sorted(self.live.values(), key=lambda k: k.started)
 
     def session_for(self, env: dict[str, str], kernel_id: str) -> str:
-        """An explicit ``JUPYTER_SPOT_SESSION``, else the notebook path relative to the root dir (from the
-        sessions API, else ``JPY_SESSION_NAME``), else the kernel id."""
+        """An explicit ``JUPYTER_SPOT_SESSION``, else the notebook path relative to the root dir (the
+        sessions API's path when it names a notebook, else ``JPY_SESSION_NAME``), else the kernel id."""
         if env.get(SESSION_ENV):
             return env[SESSION_ENV]
-        if _notebook_path.get():
-            return _notebook_path.get()  # type: ignore[return-value]
+        api_path = _notebook_path.get()
+        if api_path and api_path.endswith(".ipynb"):
+            return api_path
+        # JupyterLab starts a notebook's session at a placeholder path (`work/<uuid>`) and names
+        # it after the notebook: then the name (JPY_SESSION_NAME) is the notebook.
         path = env.get(NOTEBOOK_PATH_ENV, "")
-        if path.endswith(("/", os.sep)):
-            return kernel_id  # a folder, not a notebook: an empty session name
-        if not path:
-            return kernel_id
+        if not path or path.endswith(("/", os.sep)):
+            return api_path or kernel_id  # a folder or nothing, not a notebook: an empty session name
         root = os.path.realpath(self.app.serverapp.root_dir)
         if os.path.isabs(path):
             real = os.path.realpath(path)

@@ -456,8 +456,8 @@ class FileStore(Store):
         try:
             with open(self._record_path(name), "rb") as handle:
                 data = handle.read(MAX_RECORD_BYTES + 1)
-        except FileNotFoundError:
-            return None
+        except (FileNotFoundError, NotADirectoryError):  # ENOTDIR: the store's path runs through a file, so
+            return None  # nothing was ever stored there; writes say so (the store is read-only)
         except OSError as error:
             raise self._wrap(error, f"reading record {name}") from error
         if len(data) > MAX_RECORD_BYTES:
