@@ -39,6 +39,9 @@ class LatestChoice:
     notes: list[str] = field(default_factory=list)
     #: The notes hold only if one of these loads (else the fallbacks tell the story).
     line_snapshots: set[str] = field(default_factory=set)
+    #: Other interrupted lines by id, each with the note naming it: said whatever loads,
+    #: unless it is that line's own snapshot, so no lost state is passed over in silence.
+    other_lines: dict[str, str] = field(default_factory=dict)
 
 
 def describe_snapshot(manifest: dict[str, Any]) -> str:
@@ -143,15 +146,14 @@ class KernelLines:
                 "loads that one"
             )
         # Two kernels lost on one session leave two lines: the one not chosen is named, never passed over.
-        named = {line.id, newest.id, self.line}
         decisions = load_decisions(self.store, session)
-        for other in sorted(lines.values(), key=lambda each: each.newest_id, reverse=True):
-            if other.id not in named and undecided(other, decisions):
-                notes.append(
-                    f"line {other.id} was interrupted too and nobody restored it (newest snapshot "
-                    f"{other.newest_id}); `%spot restore {other.newest_id}` loads it instead"
-                )
-        return LatestChoice(candidates, notes, set(ours))
+        other_lines = {
+            other.id: f"line {other.id} was interrupted too and nobody restored it (newest snapshot "
+                      f"{other.newest_id}); `%spot restore {other.newest_id}` loads it instead"
+            for other in sorted(lines.values(), key=lambda each: each.newest_id, reverse=True)
+            if other.id not in (line.id, self.line) and undecided(other, decisions)
+        }
+        return LatestChoice(candidates, notes, set(ours), other_lines)
 
     def restored(self, session: str, manifest: dict[str, Any]) -> list[str]:
         """This kernel continues the restored snapshot's line: record that, set its own line aside."""

@@ -106,6 +106,8 @@ class Restorer:
         self._apply(*loaded, report)
         if choice is not None and (loaded[0]["id"] in choice.line_snapshots or not choice.line_snapshots):
             report.notes[:0] = choice.notes
+        if choice is not None:
+            report.notes.extend(note for line, note in choice.other_lines.items() if line != loaded[0].get("line"))
         if session == self.session:
             report.notes.extend(self.lines.restored(session, loaded[0]))
         report.seconds = time.perf_counter() - started
