@@ -127,7 +127,7 @@ def test_a_huge_answer_is_refused_without_reading_it(endpoint: Misbehaving) -> N
         _, peak = tracemalloc.get_traced_memory()
     finally:
         tracemalloc.stop()
-    assert peak < 4 * MAX_BODY + MB, peak  # the 64 MB never enter memory
+    assert peak < 4 * MAX_BODY + 2 * MB, peak  # the 64 MB never enter memory (the test server's own 1 MB chunk does)
 
 
 @pytest.mark.parametrize("endpoint", [instant(b"FALSE")], indirect=True)
