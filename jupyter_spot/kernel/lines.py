@@ -70,6 +70,9 @@ class KernelLines:
         self.line: str | None = None
         self.beside: str | None = None
         self.announced = False
+        #: The session and the interrupted line the first cell's announcement saw. A notice's flush
+        #: then starts this kernel's line beside it without asking a store that may be slow (S3).
+        self._seen: tuple[str, Line | None] | None = None
 
     @property
     def by(self) -> str:
@@ -87,10 +90,12 @@ class KernelLines:
     def manifest_fields(self, session: str, snapshot_id: str) -> dict[str, Any]:
         """``line``, ``beside`` and ``kernel`` of the snapshot being taken; the first one starts a line."""
         if self.line is None:
-            try:
-                seen, _ = self.interrupted(session)
-            except (StoreError, OSError):
-                seen = None  # the commit will fail and say why; the line starts all the same
+            seen = self._seen[1] if self._seen is not None and self._seen[0] == session else None
+            if self._seen is None or self._seen[0] != session:
+                try:
+                    seen, _ = self.interrupted(session)
+                except (StoreError, OSError):
+                    seen = None  # the commit will fail and say why; the line starts all the same
             self.line, self.beside = snapshot_id, seen.id if seen else None
             self.announced = True  # from now on `%spot list` and `latest` say what there is
         return {"line": self.line, "beside": self.beside, "kernel": self.kernel_id or None}
@@ -105,6 +110,7 @@ class KernelLines:
             return None
         self.announced = True
         line, _ = self.interrupted(session)
+        self._seen = session, line
         if line is None:
             return None
         manifest = self.store.load_manifest(session, line.newest_id)
