@@ -23,8 +23,8 @@ from typing import Any
 
 import pytest
 from harness import Kernel, snapshot_line, until
-from harness.job_records import job_named as _job
-from harness.job_records import runner_pids as _runners
+from harness.jobs import job as _job
+from harness.jobs import runners as _runners
 
 from jupyter_spot.store import ManifestError, open_store
 

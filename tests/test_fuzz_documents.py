@@ -20,7 +20,7 @@ from typing import Any
 import pytest
 from harness import Kernel, snapshot_line
 from harness.fuzz_documents import ELSEWHERE, SEED, Document, documents, genuine_documents
-from harness.job_records import runner_pids
+from harness.jobs import runners as runner_pids
 from tornado.httpclient import HTTPClientError
 
 from jupyter_spot.jobs import checkpoint, record

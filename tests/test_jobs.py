@@ -8,12 +8,10 @@ runner of the test's store.
 
 from __future__ import annotations
 
-import contextlib
-import json
 import os
 import signal
 import socket
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
@@ -21,53 +19,20 @@ from typing import Any
 import pytest
 from harness import Kernel, until
 
+from harness.jobs import DEADLINE, jobs_kernel, store  # noqa: F401 (store: a fixture)
+from harness.jobs import job as _job
+from harness.jobs import jobs as _jobs
+from harness.jobs import runners as _runners
 from jupyter_spot.jobs import record
 from jupyter_spot.jobs.record import active_on_host
 from jupyter_spot.store import collect_garbage, open_store
 from jupyter_spot.store.manifest import JOB_RUNNER
 
-DEADLINE = 30.0
 Kernels = Callable[..., Kernel]
 
 
-def _runners(store: Path) -> list[int]:
-    """Pids of runner processes working on this test's store."""
-    pids = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                argv = (entry / "cmdline").read_bytes().split(b"\0")
-            except OSError:
-                continue
-            if b"jupyter_spot.jobs.runner" in argv and str(store).encode() in argv:
-                pids.append(int(entry.name))
-    return pids
-
-
-@pytest.fixture
-def store(spot_env: Path) -> Iterator[Path]:
-    yield spot_env
-    for pid in _runners(spot_env):
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(pid, signal.SIGKILL)
-
-
-def _jobs(store: Path) -> list[dict[str, Any]]:
-    records = store / "records"
-    found = [] if not records.is_dir() else sorted(records.glob("job-*.json"))
-    return [json.loads(path.read_text()) for path in found if not path.name.endswith(".checkpoint.json")]
-
-
-def _job(store: Path, name: str) -> dict[str, Any]:
-    (job,) = [job for job in _jobs(store) if job["name"] == name]
-    return job
-
-
 def _kernel(kernels: Kernels, tmp_path: Path, session: str = "jobs.ipynb") -> Kernel:
-    kernel = kernels(tmp_path / "work", session)
-    result = kernel.execute("%load_ext jupyter_spot")
-    assert result.error is None, result
-    return kernel
+    return jobs_kernel(kernels, tmp_path / "work", session)
 
 
 def _value(kernel: Kernel, expression: str) -> Any:

@@ -57,9 +57,10 @@ def jobs(store: Path) -> list[dict[str, Any]]:
 
 
 def job(store: Path, name: str) -> dict[str, Any]:
-    """The one job record named ``name``."""
-    (found,) = [job for job in jobs(store) if job["name"] == name]
-    return found
+    """The one job record named ``name`` (fails the test if there is not exactly one)."""
+    found = [job for job in jobs(store) if isinstance(job, dict) and job.get("name") == name]
+    assert len(found) == 1, f"{len(found)} job records named {name!r} in {store}"
+    return found[0]
 
 
 def jobs_kernel(kernels: Callable[..., Kernel], cwd: Path, session: str = "jobs.ipynb") -> Kernel:
