@@ -48,6 +48,16 @@ class SpotHandler(ExtensionHandlerMixin, APIHandler):
                 message = error.log_message % error.args if error.args else error.log_message
         self.finish(json.dumps({"message": message}))
 
+    def object_body(self, example: str) -> dict[str, Any]:
+        """The request's JSON object (empty body: {}); 400 for anything else."""
+        try:
+            body = self.get_json_body() or {}
+        except web.HTTPError:
+            raise web.HTTPError(400, "the body must be JSON") from None
+        if not isinstance(body, dict):
+            raise web.HTTPError(400, f"the body must be a JSON object like {example}")
+        return body
+
     def session_arg(self, raw: str) -> str:
         try:
             return check_session_name(raw)
@@ -126,12 +136,7 @@ class RestoreHandler(SpotHandler):
     @authorized
     async def post(self, session: str) -> None:
         session = self.session_arg(session)
-        try:
-            body = self.get_json_body() or {}
-        except web.HTTPError:
-            raise web.HTTPError(400, "the body must be JSON") from None
-        if not isinstance(body, dict):
-            raise web.HTTPError(400, 'the body must be a JSON object like {"snapshot": "latest"}')
+        body = self.object_body('{"snapshot": "latest"}')
         snapshot = body.get("snapshot", "latest")
         if snapshot != "latest":
             snapshot = self.snapshot_arg(snapshot)
@@ -161,12 +166,7 @@ class DiscardHandler(SpotHandler):
     @authorized
     async def post(self, session: str) -> None:
         session = self.session_arg(session)
-        try:
-            body = self.get_json_body() or {}
-        except web.HTTPError:
-            raise web.HTTPError(400, "the body must be JSON") from None
-        if not isinstance(body, dict):
-            raise web.HTTPError(400, 'the body must be a JSON object like {"snapshot": "<id>"} or {}')
+        body = self.object_body('{"snapshot": "<id>"} or {}')
         snapshot = body.get("snapshot")
         if snapshot is not None:
             snapshot = self.snapshot_arg(snapshot)
