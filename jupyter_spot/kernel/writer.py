@@ -26,12 +26,6 @@ from typing import Any
 from ..store import MissingBlobError, Store, StoreError
 from .results import SnapshotResult
 
-#: Blobs of one snapshot stored at once. A FileStore hashes a big blob on a
-#: second thread while writing it, so two blobs keep two cores busy and one's
-#: fsync overlaps the other's hashing (measured: 1 GB in 3 arrays, 0.65 s with
-#: one at a time, 0.57 s with two); beyond that the disk is the limit.
-BLOB_WORKERS = 2
-
 #: Commits tried per snapshot when collections keep deleting blobs it relies on.
 COMMIT_ATTEMPTS = 3
 
@@ -140,7 +134,7 @@ class Writer:
             self.pending_bytes -= nbytes
 
     def _store(self, job: Job, blobs: list[tuple[str, memoryview]]) -> None:
-        """Store new blobs ``BLOB_WORKERS`` at a time; raise the first failure.
+        """Store new blobs ``store.blob_workers`` at a time; raise the first failure.
 
         This thread and its helpers each take the next blob, biggest first so
         they finish together, until none is left or one failed. Plain threads,
@@ -170,7 +164,7 @@ class Writer:
 
         helpers = [
             threading.Thread(target=work, name="jupyter-spot-blob", daemon=True)
-            for _ in range(min(BLOB_WORKERS, len(blobs)) - 1)
+            for _ in range(min(self.store.blob_workers, len(blobs)) - 1)
         ]
         for helper in helpers:
             helper.start()

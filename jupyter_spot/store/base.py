@@ -192,6 +192,12 @@ class Store(ABC):
 
     #: Short name shown to users: "local", "s3", "tiered".
     kind: str = "store"
+    #: Blobs a writer stores (or a restore reads) at once. A FileStore hashes a
+    #: big blob on a second thread while writing it, so two keep two cores busy
+    #: and one's fsync overlaps the other's hashing (measured: 1 GB in 3 arrays,
+    #: 0.65 s with one at a time, 0.57 s with two); beyond that the disk is the
+    #: limit. A remote store waits on the network and takes more.
+    blob_workers: int = 2
 
     def __init__(self, url: str, signer: Any = None) -> None:
         from .manifest import ManifestSigner
@@ -231,6 +237,17 @@ class Store(ABC):
 
         Raises :class:`MissingBlobError` or :class:`CorruptBlobError`.
         """
+
+    def read_blob_into(self, digest: str, out: memoryview) -> None:
+        """Read the blob, verified against ``digest``, into ``out`` (exactly its size).
+
+        Lets a restore rebuild a chunked buffer in one allocation. This default
+        copies from :meth:`get_blob`; a store that can read in place overrides it.
+        """
+        data = memoryview(self.get_blob(digest)).cast("B")
+        if data.nbytes != out.nbytes:
+            raise CorruptBlobError(f"blob {digest[:12]} in {self.url} holds {data.nbytes} bytes, not {out.nbytes}")
+        out.cast("B")[:] = data
 
     @abstractmethod
     def iter_blobs(self) -> Iterator[str]:

@@ -231,6 +231,11 @@ class TieredStore(Store):
     def add_blob(self, data: Buffer) -> tuple[str, int]:
         return self.fast.add_blob(data)
 
+    @property
+    def blob_workers(self) -> int:  # type: ignore[override]
+        """Writes go to the fast tier, so its parallelism is ours."""
+        return self.fast.blob_workers
+
     def get_blob(self, digest: str) -> Buffer:
         try:
             return self.fast.get_blob(digest)
