@@ -20,7 +20,7 @@ from harness import Kernel, snapshot_line, until
 from harness.s3 import FaultProxy, MotoServer, RequestLog
 
 from jupyter_spot.store import FileStore, StoreError, collect_garbage, digest_of, open_store
-from jupyter_spot.store.base import (
+from jupyter_spot.store import (
     CorruptBlobError,
     ManifestError,
     MissingBlobError,

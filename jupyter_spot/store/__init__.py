@@ -6,15 +6,8 @@ import os
 import threading
 from typing import TYPE_CHECKING, Any
 
-from .base import (
-    CorruptBlobError,
-    ManifestError,
-    MissingBlobError,
-    SnapshotExistsError,
-    Store,
-    StoreError,
-    digest_of,
-)
+from .base import Store, digest_of
+from .errors import CorruptBlobError, ManifestError, MissingBlobError, SnapshotExistsError, StoreError
 from .filesystem import FileStore
 from .keys import KmsAccessError, UnknownKeyError
 from .manifest import ManifestSigner

@@ -26,6 +26,8 @@ from collections.abc import Iterator
 from typing import Any, Union
 
 from ..faults import fault_point
+from .errors import CorruptBlobError, ManifestError, MissingBlobError, StoreError
+from .manifest import MANIFEST, ManifestSigner, snapshot_place
 
 Buffer = Union[bytes, bytearray, memoryview]
 
@@ -45,30 +47,6 @@ READABLE_START = 60
 SESSION_NAME_FILE = "session-name"
 #: Records are small JSON documents; anything bigger is damage (or an attack on a reader's memory).
 MAX_RECORD_BYTES = 4 << 20
-
-
-class StoreError(Exception):
-    """Anything a store cannot do; the message says what and where."""
-
-
-class CorruptBlobError(StoreError):
-    """A blob's bytes no longer hash to its address."""
-
-
-class MissingBlobError(StoreError):
-    """A manifest names a blob the store does not have; ``digests`` says which."""
-
-    def __init__(self, message: str, digests: list[str] | None = None) -> None:
-        super().__init__(message)
-        self.digests: list[str] = list(digests or [])
-
-
-class ManifestError(StoreError):
-    """A manifest is missing, truncated, not JSON, or not signed by a trusted key."""
-
-
-class SnapshotExistsError(StoreError):
-    """Another writer already committed a snapshot with this id."""
 
 
 def digest_of(data: Buffer) -> str:
@@ -200,8 +178,6 @@ class Store(ABC):
     blob_workers: int = 2
 
     def __init__(self, url: str, signer: Any = None) -> None:
-        from .manifest import ManifestSigner
-
         self.url = url
         self.signer: ManifestSigner = signer or ManifestSigner.default()
         self.signer.bind_store(self)
@@ -321,8 +297,6 @@ class Store(ABC):
         blobs = manifest.get("blobs", [])
         for digest in blobs:
             check_digest(digest)
-        from .manifest import MANIFEST, snapshot_place
-
         fault_point("manifest-commit")
         generation = self.collection_generation()
         self._refuse_missing(snapshot_id, self.missing_blobs(blobs))
@@ -345,8 +319,6 @@ class Store(ABC):
 
     def load_manifest(self, session: str, snapshot_id: str) -> dict[str, Any]:
         """The verified manifest, signed for exactly this session and id; ManifestError names the snapshot if not."""
-        from .manifest import MANIFEST, snapshot_place
-
         check_snapshot_id(snapshot_id)
         where = f"snapshot {snapshot_id} of session {session!r}"
         data = self._read_manifest(session, snapshot_id)

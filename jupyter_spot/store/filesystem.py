@@ -44,12 +44,7 @@ from .base import (
     MAX_RECORD_BYTES,
     SESSION_NAME_FILE,
     Buffer,
-    CorruptBlobError,
-    ManifestError,
-    MissingBlobError,
-    SnapshotExistsError,
     Store,
-    StoreError,
     check_digest,
     check_record_name,
     check_snapshot_id,
@@ -61,6 +56,7 @@ from .base import (
     parse_record,
     report_bad_record,
 )
+from .errors import CorruptBlobError, ManifestError, MissingBlobError, SnapshotExistsError, StoreError
 
 #: Blobs at least this big are read through a copy-on-write mmap: no copy up
 #: front, pages come in as the unpickler touches them, and arrays stay writable.

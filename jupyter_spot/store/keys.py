@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from ..faults import fault_point
-from .base import ManifestError, StoreError
+from .errors import ManifestError, StoreError
 
 KEY_ENV = "JUPYTER_SPOT_SIGNING_KEY"
 KEY_FILE_ENV = "JUPYTER_SPOT_SIGNING_KEY_FILE"

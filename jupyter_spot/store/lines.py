@@ -29,7 +29,8 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
-from .base import ManifestError, Store, StoreError
+from .base import Store
+from .errors import ManifestError, StoreError
 
 LEGACY_LINE = "legacy"
 LINES_RECORD_PREFIX = "lines-"

@@ -23,7 +23,7 @@ import hmac
 import json
 from typing import Any, Final
 
-from .base import ManifestError, StoreError
+from .errors import ManifestError, StoreError
 from .keys import Key, KeyRing, KeyShelf, UnknownKeyError, local_key_id
 
 FORMAT = "jupyter-spot-signed/2"

@@ -7,7 +7,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from ..faults import fault_point
-from .base import ManifestError, Store, StoreError
+from .base import Store
+from .errors import ManifestError, StoreError
 from .lines import KEEP_INTERRUPTED_DAYS, LineIndex, load_decisions, protected_snapshots
 from .manifest import unverified_body
 

@@ -55,12 +55,7 @@ from .base import (
     MAX_RECORD_BYTES,
     SESSION_NAME_FILE,
     Buffer,
-    CorruptBlobError,
-    ManifestError,
-    MissingBlobError,
-    SnapshotExistsError,
     Store,
-    StoreError,
     check_digest,
     check_record_name,
     check_snapshot_id,
@@ -72,6 +67,7 @@ from .base import (
     parse_record,
     report_bad_record,
 )
+from .errors import CorruptBlobError, ManifestError, MissingBlobError, SnapshotExistsError, StoreError
 
 #: The longest key S3 takes, in bytes.
 S3_KEY_BYTES = 1024

@@ -24,15 +24,8 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from ..faults import fault_point
-from .base import (
-    Buffer,
-    CorruptBlobError,
-    ManifestError,
-    MissingBlobError,
-    SnapshotExistsError,
-    Store,
-    StoreError,
-)
+from .base import Buffer, Store
+from .errors import CorruptBlobError, ManifestError, MissingBlobError, SnapshotExistsError, StoreError
 
 log = logging.getLogger(__name__)
 
