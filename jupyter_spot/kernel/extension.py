@@ -22,7 +22,7 @@ def load(shell: Any) -> SnapshotEngine:
     global ENGINE, NOTICES
     if ENGINE is not None and ENGINE.shell is shell:
         return ENGINE
-    from ..jobs.watch import load as load_jobs
+    from ..jobs.extension import load as load_jobs
     from ..notice.kernel_watch import start_kernel_watch
     from ..store import StoreError
     from .magics import SpotMagics
@@ -46,7 +46,7 @@ def load(shell: Any) -> SnapshotEngine:
 
 def unload(shell: Any) -> None:
     global ENGINE, NOTICES
-    from ..jobs.watch import unload as unload_jobs
+    from ..jobs.extension import unload as unload_jobs
 
     engine = ENGINE
     if engine is None or engine.shell is not shell:
