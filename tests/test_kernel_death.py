@@ -23,8 +23,8 @@ import nbformat
 import pytest
 from harness import JupyterServer, until, until_async, write_notebook
 
-from jupyter_spot.store import open_store
 from jupyter_spot.server.losses import server_stop_cause
+from jupyter_spot.store import open_store
 from jupyter_spot.store.lines import load_decisions
 
 pytestmark = pytest.mark.timeout(240)
