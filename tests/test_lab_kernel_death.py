@@ -18,7 +18,7 @@ import psutil
 import pytest
 from harness import JupyterServer, until
 from harness.browser import shot
-from harness.lab_notebook import NOTEBOOK, SLOW, imds, lab_factory, run_cell  # noqa: F401 - fixtures
+from harness.lab_notebook import NOTEBOOK, SLOW, imds, lab_factory, open_in, run_cell  # noqa: F401 - fixtures
 from playwright.sync_api import Page, expect
 
 from jupyter_spot.notice.simulator import Simulator
@@ -28,21 +28,9 @@ FRONT_ENDS = ["lab", "notebook"]
 Lab = JupyterServer
 
 
-def url(lab: Lab, front_end: str) -> str:
-    return lab.lab_url(NOTEBOOK) if front_end == "lab" else f"{lab.url}notebooks/{NOTEBOOK}?token={lab.token}"
-
-
 def described(lab: Lab) -> dict | None:
     sessions = lab.api(f"jupyter-spot/api/sessions?path={quote(NOTEBOOK)}")["sessions"]
     return sessions[0] if sessions else None
-
-
-def open_in(page: Page, lab: Lab, front_end: str) -> None:
-    """Open the notebook in Lab or Notebook 7 and wait until its kernel is idle (asked of the server)."""
-    page.goto(url(lab, front_end), timeout=SLOW)
-    expect(page.locator(".jp-NotebookPanel .jp-Cell").first).to_be_visible(timeout=SLOW)
-    until(lambda: [k for k in lab.api("api/kernels") if k["execution_state"] == "idle"], 90, "an idle kernel",
-          interval=0.2, describe=lab.log)
 
 
 def kernel_pids(lab: Lab) -> list[int]:

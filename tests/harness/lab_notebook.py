@@ -19,6 +19,7 @@ from jupyter_spot.notice.simulator import Simulator
 
 from .notebooks import write_notebook
 from .servers import JupyterServer
+from .wait import until
 
 NOTEBOOK = "work/analysis.ipynb"
 CELLS = (
@@ -51,6 +52,19 @@ def lab_factory(
         return lab.start()
 
     return start
+
+
+def notebook_url(lab: JupyterServer, front_end: str) -> str:
+    """The notebook in Lab (``lab``) or in Notebook 7's notebook page (``notebook``), which Lab's server serves too."""
+    return lab.lab_url(NOTEBOOK) if front_end == "lab" else f"{lab.url}notebooks/{NOTEBOOK}?token={lab.token}"
+
+
+def open_in(page: Page, lab: JupyterServer, front_end: str) -> None:
+    """Open the notebook in Lab or Notebook 7 and wait until its kernel is idle (asked of the server)."""
+    page.goto(notebook_url(lab, front_end), timeout=SLOW)
+    expect(page.locator(".jp-NotebookPanel .jp-Cell").first).to_be_visible(timeout=SLOW)
+    until(lambda: [k for k in lab.api("api/kernels") if k["execution_state"] == "idle"], 90, "an idle kernel",
+          interval=0.2, describe=lab.log)
 
 
 def open_notebook(page: Page, lab: JupyterServer) -> None:
