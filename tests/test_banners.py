@@ -171,3 +171,35 @@ def test_a_culled_kernel_is_offered_back_when_the_notebook_returns(
     banner.get_by_role("button", name="Restore").click()
     expect(banner).to_have_attribute("data-state", "restored", timeout=SLOW)
     run_cell(page, 1, "second-cell 3")
+
+
+@pytest.mark.parametrize("front_end", ["lab", "notebook"])
+def test_a_server_jupyterhub_stopped_offers_its_notebook_back_saying_so(
+    page: Page, jupyter_servers: Callable[..., JupyterServer], imds: Simulator, tmp_path: Path, spot_env: Path,
+    front_end: str,
+) -> None:
+    """JupyterHub's idle culler stops the single-user server (SIGTERM); the next one offers the notebook back."""
+    root = tmp_path / "root"
+    write_notebook(root / NOTEBOOK, *CELLS)
+    hub = {"JUPYTERHUB_API_URL": "http://127.0.0.1:8081/hub/api", "JUPYTERHUB_SERVICE_PREFIX": "/user/ada/"}
+    lab = start_lab(jupyter_servers, "lab-1", root, env={**imds.env, **hub})
+    open_in(page, lab, front_end)
+    run_cell(page, 0, "hello-from-cell 42")
+    until(lambda: (session(lab) or {}).get("latest", {}).get("variable_count", 0) >= 2, 90, "a snapshot of cell 1",
+          interval=0.2, describe=lab.log)
+    page.goto("about:blank")
+    lab.stop()  # SIGTERM, what the hub's spawner sends its server when the idle culler asks
+    assert lab.proc is not None and lab.proc.returncode == 0, lab.log()
+
+    fresh = start_lab(jupyter_servers, "lab-2", root, env={**imds.env, **hub})
+    open_in(page, fresh, front_end)
+    banner = page.locator(".jp-spot-restore")
+    expect(banner).to_be_visible(timeout=30_000)
+    expect(banner).to_have_attribute("data-cause", "server-stopped")
+    expect(banner.locator(".jp-spot-restore-message")).to_contain_text(
+        "This notebook's kernel was lost: the server was stopped by JupyterHub. Its last snapshot"
+    )
+    shot(page, f"server-stopped-{front_end}")
+    banner.get_by_role("button", name="Restore").click()
+    expect(banner).to_have_attribute("data-state", "restored", timeout=SLOW)
+    run_cell(page, 1, "second-cell 3")
