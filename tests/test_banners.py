@@ -17,7 +17,16 @@ from urllib.parse import quote
 import pytest
 from harness import FaultPause, JupyterServer, until, write_notebook
 from harness.browser import shot
-from harness.lab_notebook import CELLS, NOTEBOOK, SLOW, imds, lab_factory, open_in, run_cell  # noqa: F401 - fixtures
+from harness.lab_notebook import (  # noqa: F401 - fixtures
+    CELLS,
+    NOTEBOOK,
+    SHOT_SUFFIX,
+    SLOW,
+    imds,
+    lab_factory,
+    open_in,
+    run_cell,
+)
 from playwright.sync_api import Locator, Page, expect
 
 from jupyter_spot.notice.simulator import Simulator
@@ -112,7 +121,8 @@ def test_notebook7_on_an_unwritable_store_shows_read_only_the_rebalance_hint_and
     ))
     expect(status).to_have_attribute("data-state", "failed")
     expect(status).to_have_text("kernel state NOT saved · no snapshot yet · local (read-only!)")
-    expect(status).to_have_attribute("title", "jupyter-spot: the final flush failed: no new snapshot before the deadline")
+    flush_failed = "jupyter-spot: the final flush failed: no new snapshot before the deadline"
+    expect(status).to_have_attribute("title", flush_failed)
     shot(page, "notice-failed-flush-notebook7")
 
 
@@ -122,9 +132,8 @@ def test_notebook7_notes_a_notebook_running_on_another_server(
     lab = lab_factory()
     a = jupyter_servers("a", lab.root, sources=["signal"], options=["--SpotApp.heartbeat_interval=1"]).start()
     try:
-        kernel_id = a.api("api/sessions", "POST", {"path": NOTEBOOK, "type": "notebook", "kernel": {"name": "python3"}})[
-            "kernel"
-        ]["id"]
+        body = {"path": NOTEBOOK, "type": "notebook", "kernel": {"name": "python3"}}
+        kernel_id = a.api("api/sessions", "POST", body)["kernel"]["id"]
         assert "hello-from-cell 42" in a.run_in_kernel(kernel_id, CELLS[0])
         until(lambda: (session(lab) or {}).get("live_elsewhere"), 60, "A's kernel, listed by B as live elsewhere")
 
@@ -151,8 +160,12 @@ def test_a_culled_kernel_is_offered_back_when_the_notebook_returns(
     """``cull_idle_timeout``: the kernel of a notebook nobody has open is shut down; its state is offered back."""
     root = tmp_path / "root"
     write_notebook(root / NOTEBOOK, *CELLS)
-    culling = [f"--MappingKernelManager.cull_idle_timeout={CULL_IDLE_SECONDS}", "--MappingKernelManager.cull_interval=1"]
-    lab = start_lab(jupyter_servers, "lab", root, env=imds.env, options=["--SpotApp.gc_interval=0", *culling])
+    culling = [
+        "--SpotApp.gc_interval=0",
+        f"--MappingKernelManager.cull_idle_timeout={CULL_IDLE_SECONDS}",
+        "--MappingKernelManager.cull_interval=1",
+    ]
+    lab = start_lab(jupyter_servers, "lab", root, env=imds.env, options=culling)
     open_in(page, lab, front_end)
     run_cell(page, 0, "hello-from-cell 42")
     until(lambda: (session(lab) or {}).get("latest", {}).get("variable_count", 0) >= 2, 90, "a snapshot of cell 1",
@@ -167,7 +180,7 @@ def test_a_culled_kernel_is_offered_back_when_the_notebook_returns(
     expect(banner.locator(".jp-spot-restore-message")).to_contain_text(
         re.compile(r"This notebook's kernel was lost: culled after \d+ s idle\. Its last snapshot")
     )
-    shot(page, f"culled-{front_end}")
+    shot(page, f"culled-{SHOT_SUFFIX[front_end]}")
     banner.get_by_role("button", name="Restore").click()
     expect(banner).to_have_attribute("data-state", "restored", timeout=SLOW)
     run_cell(page, 1, "second-cell 3")
@@ -199,7 +212,7 @@ def test_a_server_jupyterhub_stopped_offers_its_notebook_back_saying_so(
     expect(banner.locator(".jp-spot-restore-message")).to_contain_text(
         "This notebook's kernel was lost: the server was stopped by JupyterHub. Its last snapshot"
     )
-    shot(page, f"server-stopped-{front_end}")
+    shot(page, f"server-stopped-{SHOT_SUFFIX[front_end]}")
     banner.get_by_role("button", name="Restore").click()
     expect(banner).to_have_attribute("data-state", "restored", timeout=SLOW)
     run_cell(page, 1, "second-cell 3")

@@ -207,9 +207,8 @@ def test_a_server_stopped_by_sigterm_offers_its_sessions_back_with_the_reason(
     write_notebook(root / NOTEBOOK, "x = 42")
     env = HUB_ENV if hub else {}
     first = jupyter_servers("first", root, env=env, sources=["signal"]).start()
-    kernel_id = first.api("api/sessions", "POST", {"path": NOTEBOOK, "type": "notebook", "kernel": {"name": "python3"}})[
-        "kernel"
-    ]["id"]
+    body = {"path": NOTEBOOK, "type": "notebook", "kernel": {"name": "python3"}}
+    kernel_id = first.api("api/sessions", "POST", body)["kernel"]["id"]
     first.run_in_kernel(kernel_id, "x = 42")
     store = open_store(str(spot_env))
     until(lambda: store.list_snapshots(NOTEBOOK), 90, "the cell's snapshot", interval=0.2, describe=first.log)

@@ -18,7 +18,15 @@ import psutil
 import pytest
 from harness import JupyterServer, until
 from harness.browser import shot
-from harness.lab_notebook import NOTEBOOK, SLOW, imds, lab_factory, open_in, run_cell  # noqa: F401 - fixtures
+from harness.lab_notebook import (  # noqa: F401 - fixtures
+    NOTEBOOK,
+    SHOT_SUFFIX,
+    SLOW,
+    imds,
+    lab_factory,
+    open_in,
+    run_cell,
+)
 from playwright.sync_api import Page, expect
 
 from jupyter_spot.notice.simulator import Simulator
@@ -82,7 +90,7 @@ def test_an_oom_killed_kernel_offers_its_state_at_once_restore_and_discard(
     )
     expect(banner.locator(".jp-spot-restore-largest")).to_contain_text("Largest variables: ")
     dismiss_restart_dialog(page)
-    shot(page, f"kernel-lost-oom-{front_end}")
+    shot(page, f"kernel-lost-oom-{SHOT_SUFFIX[front_end]}")
     banner.get_by_role("button", name="Restore").click()
     expect(banner).to_have_attribute("data-state", "restored", timeout=SLOW)
     run_cell(page, 1, "second-cell 3")  # y = [x] * 3: x came back into the restarted kernel

@@ -29,7 +29,7 @@ Of several such lines the newest is the interrupted one, except that a line
 started beside another undecided one never hides it (store/lines.py).
 
 The ``reason`` comes from the records: the cause of a kernel the server lost
-without the user asking (its exit status, or idle culling; server/losses.py),
+without the user asking (its exit status, idle culling, or the server stopping; server/losses.py),
 else the notice record that named the session's last kernel, else the session record of a kernel that never shut
 down cleanly, else "written by a kernel outside this server".
 """

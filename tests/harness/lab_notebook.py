@@ -26,6 +26,8 @@ CELLS = (
     'x = 6 * 7\nsecret = f"restored-{x}"\ncountdown = (i for i in range(3))\nprint("hello-from-cell", x)',
     'y = [x] * 3\nprint("second-cell", len(y))',
 )
+#: Screenshot names end in the front end: docs/lab.md shows each banner as `<name>-lab` and `<name>-notebook7`.
+SHOT_SUFFIX = {"lab": "lab", "notebook": "notebook7"}
 SLOW = 60_000  # ms: Lab's first load and a kernel start on a busy 2-core machine
 expect.set_options(timeout=15_000)  # every other wait: generous for a loaded CI machine
 
