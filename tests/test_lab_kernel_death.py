@@ -22,6 +22,7 @@ from harness.lab_notebook import (  # noqa: F401 - fixtures
     NOTEBOOK,
     SHOT_SUFFIX,
     SLOW,
+    idle_kernels,
     imds,
     lab_factory,
     open_in,
@@ -121,8 +122,7 @@ def test_a_restart_the_user_asks_for_shows_no_banner(
     page.get_by_role("menuitem", name=re.compile(r"^Restart Kernel…")).first.click()
     page.get_by_role("dialog").get_by_role("button", name="Confirm Kernel Restart").click()
     until(lambda: kernel_pids(lab) not in ([], [pid]), 90, "the restarted kernel", interval=0.2, describe=lab.log)
-    until(lambda: [k for k in lab.api("api/kernels") if k["execution_state"] == "idle"], 90, "an idle kernel",
-          interval=0.2, describe=lab.log)
+    until(lambda: idle_kernels(lab), 90, "an idle kernel", interval=0.2, describe=lab.log)
     run_cell(page, 0, "hello-from-cell 42")  # the restarted kernel works and has taken a snapshot of its own
     assert described(lab)["interrupted"] is False
     expect(page.locator(".jp-spot-restore")).to_have_count(0)
@@ -139,6 +139,7 @@ def test_notebook7_shows_the_notice_countdown_as_a_notification(
     expect(toast.first).to_contain_text(re.compile(r"This machine will be reclaimed in (1:[0-5]\d|2:00) — "))
     first = toast.first.inner_text()
     expect(toast.first).not_to_have_text(first, timeout=5_000)  # the countdown is live
+    expect(toast.first).to_be_in_viewport(ratio=1.0)  # slid in whole, for the screenshot
     shot(page, "notice-notebook7")
 
 

@@ -18,7 +18,7 @@ from playwright.sync_api import Locator, Page, expect
 from jupyter_spot.notice.simulator import Simulator
 
 from .notebooks import write_notebook
-from .servers import JupyterServer
+from .servers import HTTPError, JupyterServer
 from .wait import until
 
 NOTEBOOK = "work/analysis.ipynb"
@@ -61,12 +61,23 @@ def notebook_url(lab: JupyterServer, front_end: str) -> str:
     return lab.lab_url(NOTEBOOK) if front_end == "lab" else f"{lab.url}notebooks/{NOTEBOOK}?token={lab.token}"
 
 
+def idle_kernels(lab: JupyterServer) -> list[dict]:
+    """The server's idle kernels. jupyter_server answers 500 while it lists a kernel still starting
+    (``kernel_model`` reads its ``last_activity`` before it is set): that is "none idle yet"."""
+    try:
+        kernels = lab.api("api/kernels")
+    except HTTPError as error:
+        if "GET api/kernels: 500 " in str(error):
+            return []
+        raise
+    return [k for k in kernels if k["execution_state"] == "idle"]
+
+
 def open_in(page: Page, lab: JupyterServer, front_end: str) -> None:
     """Open the notebook in Lab or Notebook 7 and wait until its kernel is idle (asked of the server)."""
     page.goto(notebook_url(lab, front_end), timeout=SLOW)
     expect(page.locator(".jp-NotebookPanel .jp-Cell").first).to_be_visible(timeout=SLOW)
-    until(lambda: [k for k in lab.api("api/kernels") if k["execution_state"] == "idle"], 90, "an idle kernel",
-          interval=0.2, describe=lab.log)
+    until(lambda: idle_kernels(lab), 90, "an idle kernel", interval=0.2, describe=lab.log)
 
 
 def open_notebook(page: Page, lab: JupyterServer) -> None:
