@@ -22,6 +22,8 @@ CRASH_SIGNALS = {signal.SIGSEGV, signal.SIGBUS, signal.SIGILL, signal.SIGFPE, si
 LARGEST_SHOWN = 5
 #: Set in every JupyterHub single-user server's environment by its spawner.
 HUB_ENV = ("JUPYTERHUB_API_URL", "JUPYTERHUB_SERVICE_PREFIX")
+#: The ``kind`` of the loss a stopping server records for each of its kernels.
+SERVER_STOPPED = "server-stopped"
 #: A hub stopping a server idle this long is taken for its idle culler (the user stopping it was active).
 HUB_CULLED_IDLE_SECONDS = 60.0
 
@@ -69,7 +71,7 @@ def server_stop_cause(*, hub: bool, idle_seconds: float, signalled: bool) -> dic
         text = "the server was stopped by JupyterHub"
     else:
         text = "the server was stopped (SIGTERM)" if signalled else "the server was stopped"
-    return {"kind": "server-stopped", "hub": hub, "idle_seconds": int(idle_seconds), "text": text}
+    return {"kind": SERVER_STOPPED, "hub": hub, "idle_seconds": int(idle_seconds), "text": text}
 
 
 def largest_variables(manifest: dict[str, Any], count: int = LARGEST_SHOWN) -> list[dict[str, Any]]:
