@@ -36,7 +36,7 @@ from traitlets import Float, Unicode
 from ._version import __version__
 from .config import SESSION_ENV, STORE_ENV, resolve_store_url
 from .server.catalog import isoformat, session_record_name, utcnow
-from .server.kernels import KernelRestoreError, evaluate
+from .server.kernel_calls import KernelRestoreError, evaluate
 
 METADATA_KEY = "jupyter_spot"
 SNAPSHOT_EXPRESSION = "__import__('json').dumps(__import__('jupyter_spot').snapshot().to_dict(), default=str)"

@@ -1,9 +1,12 @@
-"""Kernels lost without the user asking (issue 11): OOM kill, crash, idle culling — on a real jupyter_server.
+"""Kernels lost without the user asking (issue 11): OOM kill, crash, idle culling, a stopped server — on a real
+jupyter_server.
 
 A SIGKILLed kernel is restarted by jupyter_server under the same id; the sessions
 API must offer the lost process's state back, with the cause from its exit
 status. A restart the user asked for is a clean end. A culled kernel is offered
-back with the reason "culled".
+back with the reason "culled". A server stopped by SIGTERM (JupyterHub's idle
+culler stops the whole single-user server that way) offers its sessions back on
+the next server, saying so.
 """
 
 from __future__ import annotations
@@ -12,18 +15,26 @@ import json
 import os
 import signal
 import urllib.parse
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import nbformat
 import pytest
-from harness import until_async
+from harness import JupyterServer, until, until_async, write_notebook
 
+from jupyter_spot.server.losses import server_stop_cause
 from jupyter_spot.store import open_store
 from jupyter_spot.store.lines import load_decisions
 
 pytestmark = pytest.mark.timeout(240)
 NOTEBOOK = "death.ipynb"
+#: What a JupyterHub spawner puts in a single-user server's environment (the parts jupyter-spot reads).
+HUB_ENV = {
+    "JUPYTERHUB_API_URL": "http://127.0.0.1:8081/hub/api",
+    "JUPYTERHUB_SERVICE_PREFIX": "/user/ada/",
+    "JUPYTERHUB_USER": "ada",
+}
 
 
 @pytest.fixture
@@ -184,3 +195,55 @@ async def test_a_culled_kernel_is_offered_back_with_the_reason_culled(
     restored = json.loads(response.body)
     assert restored["kernel_id"] != kernel_id and "x" in restored["report"]["restored"], restored
     assert (await execute(km, restored["kernel_id"], "print(x)")).strip() == "42"
+
+
+@pytest.mark.servers
+@pytest.mark.parametrize("hub", [True, False], ids=["jupyterhub", "plain"])
+def test_a_server_stopped_by_sigterm_offers_its_sessions_back_with_the_reason(
+    jupyter_servers: Callable[..., JupyterServer], tmp_path: Path, spot_env: Path, hub: bool
+) -> None:
+    """JupyterHub's idle culler asks the hub to stop the server: SIGTERM to the single-user server process."""
+    root = tmp_path / "root"
+    write_notebook(root / NOTEBOOK, "x = 42")
+    env = HUB_ENV if hub else {}
+    first = jupyter_servers("first", root, env=env, sources=["signal"]).start()
+    body = {"path": NOTEBOOK, "type": "notebook", "kernel": {"name": "python3"}}
+    kernel_id = first.api("api/sessions", "POST", body)["kernel"]["id"]
+    first.run_in_kernel(kernel_id, "x = 42")
+    store = open_store(str(spot_env))
+    until(lambda: store.list_snapshots(NOTEBOOK), 90, "the cell's snapshot", interval=0.2, describe=first.log)
+    first.stop()  # SIGTERM, and wait for the process to end
+    assert first.proc is not None and first.proc.returncode == 0, first.log()
+
+    second = jupyter_servers("second", root, env=env, sources=["signal"]).start()
+    (described,) = second.api(f"jupyter-spot/api/sessions?path={urllib.parse.quote(NOTEBOOK)}")["sessions"]
+    assert described["interrupted"] is True and described["cause"] == "server-stopped", described
+    expected = "the server was stopped by JupyterHub" if hub else "the server was stopped (SIGTERM)"
+    assert described["reason"] == expected, described  # idle a few seconds: too short to be the hub's culler
+    restored = second.api(
+        f"jupyter-spot/api/sessions/{urllib.parse.quote(NOTEBOOK, safe='')}/restore", "POST", {"snapshot": "latest"}
+    )
+    assert "x" in restored["report"]["restored"], restored
+
+
+def test_an_idle_hub_server_stop_is_named_the_idle_culler() -> None:
+    """The hub stops a server idle this long for its idle culler; an active one was stopped by someone."""
+    culled = server_stop_cause(hub=True, idle_seconds=45 * 60, signalled=True)
+    assert culled["text"] == "the server was stopped by JupyterHub (idle culler) after 45 min idle", culled
+    assert (culled["kind"], culled["idle_seconds"]) == ("server-stopped", 2700)
+    assert server_stop_cause(hub=False, idle_seconds=45 * 60, signalled=False)["text"] == "the server was stopped"
+
+
+async def test_the_extensions_polling_does_not_keep_a_server_active_for_the_hubs_idle_culler(
+    jp_fetch: Any, jp_serverapp: Any, notebook: str
+) -> None:
+    """Lab's status item polls every few seconds, even in a background tab: that must not count as activity."""
+
+    async def last_activity() -> str:
+        return json.loads((await jp_fetch("api", "status")).body)["last_activity"]
+
+    await jp_fetch("api", "contents", NOTEBOOK)  # the user opening the notebook: activity
+    before = await last_activity()
+    for path in (("status",), ("sessions",)):
+        await jp_fetch("jupyter-spot", "api", *path, params={"path": NOTEBOOK})
+    assert await last_activity() == before

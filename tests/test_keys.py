@@ -21,6 +21,7 @@ import boto3
 import pytest
 from harness import FaultPause, JupyterServer, Kernel, snapshot_line, until, write_notebook
 from harness.browser import shot
+from harness.lab_notebook import NOTEBOOK, notebook_url
 from playwright.sync_api import Page, expect
 
 SESSION = "analysis.ipynb"
@@ -456,17 +457,18 @@ def test_cli_list_shows_snapshots_signed_elsewhere_with_the_fix(spot_env: Path, 
 
 @pytest.mark.browser
 @pytest.mark.servers
+@pytest.mark.parametrize("front_end", ["lab", "notebook"])
 def test_lab_shows_the_fix_and_offers_no_restore_for_snapshots_signed_elsewhere(
-    spot_env: Path, tmp_path: Path, jupyter_servers: Callable[..., JupyterServer], page: Page
+    spot_env: Path, tmp_path: Path, jupyter_servers: Callable[..., JupyterServer], page: Page, front_end: str
 ) -> None:
-    notebook = "work/analysis.ipynb"
-    write_notebook(tmp_path / "root" / notebook, "x = 1")
-    written_on_another_machine(spot_env, notebook)
+    """In Lab and in Notebook 7's notebook page."""
+    write_notebook(tmp_path / "root" / NOTEBOOK, "x = 1")
+    written_on_another_machine(spot_env, NOTEBOOK)
     lab = jupyter_servers(
         "lab", tmp_path / "root", lab=True, store=spot_env, env={"JUPYTER_SPOT_CLOUD": "none"}, poll=0.5,
         options=["--SpotApp.gc_interval=0"],
     ).start()
-    page.goto(lab.lab_url(notebook), timeout=60_000)
+    page.goto(notebook_url(lab, front_end), timeout=60_000)
     note = page.get_by_role("alert", name="Snapshots signed with another key")
     expect(note).to_be_visible(timeout=60_000)
     expect(note).to_contain_text(re.compile(
@@ -474,7 +476,7 @@ def test_lab_shows_the_fix_and_offers_no_restore_for_snapshots_signed_elsewhere(
         r"have, so none can be restored here\. To use them: .*JUPYTER_SPOT_KMS_KEY=.*JUPYTER_SPOT_SIGNING_KEY"
     ))
     expect(page.locator(".jp-spot-restore")).to_have_count(0)  # nothing offered that would load it
-    shot(page, "unverified")
+    shot(page, "unverified" if front_end == "lab" else "unverified-notebook7")
     note.get_by_role("button", name="Dismiss").click()
     expect(note).to_have_count(0)
 

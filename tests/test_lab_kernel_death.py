@@ -18,7 +18,16 @@ import psutil
 import pytest
 from harness import JupyterServer, until
 from harness.browser import shot
-from harness.lab_notebook import NOTEBOOK, SLOW, imds, lab_factory, run_cell  # noqa: F401 - fixtures
+from harness.lab_notebook import (  # noqa: F401 - fixtures
+    NOTEBOOK,
+    SHOT_SUFFIX,
+    SLOW,
+    idle_kernels,
+    imds,
+    lab_factory,
+    open_in,
+    run_cell,
+)
 from playwright.sync_api import Page, expect
 
 from jupyter_spot.notice.simulator import Simulator
@@ -28,21 +37,9 @@ FRONT_ENDS = ["lab", "notebook"]
 Lab = JupyterServer
 
 
-def url(lab: Lab, front_end: str) -> str:
-    return lab.lab_url(NOTEBOOK) if front_end == "lab" else f"{lab.url}notebooks/{NOTEBOOK}?token={lab.token}"
-
-
 def described(lab: Lab) -> dict | None:
     sessions = lab.api(f"jupyter-spot/api/sessions?path={quote(NOTEBOOK)}")["sessions"]
     return sessions[0] if sessions else None
-
-
-def open_in(page: Page, lab: Lab, front_end: str) -> None:
-    """Open the notebook in Lab or Notebook 7 and wait until its kernel is idle (asked of the server)."""
-    page.goto(url(lab, front_end), timeout=SLOW)
-    expect(page.locator(".jp-NotebookPanel .jp-Cell").first).to_be_visible(timeout=SLOW)
-    until(lambda: [k for k in lab.api("api/kernels") if k["execution_state"] == "idle"], 90, "an idle kernel",
-          interval=0.2, describe=lab.log)
 
 
 def kernel_pids(lab: Lab) -> list[int]:
@@ -94,7 +91,7 @@ def test_an_oom_killed_kernel_offers_its_state_at_once_restore_and_discard(
     )
     expect(banner.locator(".jp-spot-restore-largest")).to_contain_text("Largest variables: ")
     dismiss_restart_dialog(page)
-    shot(page, f"kernel-lost-oom-{front_end}")
+    shot(page, f"kernel-lost-oom-{SHOT_SUFFIX[front_end]}")
     banner.get_by_role("button", name="Restore").click()
     expect(banner).to_have_attribute("data-state", "restored", timeout=SLOW)
     run_cell(page, 1, "second-cell 3")  # y = [x] * 3: x came back into the restarted kernel
@@ -125,8 +122,7 @@ def test_a_restart_the_user_asks_for_shows_no_banner(
     page.get_by_role("menuitem", name=re.compile(r"^Restart Kernel…")).first.click()
     page.get_by_role("dialog").get_by_role("button", name="Confirm Kernel Restart").click()
     until(lambda: kernel_pids(lab) not in ([], [pid]), 90, "the restarted kernel", interval=0.2, describe=lab.log)
-    until(lambda: [k for k in lab.api("api/kernels") if k["execution_state"] == "idle"], 90, "an idle kernel",
-          interval=0.2, describe=lab.log)
+    until(lambda: idle_kernels(lab), 90, "an idle kernel", interval=0.2, describe=lab.log)
     run_cell(page, 0, "hello-from-cell 42")  # the restarted kernel works and has taken a snapshot of its own
     assert described(lab)["interrupted"] is False
     expect(page.locator(".jp-spot-restore")).to_have_count(0)
@@ -143,6 +139,7 @@ def test_notebook7_shows_the_notice_countdown_as_a_notification(
     expect(toast.first).to_contain_text(re.compile(r"This machine will be reclaimed in (1:[0-5]\d|2:00) — "))
     first = toast.first.inner_text()
     expect(toast.first).not_to_have_text(first, timeout=5_000)  # the countdown is live
+    expect(toast.first).to_be_in_viewport(ratio=1.0)  # slid in whole, for the screenshot
     shot(page, "notice-notebook7")
 
 

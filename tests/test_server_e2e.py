@@ -185,7 +185,8 @@ async def test_sigterm_flushes_every_kernel_before_the_server_stops(
     assert flushed["kind"] == "mid-cell" and flushed["during_cell"] is not None
     # The server shut the kernel down while stopping: that is not the user closing the notebook.
     (described,) = catalog.describe_sessions(store, live=[])
-    assert described["interrupted"] is True and "signal interruption notice" in described["reason"]
+    assert described["interrupted"] is True and described["cause"] == "server-stopped", described
+    assert described["reason"] == "the server was stopped (SIGTERM)"
 
 
 async def test_servers_sharing_a_store_do_not_offer_each_others_live_sessions(

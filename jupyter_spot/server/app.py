@@ -25,7 +25,8 @@ from ..store.keys import KMS_ENV
 from . import catalog
 from .handlers import handlers
 from .kernels import CONTENTS_SCHEMA, KERNEL_ACTIONS_SCHEMA, SpotKernels
-from .notices import NoticeCoordinator, build_sources
+from .losses import server_stop_cause, under_jupyterhub
+from .notices import ENDING_KINDS, NoticeCoordinator, build_sources
 
 EVENTS_DIR = Path(__file__).parent / "events"
 #: How long a store health check stays fresh: GET status is polled by every browser tab.
@@ -141,10 +142,25 @@ class SpotApp(ExtensionApp):
         for task in (self._gc_task, self._heartbeat_task):
             if task is not None:
                 task.cancel()
+        cause = self._stop_cause()
+        if cause is not None:  # offered back on the next server, saying why (records drop our heartbeat)
+            await self.kernels.record_server_stop(cause)
         if self.heartbeat_interval > 0:  # other servers may offer these sessions for restore at once
             await self.kernels.heartbeat(beating=False)
         if self.notices.watcher is not None:
             await asyncio.to_thread(self.notices.watcher.stop)
+
+    def _stop_cause(self) -> dict[str, Any] | None:
+        """Why this server is stopping, for its kernels' sessions; None after a cloud's notice, which names itself."""
+        notice = self.notices.last_notice
+        if notice is not None and notice.source != "signal" and notice.kind in ENDING_KINDS:
+            return None
+        try:
+            idle = (catalog.utcnow() - self.serverapp.web_app.last_activity()).total_seconds()
+        except (AttributeError, KeyError, TypeError):  # no web app (a server stopped before it started)
+            idle = 0.0
+        signalled = notice is not None and notice.source == "signal"
+        return server_stop_cause(hub=under_jupyterhub(os.environ), idle_seconds=max(0.0, idle), signalled=signalled)
 
     async def _collect_garbage_periodically(self) -> None:
         while True:

@@ -29,7 +29,7 @@ Of several such lines the newest is the interrupted one, except that a line
 started beside another undecided one never hides it (store/lines.py).
 
 The ``reason`` comes from the records: the cause of a kernel the server lost
-without the user asking (its exit status, or idle culling; server/losses.py),
+without the user asking (its exit status, idle culling, or the server stopping; server/losses.py),
 else the notice record that named the session's last kernel, else the session record of a kernel that never shut
 down cleanly, else "written by a kernel outside this server".
 """
@@ -55,7 +55,7 @@ from ..store.lines import (
     record_decision,
 )
 from ..store.base import report_bad_record
-from .losses import largest_variables
+from .losses import SERVER_STOPPED, largest_variables
 
 NOTICE_RECORD_PREFIX = "notice-"
 SESSION_RECORD_PREFIX = "session-"
@@ -337,14 +337,20 @@ def _reason(
 
 
 def line_loss(line: Line, record: dict[str, Any]) -> dict[str, Any] | None:
-    """The record's ``lost`` entry for the process that wrote the line: same kernel, lost after its newest snapshot."""
+    """The record's ``lost`` entry for the process that wrote the line: same kernel, lost after its newest snapshot.
+
+    A stopping server records the loss before it shuts its kernels down, and a kernel may still snapshot on its
+    way out (its cell interrupted); the kernel id ends with that server, so such a loss is every later line's too.
+    """
     created = line.newest.created if line.newest else None
     losses = record.get("lost")
     if not isinstance(losses, list) or line.kernel is None or created is None:
         return None
     for loss in losses:
         at = parse_time(loss.get("at")) if isinstance(loss, dict) else None
-        if at is not None and loss.get("kernel_id") == line.kernel and at >= created and loss.get("text"):
+        if at is None or loss.get("kernel_id") != line.kernel or not loss.get("text"):
+            continue
+        if at >= created or loss.get("kind") == SERVER_STOPPED:
             return loss
     return None
 

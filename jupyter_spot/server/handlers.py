@@ -82,14 +82,21 @@ class SpotHandler(ExtensionHandlerMixin, APIHandler):
             raise web.HTTPError(404, f"no snapshots for session {session!r}")
 
 
-class StatusHandler(SpotHandler):
+class PolledHandler(SpotHandler):
+    """Reads the front ends poll (the status item every few seconds, even in a background tab): not user
+    activity, or no server with a page open would ever look idle to JupyterHub's idle culler."""
+
+    _track_activity = False
+
+
+class StatusHandler(PolledHandler):
     @web.authenticated
     @authorized
     async def get(self) -> None:
         self.finish(await self.spot.status())
 
 
-class SessionsHandler(SpotHandler):
+class SessionsHandler(PolledHandler):
     @web.authenticated
     @authorized
     async def get(self) -> None:
@@ -105,7 +112,7 @@ class SessionsHandler(SpotHandler):
         self.finish({"sessions": sessions, "unverifiable": unverifiable})
 
 
-class SnapshotsHandler(SpotHandler):
+class SnapshotsHandler(PolledHandler):
     @web.authenticated
     @authorized
     async def get(self, session: str) -> None:

@@ -22,7 +22,6 @@ their lines stay offered for restore, with the cause.
 
 from __future__ import annotations
 
-import ast
 import asyncio
 import contextvars
 import json
@@ -52,6 +51,7 @@ from .catalog import (
     snapshot_summary,
     utcnow,
 )
+from .kernel_calls import KernelRestoreError, evaluate_in_kernel, rename_expression, restore_expression
 from .losses import cull_cause, exit_cause
 
 if TYPE_CHECKING:
@@ -69,56 +69,6 @@ RENAME_TIMEOUT = 3600.0
 
 #: The notebook path of the sessions-API request starting a kernel, while it starts it.
 _notebook_path: contextvars.ContextVar[str | None] = contextvars.ContextVar("jupyter_spot_notebook", default=None)
-
-
-class KernelRestoreError(Exception):
-    """The kernel could not load the snapshot; the message is the kernel's error."""
-
-
-def restore_expression(snapshot: str, session: str) -> str:
-    """Python evaluated inside the kernel: restore and return the report as JSON.
-
-    Sent as a silent ``user_expressions`` request, so it adds nothing to the
-    user's namespace or history and triggers no post-cell snapshot.
-    """
-    return (
-        "__import__('json').dumps(__import__('jupyter_spot').restore("
-        f"{snapshot!r}, session={session!r}).to_dict(), default=str)"
-    )
-
-
-def rename_expression(session: str) -> str:
-    """Python evaluated inside the kernel: snapshot under ``session`` from now on."""
-    return f"__import__('jupyter_spot.kernel.extension', fromlist=['_']).rename_session({session!r})"
-
-
-async def evaluate(client: Any, expression: str, timeout: float | None) -> Any:
-    """Evaluate one expression through a started async kernel client; its value as a Python literal."""
-    reply = await client.execute_interactive(
-        "",
-        silent=True,
-        store_history=False,
-        user_expressions={"value": expression},
-        timeout=timeout,
-        output_hook=lambda msg: None,
-    )
-    content = reply["content"]
-    result = content.get("user_expressions", {}).get("value", {})
-    if content.get("status") != "ok" or result.get("status") != "ok":
-        detail = result if result.get("status") == "error" else content
-        raise KernelRestoreError(f"{detail.get('ename', 'Error')}: {detail.get('evalue', 'no details')}")
-    return ast.literal_eval(result["data"]["text/plain"])
-
-
-async def evaluate_in_kernel(kernel: Any, expression: str, timeout: float) -> Any:
-    """:func:`evaluate` in a kernel of the server's kernel manager, over a client of its own."""
-    client = kernel.client()
-    client.start_channels()
-    try:
-        await client.wait_for_ready(timeout=timeout)
-        return await evaluate(client, expression, timeout)
-    finally:
-        client.stop_channels()
 
 
 class SpotKernels:
@@ -280,6 +230,12 @@ class SpotKernels:
         await self._write_session_record(kernel_id, "lost" if ended else "live")
         if ended:
             self._forget(kernel_id)
+
+    async def record_server_stop(self, cause: dict[str, Any]) -> None:
+        """The server is stopping: every live kernel is lost with ``cause``, so its session is offered back."""
+        for kernel in self.live_kernels():
+            loss = {**cause, "kernel_id": kernel.kernel_id, "at": isoformat(utcnow())}
+            await self._record_loss(kernel.kernel_id, loss, ended=True)
 
     async def cull_kernel_if_idle(self, kernel_id: str) -> Any:
         """``MappingKernelManager.cull_kernel_if_idle``, remembering the idle time of a kernel it shuts down."""

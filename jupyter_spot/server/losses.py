@@ -1,15 +1,17 @@
-"""Why a kernel was lost without the user asking: its exit status, or the idle culler.
+"""Why a kernel was lost without the user asking: its exit status, the idle culler, or its server stopping.
 
 The server learns it from jupyter_client's restarter (its ``restart`` and
 ``dead`` callbacks fire only for kernels that died on their own, never for a
-restart the user asked for) and from wrapping the mapping kernel manager's
-``cull_kernel_if_idle``. The cause goes into the session record (``lost``), so
-the sessions API — and the Lab and Notebook 7 banners — can name it.
+restart the user asked for), from wrapping the mapping kernel manager's
+``cull_kernel_if_idle``, and from its own stop (JupyterHub's idle culler stops
+the whole single-user server). The cause goes into the session record
+(``lost``), so the sessions API — and the Lab and Notebook 7 banners — can name it.
 """
 
 from __future__ import annotations
 
 import signal
+from collections.abc import Mapping
 from typing import Any
 
 from ..units import human_bytes
@@ -18,6 +20,12 @@ from ..units import human_bytes
 CRASH_SIGNALS = {signal.SIGSEGV, signal.SIGBUS, signal.SIGILL, signal.SIGFPE, signal.SIGABRT}
 #: How many of the snapshot's variables an OOM cause names.
 LARGEST_SHOWN = 5
+#: Set in every JupyterHub single-user server's environment by its spawner.
+HUB_ENV = ("JUPYTERHUB_API_URL", "JUPYTERHUB_SERVICE_PREFIX")
+#: The ``kind`` of the loss a stopping server records for each of its kernels.
+SERVER_STOPPED = "server-stopped"
+#: A hub stopping a server idle this long is taken for its idle culler (the user stopping it was active).
+HUB_CULLED_IDLE_SECONDS = 60.0
 
 
 def exit_cause(returncode: int | None) -> dict[str, Any]:
@@ -36,10 +44,34 @@ def exit_cause(returncode: int | None) -> dict[str, Any]:
     return {"kind": "exit", "exit_code": returncode, "text": f"the kernel exited with status {returncode}"}
 
 
+def _idle(seconds: float) -> str:
+    return f"{round(seconds / 60)} min" if seconds >= 60 else f"{int(seconds)} s"
+
+
 def cull_cause(idle_seconds: float) -> dict[str, Any]:
     """The ``lost`` entry for a kernel the server's idle culler shut down."""
-    idle = f"{round(idle_seconds / 60)} min" if idle_seconds >= 60 else f"{int(idle_seconds)} s"
-    return {"kind": "culled", "idle_seconds": int(idle_seconds), "text": f"culled after {idle} idle"}
+    return {"kind": "culled", "idle_seconds": int(idle_seconds), "text": f"culled after {_idle(idle_seconds)} idle"}
+
+
+def under_jupyterhub(env: Mapping[str, str]) -> bool:
+    """A JupyterHub single-user server: its spawner set the hub's variables."""
+    return any(env.get(name) for name in HUB_ENV)
+
+
+def server_stop_cause(*, hub: bool, idle_seconds: float, signalled: bool) -> dict[str, Any]:
+    """The ``lost`` entry for the kernels of a server that is stopping (not a cloud notice: that names itself).
+
+    Under JupyterHub the hub stops the server: its idle culler (the usual case on
+    return), an admin, or the user's "Stop My Server"; a server idle for a while
+    was culled. Elsewhere: SIGTERM (``signalled``), ``jupyter server stop``, File ▸ Shut Down.
+    """
+    if hub and idle_seconds >= HUB_CULLED_IDLE_SECONDS:
+        text = f"the server was stopped by JupyterHub (idle culler) after {_idle(idle_seconds)} idle"
+    elif hub:
+        text = "the server was stopped by JupyterHub"
+    else:
+        text = "the server was stopped (SIGTERM)" if signalled else "the server was stopped"
+    return {"kind": SERVER_STOPPED, "hub": hub, "idle_seconds": int(idle_seconds), "text": text}
 
 
 def largest_variables(manifest: dict[str, Any], count: int = LARGEST_SHOWN) -> list[dict[str, Any]]:

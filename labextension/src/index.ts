@@ -1,7 +1,7 @@
 /**
- * jupyter-spot in JupyterLab: the interruption warning, the restore banner (or, for a
- * notebook running on another server, a note saying so) and the snapshot status item,
- * all fed by the server extension's REST API and events.
+ * jupyter-spot in JupyterLab and Notebook 7: the interruption warning, the restore banner
+ * (or, for a notebook running on another server, a note saying so) and the snapshot status
+ * item, all fed by the server extension's REST API and events.
  */
 import { ILabShell, JupyterFrontEnd, JupyterFrontEndPlugin } from '@jupyterlab/application';
 import { ICommandPalette, Notification } from '@jupyterlab/apputils';
@@ -22,6 +22,8 @@ const PLUGIN_ID = 'jupyter-spot:plugin';
 /** After a kernel is lost, ask the server this many times, this often, whether it offers the state back. */
 const LOSS_POLLS = 60;
 const LOSS_POLL_MS = 1000;
+/** Notebook 7's menu bar: just before its kernel status (rank 10 010) and Trusted indicator (11 000). */
+const NOTEBOOK7_STATUS_RANK = 10_005;
 
 namespace CommandIDs {
   export const openSnapshots = 'jupyter-spot:open-snapshots';
@@ -62,6 +64,16 @@ const plugin: JupyterFrontEndPlugin<void> = {
     const settings: ISpotSettings = { ...DEFAULTS };
     const settingsChanged = new Signal<object, void>(plugin);
 
+    // The side panel and the status item.
+    const panel = new SnapshotsPanel(api, tracker);
+    const openSnapshots = (): void => {
+      if (!panel.isAttached) {
+        app.shell.add(panel, 'right', { rank: 900 });
+      }
+      app.shell.activateById(panel.id);
+    };
+    const status = new SnapshotStatus(api, tracker, openSnapshots);
+
     // The warning: saving is on by default because a notice is the last chance to.
     const notice = new NoticeBanner(async () => {
       if (settings.saveOnNotice) {
@@ -88,18 +100,10 @@ const plugin: JupyterFrontEndPlugin<void> = {
         notice.showNotice(event as unknown as INotice);
       } else if (event.schema_id === FLUSH_SCHEMA) {
         notice.showFlush(event as unknown as IFlush);
+        status.showFlush(event as unknown as IFlush);
       }
     });
 
-    // The side panel and the status item.
-    const panel = new SnapshotsPanel(api, tracker);
-    const openSnapshots = (): void => {
-      if (!panel.isAttached) {
-        app.shell.add(panel, 'right', { rank: 900 });
-      }
-      app.shell.activateById(panel.id);
-    };
-    const status = new SnapshotStatus(api, tracker, openSnapshots);
     NotebookActions.executed.connect((_, { notebook }) => {
       if (notebook === tracker.currentWidget?.content) {
         status.cellExecuted();
@@ -110,16 +114,23 @@ const plugin: JupyterFrontEndPlugin<void> = {
         void panel.refresh();
       }
     });
-    if (statusBar) {
+    const statusShown = (): boolean => settings.showStatusBar && tracker.currentWidget !== null;
+    if (labShell && statusBar) {
       statusBar.registerStatusItem(PLUGIN_ID + ':status', {
         item: status,
         align: 'left',
         rank: 5,
-        isActive: () => settings.showStatusBar && tracker.currentWidget !== null,
+        isActive: statusShown,
         activeStateChanged: settingsChanged
       });
-      tracker.currentChanged.connect(() => settingsChanged.emit());
+    } else if (!labShell) {
+      // Notebook 7 has no status bar: its menu bar, next to the kernel status, on notebook pages.
+      status.addClass('jp-spot-mod-menu');
+      app.shell.add(status, 'menu', { rank: NOTEBOOK7_STATUS_RANK });
+      settingsChanged.connect(() => status.setHidden(!statusShown()));
+      status.setHidden(!statusShown());
     }
+    tracker.currentChanged.connect(() => settingsChanged.emit());
 
     // On open, a notebook whose session is interrupted is offered a restore (once); one
     // whose kernel runs on another server sharing the store gets a note saying so.
@@ -154,7 +165,7 @@ const plugin: JupyterFrontEndPlugin<void> = {
       if (settings.autoRestore) {
         await banner.restore();
       }
-      status.cellExecuted();
+      status.lookAgain();
     };
     tracker.widgetAdded.connect((_, nb) => void checkSession(nb));
 

@@ -123,7 +123,7 @@ export class NoticeBanner extends Widget {
       : !flushed
         ? 'notebooks saved, saving kernel state…'
         : failed
-          ? 'notebooks saved; some kernel state could NOT be saved (see below).'
+          ? 'notebooks saved; some kernel state could NOT be saved'
           : 'notebooks and kernel state saved. Restore them on a new machine.';
     let text: string;
     if (notice.kind === 'rebalance') {
@@ -137,9 +137,10 @@ export class NoticeBanner extends Widget {
           ? `This machine will be ${verb} in ${formatCountdown(left)} — ${saving}`
           : `This machine is being ${verb} now — ${saving}`;
     }
-    this._message.textContent = ' ' + text;
+    this._message.textContent = ' ' + text + (failed ? ' (see below).' : '');
     this.node.dataset.kind = notice.kind;
-    const line = `Spot interruption: ${text}`;
+    // The one-line form (Notebook 7's notification, which cuts long text): what failed is in its status item.
+    const line = `Spot interruption: ${text}` + (failed ? ' (see the snapshot status).' : '');
     if (line !== this._text) {
       this._text = line;
       this._textChanged.emit(line);

@@ -1,13 +1,14 @@
 /**
- * How safe is this notebook right now: a status-bar item with the age and size of its
- * last snapshot, and a side panel listing every snapshot with restore actions.
+ * How safe is this notebook right now: a status item with the age and size of its last
+ * snapshot (Lab's status bar; Notebook 7's menu bar, next to the kernel status), and a
+ * side panel listing every snapshot with restore actions.
  */
 import { Dialog, showDialog } from '@jupyterlab/apputils';
 import { INotebookTracker, NotebookPanel } from '@jupyterlab/notebook';
 import { ISignal, Signal } from '@lumino/signaling';
 import { Widget } from '@lumino/widgets';
 
-import { ISnapshot, IStatus, SpotApi, SpotApiError } from './api';
+import { IFlush, ISnapshot, IStatus, SpotApi, SpotApiError } from './api';
 import { describeSnapshot, formatAge, formatBytes, formatTime, h } from './format';
 import { renderReport, restoreInto } from './restore';
 
@@ -16,7 +17,17 @@ export function sessionName(panel: NotebookPanel): string {
   return panel.context.localPath;
 }
 
-/** The status-bar item; it follows the current notebook. */
+/**
+ * What the item says, also its `data-state`: `none` (no snapshot yet), `saved`, `pending`
+ * (a cell ran, its snapshot is not in the store yet), `flushing` / `failed` (a notice's
+ * final flush of this notebook's kernel), `read-only` (the store cannot be written), `error`.
+ */
+export type SnapshotState = 'none' | 'saved' | 'pending' | 'flushing' | 'failed' | 'read-only' | 'error';
+
+/** How long after a cell its snapshot counts as pending (the item looks again meanwhile). */
+const PENDING_MS = 10_000;
+
+/** The status item; it follows the current notebook. */
 export class SnapshotStatus extends Widget {
   constructor(
     private readonly _api: SpotApi,
@@ -29,7 +40,10 @@ export class SnapshotStatus extends Widget {
     this.node.append(this._text);
     this.node.title = 'jupyter-spot: last snapshot of this notebook (click for all snapshots)';
     this.node.addEventListener('click', onClick);
-    this._tracker.currentChanged.connect(() => void this.refresh(), this);
+    this._tracker.currentChanged.connect(() => {
+      this._flush = null; // another notebook's flush
+      void this.refresh();
+    }, this);
     this._ticker = window.setInterval(() => this._render(), 1000);
   }
 
@@ -54,8 +68,15 @@ export class SnapshotStatus extends Widget {
    * large data), so look again a few times until the new one shows up.
    */
   cellExecuted(): void {
+    this._pendingUntil = Date.now() + PENDING_MS;
+    this._render();
+    this.lookAgain();
+  }
+
+  /** Refresh a few times over the next seconds, until the snapshot changes (after a cell, a restore). */
+  lookAgain(): void {
     const before = this._snapshot?.id;
-    for (const delay of [300, 1000, 2500, 5000]) {
+    for (const delay of [300, 1000, 2500, 5000, PENDING_MS]) {
       window.setTimeout(() => {
         if (this._snapshot?.id === before) {
           void this.refresh();
@@ -76,10 +97,24 @@ export class SnapshotStatus extends Widget {
       this._error = null;
       if (snapshot?.id !== this._snapshot?.id) {
         this._snapshot = snapshot;
+        this._pendingUntil = 0;
         this._changed.emit(snapshot);
       }
     } catch (error) {
       this._error = (error as Error).message;
+    }
+    this._render();
+  }
+
+  /** A notice's final flush of a kernel: shown while it runs, and kept when it failed for this notebook. */
+  showFlush(flush: IFlush): void {
+    const panel = this._tracker.currentWidget;
+    if (!panel || flush.session !== sessionName(panel)) {
+      return;
+    }
+    this._flush = flush;
+    if (flush.status === 'done') {
+      void this.refresh();
     }
     this._render();
   }
@@ -93,27 +128,42 @@ export class SnapshotStatus extends Widget {
   private _render(): void {
     const store = this._status?.store;
     const kind = store ? (store.writable ? store.kind : `${store.kind} (read-only!)`) : '…';
+    const snapshot = this._snapshot;
+    const last = snapshot ? `snapshot ${formatAge(snapshot.created)} · ${formatBytes(snapshot.size)}` : 'no snapshot yet';
     let text: string;
+    let state: SnapshotState;
+    this.node.title = snapshot
+      ? `jupyter-spot: snapshot ${snapshot.id} of ${formatTime(snapshot.created)}, ` +
+        `${describeSnapshot(snapshot)}, store ${store?.url ?? ''} (click for all snapshots)`
+      : `jupyter-spot: no snapshot of this notebook yet, store ${store?.url ?? ''} (click for all snapshots)`;
     if (this._error) {
-      text = `snapshot status unavailable`;
+      [state, text] = ['error', 'snapshot status unavailable'];
       this.node.title = `jupyter-spot: ${this._error}`;
-    } else if (this._snapshot) {
-      text = `snapshot ${formatAge(this._snapshot.created)} · ${formatBytes(this._snapshot.size)} · ${kind}`;
-      this.node.title =
-        `jupyter-spot: snapshot ${this._snapshot.id} of ${formatTime(this._snapshot.created)}, ` +
-        `${describeSnapshot(this._snapshot)}, store ${store?.url ?? ''} (click for all snapshots)`;
+    } else if (this._flush?.status === 'failed') {
+      [state, text] = ['failed', `kernel state NOT saved · ${last} · ${kind}`];
+      this.node.title = `jupyter-spot: the final flush failed: ${this._flush.message ?? 'unknown error'}`;
+    } else if (this._flush?.status === 'started') {
+      [state, text] = ['flushing', `saving kernel state… · ${last} · ${kind}`];
+    } else if (store?.writable === false) {
+      [state, text] = ['read-only', `${last} · ${kind}`];
+      this.node.title = `jupyter-spot: snapshots cannot be written: ${store.error ?? store.url}`;
+    } else if (this._pendingUntil > Date.now()) {
+      [state, text] = ['pending', `snapshot pending… · ${kind}`];
     } else {
-      text = `no snapshot yet · ${kind}`;
+      [state, text] = [snapshot ? 'saved' : 'none', `${last} · ${kind}`];
     }
     this._text.textContent = text;
-    this.node.dataset.snapshotId = this._snapshot?.id ?? '';
-    this.node.classList.toggle('jp-spot-mod-warn', !!this._error || store?.writable === false);
+    this.node.dataset.snapshotId = snapshot?.id ?? '';
+    this.node.dataset.state = state;
+    this.node.classList.toggle('jp-spot-mod-warn', ['error', 'failed', 'read-only'].includes(state));
   }
 
   private readonly _text: HTMLElement;
   private _snapshot: ISnapshot | null = null;
   private _status: IStatus | null = null;
   private _statusAge = 0;
+  private _pendingUntil = 0;
+  private _flush: IFlush | null = null;
   private _error: string | null = null;
   private _poller: number | null = null;
   private readonly _ticker: number;

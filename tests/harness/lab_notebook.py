@@ -18,13 +18,16 @@ from playwright.sync_api import Locator, Page, expect
 from jupyter_spot.notice.simulator import Simulator
 
 from .notebooks import write_notebook
-from .servers import JupyterServer
+from .servers import HTTPError, JupyterServer
+from .wait import until
 
 NOTEBOOK = "work/analysis.ipynb"
 CELLS = (
     'x = 6 * 7\nsecret = f"restored-{x}"\ncountdown = (i for i in range(3))\nprint("hello-from-cell", x)',
     'y = [x] * 3\nprint("second-cell", len(y))',
 )
+#: Screenshot names end in the front end: docs/lab.md shows each banner as `<name>-lab` and `<name>-notebook7`.
+SHOT_SUFFIX = {"lab": "lab", "notebook": "notebook7"}
 SLOW = 60_000  # ms: Lab's first load and a kernel start on a busy 2-core machine
 expect.set_options(timeout=15_000)  # every other wait: generous for a loaded CI machine
 
@@ -51,6 +54,30 @@ def lab_factory(
         return lab.start()
 
     return start
+
+
+def notebook_url(lab: JupyterServer, front_end: str) -> str:
+    """The notebook in Lab (``lab``) or in Notebook 7's notebook page (``notebook``), which Lab's server serves too."""
+    return lab.lab_url(NOTEBOOK) if front_end == "lab" else f"{lab.url}notebooks/{NOTEBOOK}?token={lab.token}"
+
+
+def idle_kernels(lab: JupyterServer) -> list[dict]:
+    """The server's idle kernels. jupyter_server answers 500 while it lists a kernel still starting
+    (``kernel_model`` reads its ``last_activity`` before it is set): that is "none idle yet"."""
+    try:
+        kernels = lab.api("api/kernels")
+    except HTTPError as error:
+        if "GET api/kernels: 500 " in str(error):
+            return []
+        raise
+    return [k for k in kernels if k["execution_state"] == "idle"]
+
+
+def open_in(page: Page, lab: JupyterServer, front_end: str) -> None:
+    """Open the notebook in Lab or Notebook 7 and wait until its kernel is idle (asked of the server)."""
+    page.goto(notebook_url(lab, front_end), timeout=SLOW)
+    expect(page.locator(".jp-NotebookPanel .jp-Cell").first).to_be_visible(timeout=SLOW)
+    until(lambda: idle_kernels(lab), 90, "an idle kernel", interval=0.2, describe=lab.log)
 
 
 def open_notebook(page: Page, lab: JupyterServer) -> None:
