@@ -278,6 +278,34 @@ class FileStore(Store):
             raise CorruptBlobError(f"blob {digest[:12]} in {self.root} is corrupt (its checksum does not match)")
         return data
 
+    def read_blob_into(self, digest: str, out: memoryview) -> None:
+        """Read the blob straight into ``out`` (``readinto``: no second copy), then verify those bytes.
+
+        Measured against a copy-on-write mmap copied into place: readinto of 4 MiB
+        chunks is as fast, and leaves no mapping behind (benchmarks/README.md).
+        """
+        path = self._blob_path(digest)
+        view = out.cast("B") if out.format != "B" else out
+        try:
+            with open(path, "rb", buffering=0) as handle:
+                size = os.fstat(handle.fileno()).st_size
+                got = 0
+                if size == view.nbytes:
+                    while got < size:
+                        count = handle.readinto(view[got:])
+                        if not count:
+                            break
+                        got += count
+        except FileNotFoundError:
+            raise MissingBlobError(f"blob {digest[:12]} is missing from {self.root}") from None
+        except OSError as error:
+            raise self._wrap(error, f"reading blob {digest[:12]}") from error
+        if size != view.nbytes or got != size:
+            raise CorruptBlobError(f"blob {digest[:12]} in {self.root} holds {size} bytes, not the {view.nbytes} "
+                                   "its snapshot names")
+        if digest_of(view) != digest:
+            raise CorruptBlobError(f"blob {digest[:12]} in {self.root} is corrupt (its checksum does not match)")
+
     def iter_blobs(self) -> Iterator[str]:
         base = self.root / "blobs"
         if not base.is_dir():
