@@ -17,13 +17,15 @@ while any committed manifest names it.
 
 from __future__ import annotations
 
+import ctypes
 import mmap
+import os
 import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from ..store import Store, StoreError
+from ..store import CorruptBlobError, MissingBlobError, Store, StoreError, digest_of
 
 #: The manifest format this code writes; it reads this one and every older one.
 MANIFEST_FORMAT = 2
@@ -129,7 +131,7 @@ def read_snapshot(store: Store, manifest: dict[str, Any]) -> SnapshotBytes:
     whole: dict[str, Any] = {}
     buffers: dict[tuple[str, int], Any] = {}
     chunked: list[tuple[Any, dict[str, Any]]] = []
-    tasks: list[tuple[str, memoryview]] = []
+    tasks: list[tuple[str, memoryview, bool]] = []
 
     def blob(digest: str) -> Any:
         if digest not in whole:
@@ -140,7 +142,7 @@ def read_snapshot(store: Store, manifest: dict[str, Any]) -> SnapshotBytes:
         _plan(manifest, where, blob, buffers, chunked, tasks)
     except (KeyError, TypeError, AttributeError, ValueError, OverflowError) as error:
         raise StoreError(f"{where}: its groups are malformed ({type(error).__name__}: {str(error)[:80]})") from None
-    _read_in_parallel(store, tasks)
+    _read_in_parallel(_chunk_reader(store), tasks, store.blob_workers)
     return SnapshotBytes(whole, buffers, chunked)
 
 
@@ -150,7 +152,7 @@ def _plan(
     blob: Callable[[str], Any],
     buffers: dict[tuple[str, int], Any],
     chunked: list[tuple[Any, dict[str, Any]]],
-    tasks: list[tuple[str, memoryview]],
+    tasks: list[tuple[str, memoryview, bool]],
 ) -> None:
     """Read the whole blobs ``manifest`` names; allocate each chunked buffer and list its chunks' reads."""
     used: set[str] = set()
@@ -165,17 +167,21 @@ def _plan(
                 continue
             memory = mmap.mmap(-1, entry["size"])
             view = memoryview(memory)
+            # only page-sized chunks may be mapped in place: a mapping covers whole pages
+            mappable = entry["chunk_size"] % mmap.PAGESIZE == 0
             for number, digest in enumerate(entry["chunks"]):
                 start = number * entry["chunk_size"]
-                tasks.append((digest, view[start : start + entry["chunk_size"]]))
+                tasks.append((digest, view[start : start + entry["chunk_size"]], mappable))
             buffers[(name, index)] = memory
             chunked.append((memory, entry))
     if manifest.get("rng"):
         blob(manifest["rng"])
 
 
-def _read_in_parallel(store: Store, tasks: list[tuple[str, memoryview]]) -> None:
-    """``store.read_blob_into`` for each (digest, place), ``store.blob_workers`` at a time; raise the first failure.
+def _read_in_parallel(
+    read: Callable[[str, memoryview, bool], None], tasks: list[tuple[str, memoryview, bool]], workers: int
+) -> None:
+    """``read(digest, place, mappable)`` for each task, ``workers`` at a time; raise the first failure.
 
     Plain threads, like the writer's: a restore may run while the interpreter exits.
     """
@@ -190,13 +196,13 @@ def _read_in_parallel(store: Store, tasks: list[tuple[str, memoryview]]) -> None
             if task is None:
                 return
             try:
-                store.read_blob_into(*task)
+                read(*task)
             except Exception as error:
                 failures.append(error)
                 return
 
     helpers = [threading.Thread(target=work, name="jupyter-spot-read", daemon=True)
-               for _ in range(min(store.blob_workers, len(tasks)) - 1)]
+               for _ in range(min(workers, len(tasks)) - 1)]
     for helper in helpers:
         helper.start()
     try:
@@ -207,3 +213,70 @@ def _read_in_parallel(store: Store, tasks: list[tuple[str, memoryview]]) -> None
     if failures:
         error = failures[0]
         raise error if isinstance(error, StoreError) else StoreError(f"{type(error).__name__}: {error}")
+
+
+def _chunk_reader(store: Store) -> Callable[[str, memoryview, bool], None]:
+    """How to put a chunk in place: map its file there (a local store) or ``store.read_blob_into``.
+
+    Mapping a chunk's file copy-on-write over its place in the buffer costs no
+    copy — as cheap as the whole-blob mmap restores used before chunks; a read
+    copies every byte once more (benchmarks/README.md). Either way the bytes in
+    place are verified against the chunk's SHA-256 before anything is unpickled.
+    """
+    blob_file = getattr(store, "blob_file", None)
+    mapper = _fixed_mapper() if blob_file is not None else None
+
+    def read(digest: str, place: memoryview, mappable: bool) -> None:
+        if mapper is None or not mappable or not _map_chunk(mapper, blob_file(digest), place):
+            store.read_blob_into(digest, place)
+            return
+        if digest_of(place) != digest:
+            raise CorruptBlobError(f"blob {digest[:12]} in {store.url} is corrupt (its checksum does not match)")
+
+    return read
+
+
+def _fixed_mapper() -> Any:
+    """libc's ``mmap``, to map a file at a given address inside a mapping we own; None where unavailable."""
+    if os.name != "posix" or not hasattr(mmap, "MAP_PRIVATE"):
+        return None
+    try:
+        function = ctypes.CDLL(None, use_errno=True).mmap
+    except (OSError, AttributeError):
+        return None
+    function.restype = ctypes.c_void_p
+    function.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_int64]
+    return function
+
+
+#: ``MAP_FIXED``: the same value on Linux and macOS.
+_MAP_FIXED = 0x10
+
+
+def _map_chunk(mapper: Any, path: Any, place: memoryview) -> bool:
+    """Map the chunk file ``path`` copy-on-write exactly over ``place``; False if it cannot be (then it is read).
+
+    ``place`` lies in an anonymous mapping this module made (``read_snapshot``) and
+    starts on a page, so the new mapping replaces only pages of that buffer; its
+    size was checked first, so no page of it lies beyond the file's end.
+    """
+    address = ctypes.addressof(ctypes.c_char.from_buffer(place))
+    if address % mmap.PAGESIZE:
+        return False
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except FileNotFoundError:
+        raise MissingBlobError(f"blob {os.path.basename(path)[:12]} is missing from the store") from None
+    except OSError:
+        return False
+    try:
+        if os.fstat(fd).st_size != place.nbytes:
+            return False  # read_blob_into says what is wrong with it
+        mapped = mapper(address, place.nbytes, mmap.PROT_READ | mmap.PROT_WRITE, mmap.MAP_PRIVATE | _MAP_FIXED, fd, 0)
+        if mapped != address:
+            raise OSError(ctypes.get_errno(), "mmap did not map the chunk in place")
+    except OSError:
+        return False
+    finally:
+        os.close(fd)
+    return True

@@ -193,6 +193,10 @@ class FileStore(Store):
     def has_blob(self, digest: str) -> bool:
         return self._blob_path(digest).is_file()
 
+    def blob_file(self, digest: str) -> Path:
+        """Where the blob's bytes lie, for a reader that maps them (a restore); read it only through a check."""
+        return self._blob_path(digest)
+
     def put_blob(self, digest: str, data: Buffer) -> int:
         """Store ``data``, refusing it (CorruptBlobError) if it does not hash to ``digest``."""
         if self._already_stored(self._blob_path(digest), memoryview(data).nbytes):
@@ -279,10 +283,9 @@ class FileStore(Store):
         return data
 
     def read_blob_into(self, digest: str, out: memoryview) -> None:
-        """Read the blob straight into ``out`` (``readinto``: no second copy), then verify those bytes.
+        """Read the blob straight into ``out`` (``readinto``: no copy in between), then verify those bytes.
 
-        Measured against a copy-on-write mmap copied into place: readinto of 4 MiB
-        chunks is as fast, and leaves no mapping behind (benchmarks/README.md).
+        A kernel's restore maps chunk files in place instead where it can (kernel/chunks.py).
         """
         path = self._blob_path(digest)
         view = out.cast("B") if out.format != "B" else out
