@@ -29,11 +29,12 @@ import shutil
 import statistics
 import sys
 import tempfile
+import time
 import uuid
 from pathlib import Path
 from typing import Any
 
-from bench_snapshot import DILL_DUMP, OUR_SNAPSHOT, Kernel, disk_write, mb
+from bench_snapshot import DILL_DUMP, OUR_SNAPSHOT, OUR_STATUS, Kernel, disk_write, mb
 
 NAMESPACE = """
 import numpy as np
@@ -102,6 +103,14 @@ def bench_snapshots(work: Path, gb: float, rows: int, chunk: int, key: str) -> d
         out["ten_growth"] = store_bytes(root) - base
         kernel.run("%spot on", store_history=False)
         kernel.run("small += 1")
+        out["one_auto"] = []
+        for i in range(3):
+            before = store_bytes(root)
+            seconds = kernel.run(f"a[{i * 1000 + 7}] = -2")[0]
+            while (status := kernel.json(OUR_STATUS))["pending_blobs"]:
+                time.sleep(0.01)
+            out["one_auto"].append({"cell": seconds, "store_growth": store_bytes(root) - before,
+                                    **status["last_snapshot"]})
         out["cell_auto"] = statistics.median(kernel.run("small += 1")[0] for _ in range(15))
         kernel.run("%spot off", store_history=False)
         out["cell_off"] = statistics.median(kernel.run("small += 1")[0] for _ in range(15))
@@ -187,6 +196,10 @@ def report(args: Any, ours: dict[str, Any], disk: float, restore: dict[str, list
     print(f"{'disk: write + fsync of as many bytes, best of 3':56}{disk:>10.3f}{mb(full['bytes_written']):>14}")
     print(f"{'one element changed, then %spot snapshot (median of 3)':56}{med(r['seconds'] for r in one):>10.3f}"
           f"{mb(med(r['store_growth'] for r in one)):>14}  (store growth, manifest included)")
+    auto = ours["one_auto"]
+    print(f"{'one element changed, automatic snapshot: cell round trip':56}{med(r['cell'] for r in auto):>10.3f}"
+          f"{mb(med(r['store_growth'] for r in auto)):>14}  (its snapshot until durable: "
+          f"{med(r['seconds'] for r in auto):.3f} s)")
     print(f"{'  nothing changed, %spot snapshot (median of 3)':56}{med(r['seconds'] for r in recheck):>10.3f}"
           f"{mb(med(r['bytes_written'] for r in recheck)):>14}")
     pct = ours["percent"]

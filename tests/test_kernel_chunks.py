@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from harness import Kernel, snapshot_line
+from harness import FaultPause, Kernel, snapshot_line
 from harness.store import commit_snapshot
 
 from jupyter_spot.kernel import serialize
@@ -236,4 +236,54 @@ def test_snapshots_with_chunks_off_and_on_restore_in_either_kernel(store: FileSt
         chunked = snapshot(fresh)
     assert len(buffer_entries(store, chunked, "a")[0]["chunks"]) == 7
     with restored(chunked, extra_arguments=["--SpotSettings.chunk_size=0"]) as fresh:
+        assert numbers(fresh, "a[5], a[6]") == (-5, 6)
+
+
+@pytest.mark.faults
+def test_a_notice_flush_goes_before_snapshots_still_being_written(store: FileStore, tmp_path: Path) -> None:
+    """A mid-cell flush supersedes a background snapshot held at its first chunk: that one
+    writes no further chunk and never commits; the flush commits the newest state after the
+    last committed one, writing the chunks it needs, and restores."""
+    pause = FaultPause(tmp_path / "faults", "blob-write", "flush-queued")
+    with Kernel(load=True, extra_arguments=[*CHUNKED, "--SpotSettings.background_threshold=0"]) as kernel:
+        kernel.run("import os, numpy as np\nimport jupyter_spot\nmarker = 'before'")
+        kernel.wait_until_durable()
+        before = kernel.value("jupyter_spot.status()['last_committed']")
+        # this cell's automatic snapshot is written in the background, and held at its first chunk
+        kernel.run(f"big = np.arange(1_000_000, dtype=np.float64)\nos.environ['JUPYTER_SPOT_FAULTS'] = "
+                   f"{pause.env['JUPYTER_SPOT_FAULTS']!r}")
+        assert pause.reached("blob-write") == kernel.pid
+        held = kernel.value("jupyter_spot.status()['last_snapshot']['id']")
+        cell = kernel.start("big[-1] = -1\nmarker = 'flushed'\nprint(jupyter_spot.flush('test notice'))")
+        assert pause.reached("flush-queued") == kernel.pid  # the flush is queued; the held snapshot still holds
+        pause.release("blob-write")
+        pause.release("flush-queued")
+        printed = kernel.output_of(cell, timeout=120)
+        flushed = snapshot_line(printed)["id"]
+    ids = store.list_snapshots(SESSION)
+    assert held not in ids and flushed in ids, (held, flushed, ids)
+    manifest = store.load_manifest(SESSION, flushed)
+    assert manifest["parent"] == before and manifest["during_cell"] is not None
+    # the held snapshot wrote one chunk at most; the flush wrote the rest of the new state
+    chunk_blobs = {d for d in store.iter_blobs()} - set(store.load_manifest(SESSION, before)["blobs"])
+    assert len(chunk_blobs - set(manifest["blobs"])) <= 1
+    with restored() as fresh:
+        assert fresh.value("marker") == "flushed"
+        assert numbers(fresh, "big[-1], big[-2], len(big)") == (-1, 999_998, 1_000_000)
+
+
+@pytest.mark.faults
+def test_a_background_write_copies_only_the_changed_chunk(store: FileStore, tmp_path: Path) -> None:
+    pause = FaultPause(tmp_path / "faults", "blob-write")
+    with Kernel(load=True, extra_arguments=[*CHUNKED, "--SpotSettings.background_threshold=0"]) as kernel:
+        kernel.run(ARRAY + "\nimport os, jupyter_spot")
+        kernel.wait_until_durable()
+        kernel.run(f"a[5] = -5\nos.environ['JUPYTER_SPOT_FAULTS'] = {pause.env['JUPYTER_SPOT_FAULTS']!r}")
+        assert pause.reached("blob-write") == kernel.pid  # held while writing its copy of the changed chunk
+        assert kernel.value("jupyter_spot.status()['pending_bytes']") == CHUNK
+        kernel.run("a[6] = -6")  # the copy is the writer's own: changing the array again does not touch it
+        pause.release("blob-write")
+        kernel.wait_until_durable()
+        first_change = store.list_snapshots(SESSION)[-2]
+    with restored(first_change) as fresh:
         assert numbers(fresh, "a[5], a[6]") == (-5, 6)

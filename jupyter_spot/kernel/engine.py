@@ -190,15 +190,23 @@ class SnapshotEngine(Preparer, Restorer):
         deadline: float | None = None,
         reason: str | None = None,
         quiet: bool = False,
+        newest_first: bool = False,
     ) -> SnapshotResult:
-        """Snapshot the namespace; ``referenced=None`` re-checks every variable."""
+        """Snapshot the namespace; ``referenced=None`` re-checks every variable.
+
+        ``newest_first``: the snapshots still queued stop writing and never commit;
+        this one writes what it needs of theirs itself (a notice's flush, so its
+        deadline is not spent on states it replaces).
+        """
         if self._busy:
             raise RuntimeError("a snapshot is already being taken")
         self._busy = True
         try:
-            job, background = self._prepare(kind, referenced, wait, during_cell, reason)
+            job, background = self._prepare(kind, referenced, wait, during_cell, reason, newest_first)
         finally:
             self._busy = False
+        if newest_first:
+            fault_point("flush-queued")
         self._unsaved = set()
         result = job.result
         self.last_result = result
@@ -243,11 +251,10 @@ class SnapshotEngine(Preparer, Restorer):
             # With automatic snapshots on, only what the running cell can reach
             # changed since the last one: the flush costs what a cell's snapshot costs.
             referenced = self._with_cell(self._unsaved, self._cell_source)
-            result = self.snapshot(
-                "mid-cell", referenced=referenced, during_cell=self._in_cell, deadline=until, reason=reason
-            )
+            result = self.snapshot("mid-cell", referenced=referenced, during_cell=self._in_cell, deadline=until,
+                                   reason=reason, newest_first=True)
         else:
-            result = self.snapshot("notice", deadline=until, reason=reason)
+            result = self.snapshot("notice", deadline=until, reason=reason, newest_first=True)
         replicate = getattr(self.store, "flush_replication", None)
         if replicate is not None and result.durable:
             # A tiered store has the snapshot on local disk/EFS; the notice is the

@@ -71,9 +71,18 @@ class Preparer:
     """The snapshot-preparing half of :class:`~jupyter_spot.kernel.engine.SnapshotEngine`."""
 
     def _prepare(
-        self: SnapshotEngine, kind: str, referenced: set[str] | None, wait: bool, during_cell: int | None, reason: str | None
+        self: SnapshotEngine,
+        kind: str,
+        referenced: set[str] | None,
+        wait: bool,
+        during_cell: int | None,
+        reason: str | None,
+        newest_first: bool = False,
     ) -> tuple[Job, bool]:
-        """Pickle what changed and queue the writes; True if they run in the background."""
+        """Pickle what changed and queue the writes; True if they run in the background.
+
+        ``newest_first``: supersede the snapshots still being written (a notice's flush).
+        """
         started = time.perf_counter()
         shell = self.shell
         namespace = shell.user_ns
@@ -83,7 +92,12 @@ class Preparer:
                                 during_cell=during_cell)
         self._jobs = [job for job in self._jobs if not job.done.is_set()]
         self._forget_if_collected()
-        in_flight = {key for job in self._jobs for key, _ in job.blobs}
+        if newest_first:
+            # A notice's flush goes first: the snapshots still queued stop writing
+            # (and never commit), and this one writes whatever of theirs it needs.
+            for job in self._jobs:
+                job.superseded = True
+        in_flight = set() if newest_first else {key for job in self._jobs for key, _ in job.blobs}
 
         modules: dict[str, str] = {}
         current: dict[str, Any] = {}
