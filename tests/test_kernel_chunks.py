@@ -10,6 +10,7 @@ The kernels use 128 KiB chunks (``--SpotSettings.chunk_size``) so the data stays
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +20,7 @@ from harness.store import commit_snapshot
 
 from jupyter_spot.kernel import serialize
 from jupyter_spot.kernel.chunks import entry_digests
-from jupyter_spot.store import FileStore, collect_garbage, digest_of
+from jupyter_spot.store import FileStore, StoreError, collect_garbage, digest_of
 
 SESSION = "chunks.ipynb"
 CHUNK = 128 << 10
@@ -287,3 +288,28 @@ def test_a_background_write_copies_only_the_changed_chunk(store: FileStore, tmp_
         first_change = store.list_snapshots(SESSION)[-2]
     with restored(first_change) as fresh:
         assert numbers(fresh, "a[5], a[6]") == (-5, 6)
+
+
+@pytest.mark.parametrize("chunk_size", [8192, 5000])  # whole pages: mapped in place; else read in place
+def test_chunks_are_put_in_place_and_verified(store: FileStore, chunk_size: int) -> None:
+    from jupyter_spot.kernel.chunks import read_snapshot
+
+    data = os.urandom(3 * chunk_size + 123)
+    pieces = [data[start : start + chunk_size] for start in range(0, len(data), chunk_size)]
+    digests = [store.add_blob(piece)[0] for piece in pieces]
+    payload = store.add_blob(b"payload")[0]
+    entry = {"size": len(data), "chunk_size": chunk_size, "chunks": digests}
+    manifest = {"id": "x", "manifest_format": 2,
+                "groups": {"g0": {"blob": payload, "buffers": [entry, entry]}}}
+    read = read_snapshot(store, manifest)
+    first, second = read.buffers("g0", manifest["groups"]["g0"])
+    assert bytes(first) == bytes(second) == data
+    memoryview(first)[0] ^= 0xFF  # writable, and the two are not one buffer
+    assert bytes(second) == data and store.get_blob(digests[0]) == pieces[0]
+    path = store._blob_path(digests[2])
+    path.write_bytes(pieces[2][:-1] + bytes([pieces[2][-1] ^ 1]))
+    with pytest.raises(StoreError, match=f"blob {digests[2][:12]} .* is corrupt"):
+        read_snapshot(store, manifest)
+    manifest["manifest_format"] = 3
+    with pytest.raises(StoreError, match="written by a newer jupyter-spot"):
+        read_snapshot(store, manifest)

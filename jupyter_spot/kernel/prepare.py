@@ -65,8 +65,6 @@ def _is_definition(value: Any) -> bool:
     )
 
 
-
-
 class Preparer:
     """The snapshot-preparing half of :class:`~jupyter_spot.kernel.engine.SnapshotEngine`."""
 
