@@ -313,3 +313,17 @@ def test_chunks_are_put_in_place_and_verified(store: FileStore, chunk_size: int)
     manifest["manifest_format"] = 3
     with pytest.raises(StoreError, match="written by a newer jupyter-spot"):
         read_snapshot(store, manifest)
+
+
+def test_an_explicit_snapshot_still_finds_a_change_no_cell_named(store: FileStore) -> None:
+    """``%spot snapshot`` re-checks every variable: a group whose plain pickle hashes as
+    before is not pickled again, and one changed behind the tracking's back is."""
+    with chunked_kernel() as kernel:
+        kernel.run(ARRAY + "\nrows = [{'i': i, 'name': f'row-{i}'} for i in range(20_000)]\nx = 1")
+        assert snapshot_line(kernel.run("%spot snapshot"))["stored"] == "3"
+        assert snapshot_line(kernel.run("%spot snapshot"))["unchanged"] == "3"  # fingerprints match
+        kernel.run("get_ipython().user_ns['ro' + 'ws'][5]['i'] = -5\nget_ipython().user_ns['a'][7] = -7")  # names neither
+        line = snapshot_line(kernel.run("%spot snapshot"))
+        assert (line["stored"], line["unchanged"]) == ("2", "1")  # rows and a; x unchanged
+    with restored() as fresh:
+        assert numbers(fresh, "rows[5]['i'], rows[6]['i'], a[7], x") == (-5, 6, -7, 1)

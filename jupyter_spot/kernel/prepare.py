@@ -39,6 +39,8 @@ class Group:
     payload: tuple[str, int]  # (content key, size)
     buffers: tuple[chunks.Layout, ...]
     definition: bool
+    #: serialize.fingerprint of the values when they were pickled (explicit snapshots keep one).
+    fingerprint: str | None = None
 
     @property
     def keys(self) -> list[str]:
@@ -109,7 +111,7 @@ class Preparer:
             else:
                 current[name] = value
 
-        touched = set(current) if referenced is None else referenced & current.keys()
+        touched = set() if referenced is None else referenced & current.keys()
         births, self._unsnapshotted_births = self._unsnapshotted_births, {}
         for name, value in current.items():
             if self._ids.get(name) != id(value):
@@ -119,6 +121,7 @@ class Preparer:
         for group in self._groups.values():
             if any(key not in self.durable and key not in in_flight for key in group.keys):
                 touched.update(name for name in group.names if name in current)
+        fingerprints = self._recheck(current, touched) if referenced is None else {}
         for name in list(self._ids):
             if name not in current:
                 for table in (self._ids, self._var_info):
@@ -194,7 +197,10 @@ class Preparer:
                     groups[frozenset([name])] = self._group_of((name,), single, new_blobs)
                     result.stored += 1
                 continue
-            group = self._group_of(tuple(names), pickled, new_blobs)
+            fingerprint = None
+            if referenced is None and pickled.serializer == "pickle":
+                fingerprint = fingerprints.get(key) or serialize.fingerprint({n: current[n] for n in names})
+            group = self._group_of(tuple(names), pickled, new_blobs, fingerprint)
             groups[key] = group
             if previous is not None and previous.keys == group.keys:
                 result.unchanged += len(names)
@@ -318,7 +324,35 @@ class Preparer:
             self._sources[name] = (id(value), source)
         return source
 
-    def _group_of(self: SnapshotEngine, names: tuple[str, ...], pickled: serialize.Pickled, new_blobs: dict[str, Any]) -> Group:
+    def _recheck(self: SnapshotEngine, current: dict[str, Any], touched: set[str]) -> dict[frozenset[str], str | None]:
+        """Add to ``touched`` every variable whose content may have changed, found without tracking.
+
+        A group stays untouched only if its plain pickle hashes as it did when it
+        was stored (:func:`serialize.fingerprint`); anything else — a group with no
+        fingerprint (a definition, a dill pickle, one stored by an automatic
+        snapshot), one that lost a member, a variable in no group — is pickled
+        again. Returns the fingerprints computed, for the groups pickled again.
+        """
+        fingerprints: dict[frozenset[str], str | None] = {}
+        grouped: set[str] = set()
+        for key, group in self._groups.items():
+            grouped |= key
+            if key & touched or not key <= current.keys() or group.fingerprint is None:
+                touched.update(key & current.keys())
+                continue
+            fingerprints[key] = serialize.fingerprint({name: current[name] for name in group.names})
+            if fingerprints[key] != group.fingerprint:
+                touched.update(key)
+        touched.update(current.keys() - grouped)
+        return fingerprints
+
+    def _group_of(
+        self: SnapshotEngine,
+        names: tuple[str, ...],
+        pickled: serialize.Pickled,
+        new_blobs: dict[str, Any],
+        fingerprint: str | None = None,
+    ) -> Group:
         payload_key = content_key(pickled.payload)
         new_blobs.setdefault(payload_key, pickled.payload)
         buffers = []
@@ -332,4 +366,5 @@ class Preparer:
         definition = len(names) == 1 and pickled.serializer in ("dill", "source") and _is_definition(
             self.shell.user_ns[names[0]]
         )
-        return Group(names, pickled.serializer, (payload_key, len(pickled.payload)), tuple(buffers), definition)
+        return Group(names, pickled.serializer, (payload_key, len(pickled.payload)), tuple(buffers), definition,
+                     None if definition else fingerprint)

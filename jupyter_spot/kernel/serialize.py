@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import dill
+import xxhash
 
 #: Buffers smaller than this stay inside the pickle: a blob per tiny array
 #: would cost more in files and manifest entries than it saves.
@@ -273,6 +274,32 @@ def dump(values: dict[str, Any], main_refs: dict[int, str], *, definitions: bool
             raise Unserializable("dill can only refer to it by name, which a new kernel does not have")
         return pickled
     raise Unserializable("; ".join(errors))
+
+
+def fingerprint(values: dict[str, Any]) -> str | None:
+    """A hash of ``values``' plain pickle, out-of-band buffers hashed apart; None if plain pickle refuses them.
+
+    Equal only if their contents are: an explicit snapshot re-checks a group this
+    way instead of pickling it again with our hooks, which call back into Python
+    for every object (~6x slower on a list of small dicts; benchmarks/README.md).
+    """
+    buffers = xxhash.xxh3_128()
+
+    def hash_buffer(buffer: pickle.PickleBuffer) -> bool:
+        try:
+            raw = buffer.raw()
+        except BufferError:  # not contiguous: pickled in band
+            return True
+        buffers.update(xxhash.xxh3_128_digest(raw))
+        return False
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            payload = pickle.dumps(values, protocol=PROTOCOL, buffer_callback=hash_buffer)
+    except Exception:  # anything a __reduce__ raises: the caller pickles the group for real
+        return None
+    return f"{xxhash.xxh3_128_hexdigest(payload)}-{buffers.hexdigest()}"
 
 
 def _rebuilds_by_value(pickled: Pickled, values: dict[str, Any]) -> bool:
