@@ -10,6 +10,7 @@ float64 array ``a`` plus ``--rows`` small dicts in a list. Measured:
   * one element changed, then ``jupyter_spot.snapshot()`` (what ``%spot snapshot``
     runs): seconds and bytes the store grew by, manifest included; and the same
     snapshot with nothing changed, which is what re-checking every variable costs;
+    and the same change with automatic snapshots on: the cell's round trip and its snapshot;
   * 1% of the array changed in one contiguous range: bytes written vs the bytes of
     the chunks the range touches;
   * ten snapshots, each after a 1% change elsewhere: the store's bytes vs one snapshot's;
