@@ -310,6 +310,9 @@ def test_chunks_are_put_in_place_and_verified(store: FileStore, chunk_size: int)
     path.write_bytes(pieces[2][:-1] + bytes([pieces[2][-1] ^ 1]))
     with pytest.raises(StoreError, match=f"blob {digests[2][:12]} .* is corrupt"):
         read_snapshot(store, manifest)
+    path.unlink()
+    with pytest.raises(StoreError, match=f"blob {digests[2][:12]} is missing"):
+        read_snapshot(store, manifest)
     manifest["manifest_format"] = 3
     with pytest.raises(StoreError, match="written by a newer jupyter-spot"):
         read_snapshot(store, manifest)

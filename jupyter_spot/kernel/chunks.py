@@ -25,7 +25,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from ..store import CorruptBlobError, MissingBlobError, Store, StoreError, digest_of
+from ..store import CorruptBlobError, Store, StoreError, digest_of
 
 #: The manifest format this code writes; it reads this one and every older one.
 MANIFEST_FORMAT = 2
@@ -119,9 +119,9 @@ def read_snapshot(store: Store, manifest: dict[str, Any]) -> SnapshotBytes:
     """Read everything ``manifest`` needs to restore; raise StoreError (nothing loaded) if any is bad.
 
     Whole blobs come from ``get_blob``. Each chunked buffer is one anonymous
-    mapping (no zero-fill up front) its chunks are read into, ``store.blob_workers``
-    at a time. A buffer named twice gets its own memory each time: two equal
-    arrays must not come back sharing it.
+    mapping (no zero-fill up front) its chunks are mapped or read into,
+    ``store.blob_workers`` at a time (``_chunk_reader``). A buffer named twice gets
+    its own memory each time: two equal arrays must not come back sharing it.
     """
     where = f"snapshot {manifest.get('id')}"
     format_ = manifest.get("manifest_format", 1)
@@ -265,9 +265,7 @@ def _map_chunk(mapper: Any, path: Any, place: memoryview) -> bool:
         return False
     try:
         fd = os.open(path, os.O_RDONLY)
-    except FileNotFoundError:
-        raise MissingBlobError(f"blob {os.path.basename(path)[:12]} is missing from the store") from None
-    except OSError:
+    except OSError:  # missing, unreadable: read_blob_into says so in the store's words
         return False
     try:
         if os.fstat(fd).st_size != place.nbytes:
