@@ -2,9 +2,10 @@
 
 Pickle protocol 5 with out-of-band buffers: large array buffers (numpy, pandas,
 arrow) are handed to us as ``PickleBuffer`` views instead of being copied into
-the pickle, so each becomes its own content-addressed blob — hashed and written
-straight from the array's memory, and restored from the store's writable
-buffer without another copy.
+the pickle, so each becomes its own content-addressed blob (cut into chunks,
+kernel/chunks.py) — hashed and written straight from the array's memory, and
+restored from the store's writable buffer without another copy. Big ``bytes``
+and ``bytearray`` objects, which pickle keeps in band, are sent out of band too.
 
 The C pickler goes first because it is fast. Objects it cannot take (lambdas,
 closures, classes that are not the top-level binding of their name, …) send the
