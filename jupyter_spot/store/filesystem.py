@@ -156,6 +156,11 @@ class FileStore(Store):
     """A store in a directory."""
 
     kind = "local"
+    #: Chunked buffers make a snapshot many blobs, each waiting on its own fsync;
+    #: four in flight overlap those waits. Measured (1 GiB as 4 MiB chunks, best of
+    #: 3, interleaved, 2 vCPUs): 1.67-1.81 s with four, 2.11-2.25 s with two. A few
+    #: big blobs are unaffected: no more are stored at once than there are blobs.
+    blob_workers = 4
 
     def __init__(self, root: str | os.PathLike[str], signer: Any = None) -> None:
         self.root = Path(root).expanduser().resolve()
