@@ -93,6 +93,23 @@ def test_big_blobs_come_back_writable_without_touching_the_file(store: FileStore
     assert bytes(store.get_blob(digest)) == data
 
 
+def test_read_blob_into_fills_exactly_its_place_and_verifies(store: FileStore) -> None:
+    data = os.urandom(300_000)
+    digest, _ = store.add_blob(data)
+    place = bytearray(b"#" * 300_010)
+    store.read_blob_into(digest, memoryview(place)[5:300_005])
+    assert place[5:300_005] == data and place[:5] == place[-5:] == b"#####"
+    with pytest.raises(CorruptBlobError, match="holds 300000 bytes, not the 299999"):
+        store.read_blob_into(digest, memoryview(bytearray(299_999)))
+    path = store._blob_path(digest)
+    path.write_bytes(data[:-1] + bytes([data[-1] ^ 1]))
+    with pytest.raises(CorruptBlobError, match="is corrupt"):
+        store.read_blob_into(digest, memoryview(bytearray(300_000)))
+    path.unlink()
+    with pytest.raises(MissingBlobError, match="is missing"):
+        store.read_blob_into(digest, memoryview(bytearray(300_000)))
+
+
 def test_manifests_commit_once_and_list_oldest_first(store: FileStore) -> None:
     commit(store, "nb.ipynb", "20261129T000002.000000Z-bbbb", [])
     commit(store, "nb.ipynb", "20261129T000001.000000Z-aaaa", [])
