@@ -25,8 +25,10 @@ Why these choices:
 from __future__ import annotations
 
 import base64
+import hashlib
 import json
 import secrets
+import threading
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timezone
@@ -59,12 +61,14 @@ from .s3_objects import BufferReader, BufferWriter, parse_s3_url
 
 #: The longest key S3 takes, in bytes.
 S3_KEY_BYTES = 1024
-#: Blobs at least this big go through s3transfer's multipart upload/download.
+#: Blobs at least this big go through s3transfer's multipart upload/download
+#: (its pool sends ``max_concurrency`` parts at a time). A smaller one — every
+#: chunk of a big buffer — is one request, sent from the caller's thread: the
+#: kernel's writer runs ``blob_workers`` of them, and the store lets at most
+#: ``max_concurrency`` blob requests be in flight whoever calls.
 MULTIPART_THRESHOLD = 8 << 20
-#: Below this size a blob is sent with one conditional PUT (S3 refuses it if it
-#: exists); above it a HEAD first saves sending bytes S3 already has.
-ASK_FIRST_SIZE = 1 << 20
-#: A writer's lease older than this belongs to a process that died and is
+#: Blob bytes read from a response at a time (hashed as they land).
+READ_BLOCK = 1 << 20
 
 
 class S3Store(S3Leases, Store):
@@ -99,6 +103,9 @@ class S3Store(S3Leases, Store):
             max_pool_connections=max_concurrency + 4,
             connect_timeout=10,
             read_timeout=60,
+            # Every read is checked against its SHA-256 address here; botocore
+            # hashing each response again would only cost a core.
+            response_checksum_validation="when_required",
         )
         self.client = boto3.session.Session().client("s3", endpoint_url=endpoint_url, config=config)
         self.transfer_config = TransferConfig(
@@ -107,6 +114,8 @@ class S3Store(S3Leases, Store):
             max_concurrency=max_concurrency,
         )
         self._transfer = TransferManager(self.client, self.transfer_config)
+        #: Single-request blob transfers in flight, across every thread using this store.
+        self._slots = threading.BoundedSemaphore(max_concurrency)
         self._known: set[str] = set()
         # An S3 key holds at most 1024 bytes: prefix, "sessions/", the session, "/", "<id>.json".
         self.session_limit = max(128, S3_KEY_BYTES - len(self.prefix.encode()) - len("sessions//.json") - 128)
@@ -136,19 +145,32 @@ class S3Store(S3Leases, Store):
         self._known.add(digest)
         return True
 
+    @property
+    def blob_workers(self) -> int:  # type: ignore[override]
+        """As many blobs at once as the store lets requests be in flight: on S3 each
+        chunk is its own object, and the network, not a core, is what they wait on."""
+        return self.transfer_config.max_concurrency
+
     def put_blob(self, digest: str, data: Buffer) -> int:
         key = self._blob_key(digest)
         self._hold_lease()
         if digest in self._known:
             return 0
-        size = memoryview(data).nbytes
-        if size < ASK_FIRST_SIZE:
-            fault_point("blob-write")
-            # Our address *is* the SHA-256, so S3 verifies the bytes for free.
+        view = memoryview(data).cast("B")
+        size = view.nbytes
+        if size < MULTIPART_THRESHOLD:
+            # Our address *is* the SHA-256, so S3 verifies the bytes for free, and the
+            # condition answers "exists" without a HEAD. The body is read from ``data``.
             checksum = base64.b64encode(bytes.fromhex(digest)).decode()
-            stored = self._put_if_absent(
-                key, bytes(data), f"uploading blob {digest[:12]}", ChecksumAlgorithm="SHA256", ChecksumSHA256=checksum
-            )
+            with self._slots:
+                fault_point("blob-write")
+                stored = self._put_if_absent(
+                    key,
+                    BufferReader(view),
+                    f"uploading blob {digest[:12]}",
+                    ChecksumAlgorithm="SHA256",
+                    ChecksumSHA256=checksum,
+                )
             written = size if stored else 0
         else:
             head = self._head(key)
@@ -158,41 +180,81 @@ class S3Store(S3Leases, Store):
                 with self._calling(f"uploading blob {digest[:12]} ({size} bytes)"):
                     # botocore adds its default CRC32 to every part; the SHA-256
                     # of the whole blob is checked on every read.
-                    self._transfer.upload(BufferReader(data), self.bucket, key).result()
+                    self._transfer.upload(BufferReader(view), self.bucket, key).result()
         self._known.add(digest)
         return written
 
     def get_blob(self, digest: str) -> Buffer:
-        key = self._blob_key(digest)
-        head = self._head(key)
+        data = self._download(digest, None)
+        if data is not None:
+            return data
+        head = self._head(self._blob_key(digest))  # too big for one request: s3transfer's ranged GETs
         if head is None:
-            raise MissingBlobError(f"blob {digest[:12]} is missing from {self.url}")
+            raise MissingBlobError(f"blob {digest[:12]} is missing from {self.url}", [digest])
         size, etag = head["ContentLength"], head.get("ETag")
         data = bytearray(size)
         with self._calling(f"downloading blob {digest[:12]}"):
-            if size >= MULTIPART_THRESHOLD:
-                from s3transfer.subscribers import BaseSubscriber
+            from s3transfer.subscribers import BaseSubscriber
 
-                class Known(BaseSubscriber):  # we just asked; spare s3transfer its own HEAD
-                    def on_queued(self, future: Any, **_: Any) -> None:
-                        future.meta.provide_transfer_size(size)
-                        future.meta.provide_object_etag(etag)
+            class Known(BaseSubscriber):  # we just asked; spare s3transfer its own HEAD
+                def on_queued(self, future: Any, **_: Any) -> None:
+                    future.meta.provide_transfer_size(size)
+                    future.meta.provide_object_etag(etag)
 
-                self._transfer.download(self.bucket, key, BufferWriter(data), subscribers=[Known()]).result()
-            else:
-                body = self.client.get_object(Bucket=self.bucket, Key=key)["Body"]
-                view, got = memoryview(data), 0
-                while got < size:
-                    chunk = body.read(min(size - got, 1 << 20))
-                    if not chunk:
-                        break
-                    view[got : got + len(chunk)] = chunk
-                    got += len(chunk)
-                if got != size:
-                    raise CorruptBlobError(f"blob {digest[:12]} in {self.url} was cut short ({got} of {size} bytes)")
+            key = self._blob_key(digest)
+            self._transfer.download(self.bucket, key, BufferWriter(data), subscribers=[Known()]).result()
         if digest_of(data) != digest:
             raise CorruptBlobError(f"blob {digest[:12]} in {self.url} is corrupt (its checksum does not match)")
         return data
+
+    def read_blob_into(self, digest: str, out: memoryview) -> None:
+        """Straight into ``out`` with one GET (no HEAD: the response says the size)."""
+        out = out.cast("B")
+        if out.nbytes >= MULTIPART_THRESHOLD:
+            super().read_blob_into(digest, out)  # through s3transfer, then one copy
+        else:
+            self._download(digest, out)
+
+    def _download(self, digest: str, out: memoryview | None) -> bytearray | None:
+        """One GET of a blob smaller than MULTIPART_THRESHOLD into ``out`` (exactly its size)
+        or a new bytearray, hashed as it lands; None, having read nothing, if the blob is bigger."""
+        from botocore.exceptions import ClientError
+
+        key, what = self._blob_key(digest), f"downloading blob {digest[:12]}"
+        with self._slots, self._calling(what):
+            try:
+                response = self.client.get_object(Bucket=self.bucket, Key=key)
+            except ClientError as error:
+                if self._code(error) in ("NoSuchKey", "404"):
+                    raise MissingBlobError(f"blob {digest[:12]} is missing from {self.url}", [digest]) from None
+                raise
+            body, size = response["Body"], response["ContentLength"]
+            made = None
+            try:
+                if out is None:
+                    if size >= MULTIPART_THRESHOLD:
+                        return None
+                    made = bytearray(size)
+                    out = memoryview(made)
+                if size != out.nbytes:
+                    raise CorruptBlobError(
+                        f"blob {digest[:12]} in {self.url} holds {size} bytes, not the {out.nbytes} it was stored with"
+                    )
+                hasher, got = hashlib.sha256(), 0
+                while got < size:
+                    block = body.read(min(size - got, READ_BLOCK))
+                    if not block:
+                        break
+                    out[got : got + len(block)] = block
+                    hasher.update(block)
+                    got += len(block)
+            finally:
+                body.close()
+        if got != size:
+            raise CorruptBlobError(f"blob {digest[:12]} in {self.url} was cut short ({got} of {size} bytes)")
+        if hasher.hexdigest() != digest:
+            raise CorruptBlobError(f"blob {digest[:12]} in {self.url} is corrupt (its checksum does not match)")
+        return made
 
     def iter_blobs(self) -> Iterator[str]:
         for item in self._list_keys(self._key("blobs", "")):

@@ -169,17 +169,19 @@ class S3Objects:
         for page in self._list(prefix):
             yield from page.get("Contents", [])
 
-    def _put_if_absent(self, key: str, body: bytes, what: str, **extra: Any) -> bool:
+    def _put_if_absent(self, key: str, body: bytes | BufferReader, what: str, **extra: Any) -> bool:
         """One conditional PUT (``If-None-Match: *``); False when the key exists.
 
         S3 answers 412 to a write that lost, and 409 while a racing conditional
-        write to the same key is in flight — then we ask again.
+        write to the same key is in flight — then we ask again (a file body from its start).
         """
         from botocore.exceptions import ClientError
 
         attempt = 0
         while True:
             try:
+                if isinstance(body, BufferReader):
+                    body.seek(0)
                 self.client.put_object(Bucket=self.bucket, Key=key, Body=body, IfNoneMatch="*", **extra)
                 return True
             except ClientError as error:
