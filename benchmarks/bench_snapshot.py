@@ -87,12 +87,13 @@ OUR_STATUS = 'print(__import__("json").dumps(__import__("jupyter_spot").status()
 class Kernel:
     """A kernel and a client that times each cell's round trip."""
 
-    def __init__(self, cwd: Path, env: dict[str, str], spec: str = "python3", spec_dirs: list[str] | None = None):
+    def __init__(self, cwd: Path, env: dict[str, str], spec: str = "python3", spec_dirs: list[str] | None = None,
+                 extra: list[str] | None = None):
         ksm = KernelSpecManager(kernel_dirs=spec_dirs) if spec_dirs else KernelSpecManager()
         self.km = KernelManager(kernel_name=spec, kernel_spec_manager=ksm)
         # Kishu reads the kernel id from a connection file named kernel-<id>.json
         self.km.connection_file = str(cwd / f"kernel-{uuid.uuid4()}.json")
-        self.km.start_kernel(cwd=str(cwd), env=env)
+        self.km.start_kernel(cwd=str(cwd), env=env, extra_arguments=extra or [])
         self.kc = self.km.client()
         self.kc.start_channels()
         self.kc.wait_for_ready(timeout=120)

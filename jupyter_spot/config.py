@@ -87,6 +87,11 @@ class SpotSettings(Configurable):
         help="New data above this many bytes after a cell is written in the background, "
         "so the prompt comes back at once; %spot snapshot and notice flushes still wait for it.",
     ).tag(config=True)
+    chunk_size = Int(
+        4 << 20,
+        help="Out-of-band buffers (numpy, pandas, bytes) larger than this many bytes are stored as chunks "
+        "of this size, so a snapshot writes only the chunks that changed; 0 stores each buffer whole.",
+    ).tag(config=True)
     watch_notices = Bool(
         True, help="Watch for interruption notices from inside the kernel when no server extension does."
     ).tag(config=True)

@@ -20,6 +20,7 @@ The variable holds ``point=action[@hit]`` items separated by ``;``:
 ``replicate``        a tiered store sent a snapshot's blobs to S3 but not its manifest;
 ``restore``          a manifest is loaded, nothing is in the namespace yet;
 ``notice-flush``     a notice's flush starts;
+``flush-queued``     a notice's flush has queued its snapshot, superseding those still being written;
 ``key-create``       a KMS data key is made but its key object not yet written to the store;
 ``kernel-started``   the server started a kernel process and is about to record its session;
 ``heartbeat``        the server starts a round of heartbeats on its sessions' records.

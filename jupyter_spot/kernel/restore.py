@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 from ..faults import fault_point
 from ..store import ManifestError, StoreError, UnknownKeyError
-from . import environment, serialize
+from . import chunks, environment, serialize
 from .identity import content_key, library_versions, parse_id_time
 from .results import RestoreReport
 
@@ -91,7 +91,7 @@ class Restorer:
             if clean and manifest.get("during_cell") is not None:
                 continue
             try:
-                blobs = {digest: self.store.get_blob(digest) for digest in manifest.get("blobs", [])}
+                blobs = chunks.read_snapshot(self.store, manifest)
             except StoreError as error:
                 report.fallbacks.append(f"snapshot {snapshot_id} cannot be used: {error}")
                 continue
@@ -113,7 +113,10 @@ class Restorer:
         report.seconds = time.perf_counter() - started
         return report
 
-    def _apply(self: SnapshotEngine, manifest: dict[str, Any], blobs: dict[str, Any], report: RestoreReport) -> None:
+    def _apply(
+        self: SnapshotEngine, manifest: dict[str, Any], read: chunks.SnapshotBytes, report: RestoreReport
+    ) -> None:
+        blobs = read.blobs
         namespace = self.shell.user_ns
         report.snapshot_id = manifest["id"]
         report.kind = manifest.get("kind")
@@ -134,9 +137,8 @@ class Restorer:
         groups = manifest.get("groups", {})
         failures: dict[str, str] = {}
 
-        def load(group: dict[str, Any]) -> None:
-            values = serialize.load(blobs[group["blob"]], [blobs[d] for d in group["buffers"]], group["serializer"],
-                                    namespace)
+        def load(name: str, group: dict[str, Any]) -> None:
+            values = serialize.load(blobs[group["blob"]], read.buffers(name, group), group["serializer"], namespace)
             if group["serializer"] == "source":
                 values = {name: namespace[name] for name in group["names"]}
                 self._sources.update({name: (id(v), bytes(blobs[group["blob"]]).decode()) for name, v in values.items()})
@@ -146,15 +148,15 @@ class Restorer:
         # Definitions first, then data; whatever refers to something not yet
         # restored (a subclass to its base, an instance to a class kept as
         # source) is retried until a round makes no progress.
-        pending = sorted(groups.values(), key=lambda group: not group.get("definition"))
+        pending = sorted(groups.items(), key=lambda item: not item[1].get("definition"))
         while pending:
             failed = []
-            for group in pending:
+            for group_name, group in pending:
                 try:
-                    load(group)
+                    load(group_name, group)
                 except Exception as error:
                     failures.update({name: f"{type(error).__name__}: {error}" for name in group["names"]})
-                    failed.append(group)
+                    failed.append((group_name, group))
                 else:
                     for name in group["names"]:
                         failures.pop(name, None)
@@ -188,11 +190,7 @@ class Restorer:
         id_time = parse_id_time(manifest["id"])
         if id_time is not None and (self._last_id_time is None or id_time > self._last_id_time):
             self._last_id_time = id_time
-        for group in groups.values():
-            for digest in [group["blob"], *group["buffers"]]:
-                self.durable[content_key(blobs[digest])] = digest
-        if rng:
-            self.durable[content_key(blobs[rng])] = rng
+        self.durable.update(read.content_keys(content_key))
         self.writer.last_committed = manifest["id"]
         self._ids.clear()
         self._groups.clear()

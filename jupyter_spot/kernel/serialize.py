@@ -32,6 +32,10 @@ import dill
 #: would cost more in files and manifest entries than it saves.
 OUT_OF_BAND_MIN = 64 << 10
 
+#: Marks a persistent id that carries a ``bytes``/``bytearray`` out of band.
+#: Pickle keeps those in the pickle itself; this way they are chunked like arrays.
+BIG_BYTES = "jupyter-spot-bytes"
+
 PROTOCOL = 5
 
 #: Streams whose contents live in the process: stored like any other data.
@@ -110,6 +114,7 @@ class _Hooks:
         self._main_refs = main_refs
         self._type_decisions = {}
         self._shareable: dict[type, bool] = {}
+        self._big_bytes: dict[int, int] = {}  # id of a big bytes/bytearray → its number in this pickle
         self.immutable_ids: set[int] = set()
         self.reached: dict[int, Any] = {}
 
@@ -149,7 +154,18 @@ class _Hooks:
             shareable = self._shareable[obj_type] = _shareable_type(obj_type)
         if shareable:
             self.reached[key] = obj
+        if (obj_type is bytes or obj_type is bytearray) and len(obj) >= OUT_OF_BAND_MIN:
+            return self._out_of_band(key, obj)
         return None
+
+    def _out_of_band(self, key: int, obj: bytes | bytearray) -> tuple[Any, ...]:
+        """A big ``bytes``/``bytearray`` as a persistent id holding a PickleBuffer: it goes out
+        of band. Met again in the same pickle, only its number, so a bytearray stays one object."""
+        number = self._big_bytes.get(key)
+        if number is not None:
+            return (BIG_BYTES, number)
+        number = self._big_bytes[key] = len(self._big_bytes)
+        return (BIG_BYTES, number, type(obj).__name__, pickle.PickleBuffer(obj))
 
 
 class CPickler(_Hooks, pickle.Pickler):
@@ -282,14 +298,30 @@ def source_pickle(source: str) -> Pickled:
     return Pickled(source.encode(), [], "source", {})
 
 
+def _load_big_bytes(pid: tuple[Any, ...], loaded: dict[int, bytes | bytearray]) -> bytes | bytearray:
+    """The bytes or bytearray a BIG_BYTES persistent id carries (or, met again, the one loaded before)."""
+    if len(pid) == 2 and pid[1] in loaded:
+        return loaded[pid[1]]
+    if len(pid) != 4 or pid[2] not in ("bytes", "bytearray"):
+        raise pickle.UnpicklingError("malformed out-of-band bytes reference")
+    _, number, kind, buffer = pid
+    value = bytes(buffer) if kind == "bytes" else bytearray(buffer)
+    loaded[number] = value
+    return value
+
+
 def load(payload: Any, buffers: list[Any], serializer: str, namespace: dict[str, Any]) -> dict[str, Any]:
     """Unpickle a group; references to top-level notebook definitions resolve in ``namespace``."""
 
-    def persistent_load(name: str) -> Any:
+    big_bytes: dict[int, bytes | bytearray] = {}
+
+    def persistent_load(pid: Any) -> Any:
+        if isinstance(pid, tuple) and pid[:1] == (BIG_BYTES,):
+            return _load_big_bytes(pid, big_bytes)
         try:
-            return namespace[name]
-        except KeyError:
-            raise pickle.UnpicklingError(f"it refers to {name!r}, which was not restored") from None
+            return namespace[pid]
+        except (KeyError, TypeError):
+            raise pickle.UnpicklingError(f"it refers to {str(pid)[:100]!r}, which was not restored") from None
 
     if serializer == "source":
         exec(compile(bytes(payload).decode(), "<jupyter-spot restored definition>", "exec"), namespace)

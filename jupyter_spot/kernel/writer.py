@@ -43,6 +43,8 @@ class Job:
     started: float = field(default_factory=time.perf_counter)
     done: threading.Event = field(default_factory=threading.Event)
     remaining: int = 0
+    #: Set by a newer snapshot that goes first (a notice's flush): write no more, never commit.
+    superseded: bool = False
 
     @property
     def nbytes(self) -> int:
@@ -148,7 +150,7 @@ class Writer:
         def work() -> None:
             while True:
                 with lock:
-                    item = None if failures else next(pending, None)
+                    item = None if failures or job.superseded else next(pending, None)
                 if item is None:
                     return
                 key, view = item
@@ -215,6 +217,9 @@ class Writer:
                 else:
                     new.append((key, memoryview(data)))
             self._store(job, new)
+            if job.superseded:
+                result.error = "superseded: a notice's flush wrote a newer snapshot first"
+                return None
             try:
                 manifest = job.build_manifest(self.durable)
             except KeyError:  # an earlier snapshot found a blob it relied on gone, and could not repair it

@@ -193,6 +193,10 @@ class FileStore(Store):
     def has_blob(self, digest: str) -> bool:
         return self._blob_path(digest).is_file()
 
+    def blob_file(self, digest: str) -> Path:
+        """Where the blob's bytes lie, for a reader that maps them (a restore); read it only through a check."""
+        return self._blob_path(digest)
+
     def put_blob(self, digest: str, data: Buffer) -> int:
         """Store ``data``, refusing it (CorruptBlobError) if it does not hash to ``digest``."""
         if self._already_stored(self._blob_path(digest), memoryview(data).nbytes):
@@ -277,6 +281,33 @@ class FileStore(Store):
         if digest_of(data) != digest:
             raise CorruptBlobError(f"blob {digest[:12]} in {self.root} is corrupt (its checksum does not match)")
         return data
+
+    def read_blob_into(self, digest: str, out: memoryview) -> None:
+        """Read the blob straight into ``out`` (``readinto``: no copy in between), then verify those bytes.
+
+        A kernel's restore maps chunk files in place instead where it can (kernel/chunks.py).
+        """
+        path = self._blob_path(digest)
+        view = out.cast("B") if out.format != "B" else out
+        try:
+            with open(path, "rb", buffering=0) as handle:
+                size = os.fstat(handle.fileno()).st_size
+                got = 0
+                if size == view.nbytes:
+                    while got < size:
+                        count = handle.readinto(view[got:])
+                        if not count:
+                            break
+                        got += count
+        except FileNotFoundError:
+            raise MissingBlobError(f"blob {digest[:12]} is missing from {self.root}") from None
+        except OSError as error:
+            raise self._wrap(error, f"reading blob {digest[:12]}") from error
+        if size != view.nbytes or got != size:
+            raise CorruptBlobError(f"blob {digest[:12]} in {self.root} holds {size} bytes, not the {view.nbytes} "
+                                   "its snapshot names")
+        if digest_of(view) != digest:
+            raise CorruptBlobError(f"blob {digest[:12]} in {self.root} is corrupt (its checksum does not match)")
 
     def iter_blobs(self) -> Iterator[str]:
         base = self.root / "blobs"
