@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 from botocore.awsrequest import AWSResponse
-from harness import until
+from harness import Kernel, snapshot_line, until
 from harness.s3 import FaultProxy, MotoServer, RequestLog
 
 from jupyter_spot.store import FileStore, StoreError, digest_of
@@ -284,3 +284,45 @@ def test_tiered_read_blob_into_falls_back_to_s3_for_a_missing_or_damaged_local_c
     (fast.root / "blobs" / digests[1][:2] / digests[1]).unlink()
     assert read_in_parallel(tiered, digests, 64 * KB) == b"".join(chunks)
     tiered.close()
+
+
+# -- a real kernel ----------------------------------------------------------------
+def test_kernel_restoring_from_s3_refuses_a_corrupt_or_truncated_chunk_before_unpickling(
+    s3_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Chunks read in parallel from S3 into one allocation are all verified before any of
+    the snapshot is unpickled: a damaged one falls back to the snapshot before, loudly."""
+    monkeypatch.setenv("JUPYTER_SPOT_STORE", s3_url)
+    monkeypatch.setenv("JUPYTER_SPOT_SESSION", "chunks.ipynb")
+    chunked = ["--SpotSettings.chunk_size=131072"]  # 128 KiB: 100 000 float64 are 7 chunks
+    with Kernel(load=True, extra_arguments=chunked) as kernel:
+        kernel.run("%spot off\nimport numpy as np\na = np.arange(100_000, dtype=np.float64)\nx = 1")
+        first = snapshot_line(kernel.run("%spot snapshot"))["id"]
+        # loud unpickles as a call to print: if any of the second snapshot were unpickled, it would show
+        kernel.run("class Loud:\n    def __reduce__(self):\n        return (print, ('UNPICKLED',))\n"
+                   "loud = Loud()\nx = 2\na[-1] = -1")
+        second = snapshot_line(kernel.run("%spot snapshot"))["id"]
+    store = S3Store(s3_url)
+    old, new = (set(store.load_manifest("chunks.ipynb", sid)["blobs"]) for sid in (first, second))
+    sizes = {digest: store.client.head_object(Bucket=store.bucket, Key=store._blob_key(digest))["ContentLength"]
+             for digest in new - old}
+    (victim,) = [digest for digest, size in sizes.items() if size == 100_000 * 8 % (128 << 10)]  # the last chunk
+    key = store._blob_key(victim)
+    damaged = bytearray(store.get_blob(victim))
+    damaged[-1] ^= 0xFF
+    store.client.put_object(Bucket=store.bucket, Key=key, Body=bytes(damaged))
+
+    with Kernel(load=True, extra_arguments=chunked) as fresh:
+        report = fresh.run("%spot restore")
+        assert f"fallback: snapshot {second} cannot be used: blob {victim[:12]}" in report, report
+        assert "is corrupt" in report and f"fell back to snapshot {first}" in report and "UNPICKLED" not in report
+        assert fresh.value("(x, float(a[-1]), 'loud' in globals())") == (1, 99_999.0, False)
+
+    store.client.put_object(Bucket=store.bucket, Key=key, Body=bytes(damaged[:1000]))  # truncated
+    store.delete_snapshot("chunks.ipynb", first)
+    with Kernel(load=True, extra_arguments=chunked) as fresh:
+        fresh.run("%spot off\nmine = 'kept'")
+        report = fresh.run("%spot restore")
+        assert "restore failed: no usable snapshot" in report and "holds 1000 bytes" in report, report
+        assert "UNPICKLED" not in report
+        assert fresh.value("(mine, 'a' in globals(), 'x' in globals())") == ("kept", False, False)
