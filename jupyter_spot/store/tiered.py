@@ -126,12 +126,12 @@ class TieredStore(Store):
                     self.fast.url,
                 )
 
-    def _send(self, digest: str) -> Future[None]:
+    def _send(self, digest: str, ask_first: bool = True) -> Future[None]:
         """Start sending one blob to S3, or join the send of it already under way."""
         with self._cond:
             future = self._sending.get(digest)
             if future is None:
-                future = self._pool.submit(self._send_blob, digest)
+                future = self._pool.submit(self._send_blob, digest, ask_first)
                 self._sending[digest] = future
                 future.add_done_callback(lambda done: self._sent(digest, done))
         return future
@@ -141,8 +141,10 @@ class TieredStore(Store):
             if self._sending.get(digest) is future:
                 del self._sending[digest]
 
-    def _send_blob(self, digest: str) -> None:
-        if self.durable.has_blob(digest):
+    def _send_blob(self, digest: str, ask_first: bool) -> None:
+        """``ask_first``: look before reading the local copy (free for a blob S3 is known to
+        have); a blob the fast tier just took is new to S3 too, and S3's own condition answers."""
+        if ask_first and self.durable.has_blob(digest):
             return
         try:
             data = self.fast.get_blob(digest)
@@ -160,7 +162,7 @@ class TieredStore(Store):
         if self._closed:
             return
         try:
-            self._send(digest)
+            self._send(digest, ask_first=False)
         except RuntimeError:  # the pool stopped (interpreter exit): the replication sends it
             pass
 
