@@ -11,10 +11,15 @@ Layout under ``s3://bucket/prefix`` mirrors the FileStore::
 
 Why these choices:
 
-* Blobs are verified against their SHA-256 on every read. A blob under 1 MiB
-  is one conditional PUT carrying that SHA-256 as ``x-amz-checksum-sha256``, so
-  S3 itself refuses damaged bytes and never stores it twice; a bigger one is
-  looked up first and sent by s3transfer (multipart parts carry CRC32s).
+* Blobs are verified against their SHA-256 on every read. A blob under 8 MiB —
+  every chunk of a big buffer — is one conditional PUT carrying that SHA-256 as
+  ``x-amz-checksum-sha256``, its body read from the caller's buffer, so S3
+  itself refuses damaged bytes and never stores it twice (no HEAD first), and
+  one GET hashed as it lands in the caller's buffer; a bigger one is looked up
+  first and sent by s3transfer (multipart parts carry CRC32s).
+* Chunks travel in parallel: the kernel's writer (and a restore) uses
+  ``blob_workers`` threads, and at most ``max_concurrency`` blob requests of one
+  store are in flight whoever asks, which the connection pool is sized for.
 * The manifest commit is ``PutObject`` with ``If-None-Match: *``: S3 answers 412
   to the second writer of the same key, so no snapshot ever overwrites another.
 * A blob this process knows is stored costs no request at all, which is what
