@@ -190,18 +190,16 @@ class S3Store(S3Leases, Store):
         return written
 
     def get_blob(self, digest: str) -> Buffer:
-        data = self._download(digest, None)
+        data, response = self._download(digest, None)
         if data is not None:
             return data
-        head = self._head(self._blob_key(digest))  # too big for one request: s3transfer's ranged GETs
-        if head is None:
-            raise MissingBlobError(f"blob {digest[:12]} is missing from {self.url}", [digest])
-        size, etag = head["ContentLength"], head.get("ETag")
+        # Too big for one request: s3transfer's ranged GETs, told what the first GET said.
+        size, etag = response["ContentLength"], response.get("ETag")
         data = bytearray(size)
         with self._calling(f"downloading blob {digest[:12]}"):
             from s3transfer.subscribers import BaseSubscriber
 
-            class Known(BaseSubscriber):  # we just asked; spare s3transfer its own HEAD
+            class Known(BaseSubscriber):  # spare s3transfer its own HEAD
                 def on_queued(self, future: Any, **_: Any) -> None:
                     future.meta.provide_transfer_size(size)
                     future.meta.provide_object_etag(etag)
@@ -220,9 +218,10 @@ class S3Store(S3Leases, Store):
         else:
             self._download(digest, out)
 
-    def _download(self, digest: str, out: memoryview | None) -> bytearray | None:
-        """One GET of a blob smaller than MULTIPART_THRESHOLD into ``out`` (exactly its size)
-        or a new bytearray, hashed as it lands; None, having read nothing, if the blob is bigger."""
+    def _download(self, digest: str, out: memoryview | None) -> tuple[bytearray | None, dict[str, Any]]:
+        """One GET of a blob into ``out`` (exactly its size) or a new bytearray (returned with
+        the response), hashed as it lands; with no ``out``, a blob of MULTIPART_THRESHOLD or
+        more is not read: (None, the response that says its size and ETag)."""
         from botocore.exceptions import ClientError
 
         key, what = self._blob_key(digest), f"downloading blob {digest[:12]}"
@@ -238,7 +237,7 @@ class S3Store(S3Leases, Store):
             try:
                 if out is None:
                     if size >= MULTIPART_THRESHOLD:
-                        return None
+                        return None, response
                     made = bytearray(size)
                     out = memoryview(made)
                 if size != out.nbytes:
@@ -259,7 +258,7 @@ class S3Store(S3Leases, Store):
             raise CorruptBlobError(f"blob {digest[:12]} in {self.url} was cut short ({got} of {size} bytes)")
         if hasher.hexdigest() != digest:
             raise CorruptBlobError(f"blob {digest[:12]} in {self.url} is corrupt (its checksum does not match)")
-        return made
+        return made, response
 
     def iter_blobs(self) -> Iterator[str]:
         for item in self._list_keys(self._key("blobs", "")):
