@@ -328,3 +328,21 @@ def test_kernel_restoring_from_s3_refuses_a_corrupt_or_truncated_chunk_before_un
         assert "restore failed: no usable snapshot" in report and "holds 1000 bytes" in report, report
         assert "UNPICKLED" not in report
         assert fresh.value("(mine, 'a' in globals(), 'x' in globals())") == ("kept", False, False)
+
+
+def test_tiered_close_drops_chunk_sends_not_yet_begun_while_s3_is_down(
+    s3_url: str, proxy: FaultProxy, tmp_path: Path
+) -> None:
+    """With S3 unreachable every send retries for seconds; close(deadline) must not work
+    through a queue of a big buffer's chunks first (the snapshot stays listed as missing)."""
+    proxy.down = True
+    durable = S3Store(s3_url, endpoint_url=proxy.url, max_attempts=3)
+    log = RequestLog(durable.client)
+    tiered = TieredStore(FileStore(tmp_path / "fast"), durable, upload_workers=1)
+    digests = store_in_parallel(tiered, chunks_of(9, 10, 64 * KB))
+    tiered.commit_manifest({"session": "nb.ipynb", "id": "0001", "blobs": digests})
+    assert tiered.close(deadline=time.time() + 0.5) == ["nb.ipynb/0001"]
+    # Each send's first request (the write lease, then the chunk) fails 3 times: 30 for all 10.
+    assert log.count("PutObject") < 3 * 10, "close worked through every queued chunk send before it returned"
+    proxy.down = False
+    assert TieredStore(FileStore(tmp_path / "fast"), S3Store(s3_url)).close(deadline=time.time() + 60) == []

@@ -188,6 +188,8 @@ class TieredStore(Store):
             try:
                 self._replicate(*key)
             except Exception as error:  # noqa: BLE001 -- StoreError, or a bug: the thread must live on
+                if self._closed:
+                    return  # close() dropped the sends it waited for
                 message = f"replicating snapshot {key[1]} of session {key[0]!r}: {error}"
                 log.warning("jupyter-spot replication: %s (retrying)", message)
                 with self._cond:
@@ -243,11 +245,13 @@ class TieredStore(Store):
         return self._closed
 
     def close(self, deadline: float | None = None) -> list[str]:
-        """Flush until ``deadline``, then stop the replication thread."""
+        """Flush until ``deadline``, then stop: sends not yet begun are dropped (with S3
+        down each would retry for seconds), the ones under way finish or fail."""
         missing = self.flush_replication(deadline)
         with self._cond:
             self._closed = True
             self._cond.notify_all()
+        self._pool.shutdown(wait=False, cancel_futures=True)
         self._worker.join()
         self._pool.shutdown()
         return missing
