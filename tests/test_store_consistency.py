@@ -248,7 +248,7 @@ def in_thread(work: Any) -> tuple[threading.Thread, list[Any]]:
 
 
 def test_dead_collectors_lock_never_blocks_writers(s3_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    from jupyter_spot.store import s3 as s3_module
+    from jupyter_spot.store import s3_leases as s3_module
 
     monkeypatch.setattr(s3_module, "GC_LOCK_SECONDS", 3)  # this writer's view of a collector lock's lifetime
     setup = S3Store(s3_url)
@@ -272,7 +272,7 @@ def test_dead_collectors_lock_never_blocks_writers(s3_url: str, monkeypatch: pyt
 def test_writer_gives_up_on_a_collector_that_never_yields(s3_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """A lock kept fresh by something that never checks for writers (an old collector, a
     stuck one): the writer fails with a clear error after a bounded wait, never hangs."""
-    from jupyter_spot.store import s3 as s3_module
+    from jupyter_spot.store import s3_leases as s3_module
 
     monkeypatch.setattr(s3_module, "GC_WAIT_SECONDS", 3, raising=False)
     holder = S3Store(s3_url)

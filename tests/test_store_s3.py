@@ -446,7 +446,7 @@ def test_writer_waits_for_a_running_gc_and_forgets_what_it_deleted(s3_url: str) 
 def test_collector_killed_half_way_cannot_leave_a_dangling_manifest(
     s3_url: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from jupyter_spot.store import s3 as s3_module
+    from jupyter_spot.store import s3_leases as s3_module
 
     monkeypatch.setattr(s3_module, "GC_LOCK_SECONDS", 2)
     writer, collector = S3Store(s3_url), S3Store(s3_url)

@@ -7,45 +7,34 @@ Layout under ``s3://bucket/prefix`` mirrors the FileStore::
     sessions/<long…%~hash>/session-name  a session whose key would pass 1024 bytes: its real name
     records/<name>.json          the server's records
     keys/NNNNNN.json             signing keys wrapped by KMS (keys.py), written once each
-    locks/write-<token>          a writer's lease, held while it stores a snapshot
-    locks/gc-<token>             a garbage collector's lock
-    locks/gc-generation          rewritten before a collection deletes its first blob
+    locks/…                      writers' leases and collectors' locks (s3_leases.py)
 
 Why these choices:
 
-* Blobs are verified against their SHA-256 on every read. A blob under 1 MiB
-  is one conditional PUT carrying that SHA-256 as ``x-amz-checksum-sha256``, so
-  S3 itself refuses damaged bytes and never stores it twice; a bigger one is
-  looked up first and sent by s3transfer (multipart parts carry CRC32s).
+* Blobs are verified against their SHA-256 on every read. A blob under 8 MiB —
+  every chunk of a big buffer — is one conditional PUT carrying that SHA-256 as
+  ``x-amz-checksum-sha256``, its body read from the caller's buffer, so S3
+  itself refuses damaged bytes and never stores it twice (no HEAD first), and
+  one GET hashed as it lands in the caller's buffer; a bigger one is looked up
+  first and sent by s3transfer (multipart parts carry CRC32s).
+* Chunks travel in parallel: the kernel's writer (and a restore) uses
+  ``blob_workers`` threads, and at most ``max_concurrency`` blob requests of one
+  store are in flight whoever asks, which the connection pool is sized for.
 * The manifest commit is ``PutObject`` with ``If-None-Match: *``: S3 answers 412
   to the second writer of the same key, so no snapshot ever overwrites another.
 * A blob this process knows is stored costs no request at all, which is what
-  makes an unchanged snapshot nearly free.  Garbage collection can only break
-  that if it deletes a blob a writer believes in, so writers and collectors
-  coordinate through lease objects (the protocol restic uses for its locks;
-  S3 lists are strongly consistent): a writer puts its lease *then* lists the
-  locks, a collector puts its lock *then* lists the leases, so at least one of
-  them sees the other.  A collector that sees a live lease deletes no more
-  blobs and stops reading manifests (it looks again every second); a writer
-  that sees a live collector waits for it — a bounded wait, with locks aged
-  by S3's clock (the Date of the listing), so a dead collector's lock never
-  blocks it for long — drops its cache of known blobs whenever the collection
-  generation changed, and checks before committing any blob it has not seen
-  since.
+  makes an unchanged snapshot nearly free; the lease protocol of s3_leases.py
+  keeps garbage collection from deleting a blob a writer believes in.
 """
 
 from __future__ import annotations
 
 import base64
-import contextlib
-import email.utils
-import io
+import hashlib
 import json
 import secrets
 import threading
-import time
-import urllib.parse
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timezone
 from typing import Any
@@ -68,97 +57,22 @@ from .base import (
     report_bad_record,
 )
 from .errors import CorruptBlobError, ManifestError, MissingBlobError, SnapshotExistsError, StoreError
+from .s3_leases import S3Leases
+from .s3_objects import BufferReader, BufferWriter, parse_s3_url
 
 #: The longest key S3 takes, in bytes.
 S3_KEY_BYTES = 1024
-#: Blobs at least this big go through s3transfer's multipart upload/download.
+#: Blobs at least this big go through s3transfer's multipart upload/download
+#: (its pool sends ``max_concurrency`` parts at a time). A smaller one — every
+#: chunk of a big buffer — is one request, sent from the caller's thread: the
+#: kernel's writer runs ``blob_workers`` of them, and the store lets at most
+#: ``max_concurrency`` blob requests be in flight whoever calls.
 MULTIPART_THRESHOLD = 8 << 20
-#: Below this size a blob is sent with one conditional PUT (S3 refuses it if it
-#: exists); above it a HEAD first saves sending bytes S3 already has.
-ASK_FIRST_SIZE = 1 << 20
-#: A writer's lease older than this belongs to a process that died and is
-#: ignored; a live writer refreshes it on use well before.
-LEASE_SECONDS = 10 * 60
-#: The same for a collector's lock, which a live collector refreshes every second
-#: (between manifests, blobs and deletions). Short, because a dead collector's lock
-#: holds writers back until it expires, and GCP and Azure give a notice only 30 s.
-GC_LOCK_SECONDS = 10
-#: The longest a writer waits for collectors' locks to go. A live collector
-#: yields within about a second of seeing the writer's lease and a dead one's
-#: lock expires after GC_LOCK_SECONDS, so a lock still live after this belongs to
-#: a collector that does not yield: the writer fails with an error naming it.
-GC_WAIT_SECONDS = GC_LOCK_SECONDS + 15.0
-#: How often a waiting writer looks at the locks again.
-GC_POLL_SECONDS = 0.2
+#: Blob bytes read from a response at a time (hashed as they land).
+READ_BLOCK = 1 << 20
 
 
-class _BufferFile(io.RawIOBase):
-    """A seekable file over a buffer in memory: s3transfer reads and writes
-    parts of it concurrently, by offset, without copying the whole."""
-
-    def __init__(self, data: Buffer) -> None:
-        self._view = memoryview(data).cast("B")
-        self._pos = 0
-
-    def seekable(self) -> bool:
-        return True
-
-    def tell(self) -> int:
-        return self._pos
-
-    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
-        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._pos, io.SEEK_END: len(self._view)}[whence]
-        self._pos = max(0, base + offset)
-        return self._pos
-
-
-class _BufferReader(_BufferFile):
-    """The upload side: parts are read straight from the blob's buffer."""
-
-    def readable(self) -> bool:
-        return True
-
-    def readinto(self, target: Any) -> int:
-        chunk = self._view[self._pos : self._pos + len(target)]
-        target[: len(chunk)] = chunk
-        self._pos += len(chunk)
-        return len(chunk)
-
-
-class _BufferWriter(_BufferFile):
-    """The download side: ranged parts land in a preallocated bytearray."""
-
-    def writable(self) -> bool:
-        return True
-
-    def write(self, data: Any) -> int:
-        chunk = memoryview(data).cast("B")
-        end = self._pos + len(chunk)
-        if end > len(self._view):
-            raise StoreError("S3 returned more bytes than the object's size")
-        self._view[self._pos : end] = chunk
-        self._pos = end
-        return len(chunk)
-
-
-#: ``S3Store._gc_generation`` before the store first looked at it.
-_NOT_LOOKED = "not looked yet"
-
-
-def parse_s3_url(url: str) -> tuple[str, str, dict[str, str]]:
-    """``s3://bucket/prefix?endpoint_url=…&region=…`` → (bucket, "prefix/", options)."""
-    parts = urllib.parse.urlsplit(url)
-    if parts.scheme != "s3" or not parts.netloc:
-        raise StoreError(f"not an S3 store URL: {url!r} (expected s3://bucket/prefix)")
-    options = dict(urllib.parse.parse_qsl(parts.query))
-    unknown = set(options) - {"endpoint_url", "region"}
-    if unknown:
-        raise StoreError(f"unknown option(s) {sorted(unknown)} in {url!r}; known: endpoint_url, region")
-    prefix = parts.path.strip("/")
-    return parts.netloc, f"{prefix}/" if prefix else "", options
-
-
-class S3Store(Store):
+class S3Store(S3Leases, Store):
     """A store in an S3 bucket under a prefix."""
 
     kind = "s3"
@@ -190,6 +104,9 @@ class S3Store(Store):
             max_pool_connections=max_concurrency + 4,
             connect_timeout=10,
             read_timeout=60,
+            # Every read is checked against its SHA-256 address here; botocore
+            # hashing each response again would only cost a core.
+            response_checksum_validation="when_required",
         )
         self.client = boto3.session.Session().client("s3", endpoint_url=endpoint_url, config=config)
         self.transfer_config = TransferConfig(
@@ -198,20 +115,15 @@ class S3Store(Store):
             max_concurrency=max_concurrency,
         )
         self._transfer = TransferManager(self.client, self.transfer_config)
+        #: Single-request blob transfers in flight, across every thread using this store.
+        self._slots = threading.BoundedSemaphore(max_concurrency)
         self._known: set[str] = set()
-        self._lock = threading.Lock()
         # An S3 key holds at most 1024 bytes: prefix, "sessions/", the session, "/", "<id>.json".
         self.session_limit = max(128, S3_KEY_BYTES - len(self.prefix.encode()) - len("sessions//.json") - 128)
         self._named_sessions: set[str] = set()
-        self._lease_key = f"{self.prefix}locks/write-{secrets.token_hex(8)}"
-        self._lease_taken = 0.0  # time.monotonic() of the lease PUT; 0 when not held
-        self._gc_generation: str | None = _NOT_LOOKED
-        self._generation_key = self._key("locks", "gc-generation")
+        self._init_leases()
 
-    # -- plumbing ------------------------------------------------------------
-    def _key(self, *parts: str) -> str:
-        return self.prefix + "/".join(parts)
-
+    # -- keys ----------------------------------------------------------------
     def _blob_key(self, digest: str) -> str:
         check_digest(digest)
         return self._key("blobs", digest[:2], digest)
@@ -225,200 +137,6 @@ class S3Store(Store):
     def _record_key(self, name: str) -> str:
         return self._key("records", f"{check_record_name(name)}.json")
 
-    def _error(self, error: Exception, what: str) -> StoreError:
-        """Translate boto errors into a StoreError that says what to do."""
-        from botocore.exceptions import (
-            ClientError,
-            EndpointConnectionError,
-            NoCredentialsError,
-            PartialCredentialsError,
-        )
-
-        where = f"s3://{self.bucket}/{self.prefix}"
-        if isinstance(error, (NoCredentialsError, PartialCredentialsError)):
-            return StoreError(
-                f"no AWS credentials for {where} while {what}: set AWS_PROFILE or "
-                "AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, or attach an instance profile to this machine"
-            )
-        if isinstance(error, EndpointConnectionError):
-            return StoreError(f"cannot reach S3 for {where} while {what}: {error}")
-        if isinstance(error, ClientError):
-            code = error.response.get("Error", {}).get("Code", "")
-            status = error.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
-            if code == "NoSuchBucket":
-                return StoreError(
-                    f"bucket {self.bucket} does not exist (while {what}): create it or fix $JUPYTER_SPOT_STORE"
-                )
-            if code in ("AccessDenied", "403", "Forbidden", "AllAccessDisabled") or status == 403:
-                return StoreError(
-                    f"access denied to {where} while {what}: the credentials need s3:GetObject, "
-                    f"s3:PutObject, s3:DeleteObject and s3:ListBucket on bucket {self.bucket}"
-                )
-            if code == "NotImplemented" or status == 501:
-                return StoreError(
-                    f"{where} does not support conditional writes (If-None-Match), which jupyter-spot needs "
-                    f"so that two writers never overwrite each other's snapshots (while {what})"
-                )
-            return StoreError(f"S3 error {code or status} on {where} while {what}: {error}")
-        return StoreError(f"S3 failure on {where} while {what}: {error}")
-
-    @contextlib.contextmanager
-    def _calling(self, what: str) -> Iterator[None]:
-        from botocore.exceptions import BotoCoreError, ClientError
-        from s3transfer.exceptions import RetriesExceededError, S3UploadFailedError
-
-        try:
-            yield
-        except (BotoCoreError, ClientError, RetriesExceededError, S3UploadFailedError) as error:
-            raise self._error(error, what) from error
-
-    @staticmethod
-    def _code(error: Exception) -> str:
-        response = getattr(error, "response", None) or {}
-        return str(response.get("Error", {}).get("Code", ""))
-
-    def _head(self, key: str) -> dict[str, Any] | None:
-        """The object's metadata, or None when it does not exist."""
-        from botocore.exceptions import ClientError
-
-        try:
-            return self.client.head_object(Bucket=self.bucket, Key=key)
-        except ClientError as error:
-            if self._code(error) in ("404", "NoSuchKey", "NotFound"):
-                return None
-            raise self._error(error, f"looking up {key}") from error
-        except Exception as error:
-            raise self._error(error, f"looking up {key}") from error
-
-    def _list(self, prefix: str, delimiter: str = "") -> Iterator[dict[str, Any]]:
-        """Pages of ListObjectsV2 under ``prefix``."""
-        paginator = self.client.get_paginator("list_objects_v2")
-        kwargs: dict[str, Any] = {"Bucket": self.bucket, "Prefix": prefix}
-        if delimiter:
-            kwargs["Delimiter"] = delimiter
-        with self._calling(f"listing {prefix}"):
-            yield from paginator.paginate(**kwargs)
-
-    def _list_keys(self, prefix: str) -> Iterator[dict[str, Any]]:
-        for page in self._list(prefix):
-            yield from page.get("Contents", [])
-
-    # -- leases: writers and collectors never overlap ----------------------------
-    def _live_locks(self) -> dict[str, list[str]]:
-        """Live ``write``/``gc`` lock keys, aged by S3's clock: the Date of this very
-        listing (or, from a store that sends none, the newest lock, since we just wrote one)."""
-        items: list[dict[str, Any]] = []
-        now = None
-        for page in self._list(self._key("locks", "")):
-            items += page.get("Contents", [])
-            date = page.get("ResponseMetadata", {}).get("HTTPHeaders", {}).get("date")
-            with contextlib.suppress(TypeError, ValueError):
-                now = email.utils.parsedate_to_datetime(date) if date else now
-                if now is not None and now.tzinfo is None:  # a "-0000" zone parses as naive: it is UTC
-                    now = now.replace(tzinfo=timezone.utc)
-        newest = max((item["LastModified"] for item in items), default=datetime.now(timezone.utc))
-        now = max(now, newest) if now is not None else newest
-        live: dict[str, list[str]] = {"write": [], "gc": []}
-        for item in items:
-            kind = item["Key"].rsplit("/", 1)[-1].split("-", 1)[0]
-            ttl = {"write": LEASE_SECONDS, "gc": GC_LOCK_SECONDS}.get(kind)
-            if ttl and item["Key"] != self._generation_key and (now - item["LastModified"]).total_seconds() < ttl:
-                live[kind].append(item["Key"])
-        return live
-
-    def _hold_lease(self) -> None:
-        """Take (or refresh) this writer's lease before it relies on any blob."""
-        with self._lock:
-            now = time.monotonic()
-            if self._lease_taken and now - self._lease_taken < LEASE_SECONDS / 3:
-                return
-            waited = self._wait_for_collectors()
-            self._lease_taken = now
-            generation = self._read_generation()
-            if waited or generation != self._gc_generation:
-                self._known.clear()  # a collection deleted blobs: believe only S3 now
-                self._gc_generation = generation
-
-    def _wait_for_collectors(self) -> bool:
-        """Put this writer's lease, then wait until no collector's lock is live; True if it waited.
-
-        A live collector stops within about a second of seeing the lease. The
-        lease is put again every second while waiting, so it stays live and, on a
-        store whose listings carry no Date, the newest lock's time moves on.
-        Raises StoreError once GC_WAIT_SECONDS have passed.
-        """
-        started = time.monotonic()
-        put_at: float | None = None
-        waited = False
-        while True:
-            if put_at is None or time.monotonic() - put_at >= 1.0:
-                with self._calling("taking a write lease"):
-                    self.client.put_object(Bucket=self.bucket, Key=self._lease_key, Body=b"")
-                put_at = time.monotonic()
-            collectors = self._live_locks()["gc"]
-            if not collectors:
-                return waited
-            waited = True
-            seconds = time.monotonic() - started
-            if seconds >= GC_WAIT_SECONDS:
-                with contextlib.suppress(StoreError), self._calling("dropping the write lease"):
-                    self.client.delete_object(Bucket=self.bucket, Key=self._lease_key)
-                raise StoreError(
-                    f"a garbage collector's lock ({collectors[0]}) in {self.url} stayed live for {seconds:.0f}s while "
-                    "this writer waited to store a snapshot; nothing was written. A collector that does not make way "
-                    "for writers is running: stop it, or delete that lock if no `jupyter spot gc` runs"
-                )
-            time.sleep(GC_POLL_SECONDS)
-
-    def _read_generation(self) -> str | None:
-        head = self._head(self._generation_key)
-        return head["ETag"] if head else None
-
-    def collection_generation(self) -> str | None:
-        """The generation this store saw when it last took a lease (read once if it never did):
-        a writer's lease re-reads it, so this costs no request per snapshot."""
-        if self._gc_generation == _NOT_LOOKED:
-            self._gc_generation = self._read_generation()
-        return self._gc_generation
-
-    def announce_collection(self) -> None:
-        with self._calling("announcing a garbage collection"):
-            self.client.put_object(Bucket=self.bucket, Key=self._generation_key, Body=secrets.token_hex(8).encode())
-
-    def _release_lease(self) -> None:
-        with self._lock:
-            if not self._lease_taken:
-                return
-            self._lease_taken = 0.0
-            with self._calling("releasing the write lease"):
-                self.client.delete_object(Bucket=self.bucket, Key=self._lease_key)
-
-    @contextlib.contextmanager
-    def blob_gc_guard(self) -> Iterator[Callable[[], bool]]:
-        """Hold the collector's lock; yields ``may_delete()``, False once a writer holds a lease.
-
-        ``may_delete`` re-checks (and refreshes the lock) at most once a second,
-        so a writer that arrives mid-collection waits about a second, not the
-        whole collection.
-        """
-        key = self._key("locks", f"gc-{secrets.token_hex(8)}")
-        checked, allowed = 0.0, True
-
-        def may_delete() -> bool:
-            nonlocal checked, allowed
-            if allowed and time.monotonic() - checked >= 1.0:
-                with self._calling("refreshing the garbage collection lock"):
-                    self.client.put_object(Bucket=self.bucket, Key=key, Body=b"")
-                allowed = not self._live_locks()["write"]
-                checked = time.monotonic()
-            return allowed
-
-        try:
-            yield may_delete
-        finally:
-            with self._calling("releasing the garbage collection lock"):
-                self.client.delete_object(Bucket=self.bucket, Key=key)
-
     # -- blobs ---------------------------------------------------------------
     def has_blob(self, digest: str) -> bool:
         if digest in self._known:
@@ -428,19 +146,32 @@ class S3Store(Store):
         self._known.add(digest)
         return True
 
+    @property
+    def blob_workers(self) -> int:  # type: ignore[override]
+        """As many blobs at once as the store lets requests be in flight: on S3 each
+        chunk is its own object, and the network, not a core, is what they wait on."""
+        return self.transfer_config.max_concurrency
+
     def put_blob(self, digest: str, data: Buffer) -> int:
         key = self._blob_key(digest)
         self._hold_lease()
         if digest in self._known:
             return 0
-        size = memoryview(data).nbytes
-        if size < ASK_FIRST_SIZE:
-            fault_point("blob-write")
-            # Our address *is* the SHA-256, so S3 verifies the bytes for free.
+        view = memoryview(data).cast("B")
+        size = view.nbytes
+        if size < MULTIPART_THRESHOLD:
+            # Our address *is* the SHA-256, so S3 verifies the bytes for free, and the
+            # condition answers "exists" without a HEAD. The body is read from ``data``.
             checksum = base64.b64encode(bytes.fromhex(digest)).decode()
-            stored = self._put_if_absent(
-                key, bytes(data), f"uploading blob {digest[:12]}", ChecksumAlgorithm="SHA256", ChecksumSHA256=checksum
-            )
+            with self._slots:
+                fault_point("blob-write")
+                stored = self._put_if_absent(
+                    key,
+                    BufferReader(view),
+                    f"uploading blob {digest[:12]}",
+                    ChecksumAlgorithm="SHA256",
+                    ChecksumSHA256=checksum,
+                )
             written = size if stored else 0
         else:
             head = self._head(key)
@@ -450,65 +181,80 @@ class S3Store(Store):
                 with self._calling(f"uploading blob {digest[:12]} ({size} bytes)"):
                     # botocore adds its default CRC32 to every part; the SHA-256
                     # of the whole blob is checked on every read.
-                    self._transfer.upload(_BufferReader(data), self.bucket, key).result()
+                    self._transfer.upload(BufferReader(view), self.bucket, key).result()
         self._known.add(digest)
         return written
 
-    def _put_if_absent(self, key: str, body: bytes, what: str, **extra: Any) -> bool:
-        """One conditional PUT (``If-None-Match: *``); False when the key exists.
-
-        S3 answers 412 to a write that lost, and 409 while a racing conditional
-        write to the same key is in flight — then we ask again.
-        """
-        from botocore.exceptions import ClientError
-
-        attempt = 0
-        while True:
-            try:
-                self.client.put_object(Bucket=self.bucket, Key=key, Body=body, IfNoneMatch="*", **extra)
-                return True
-            except ClientError as error:
-                code = self._code(error)
-                if code == "PreconditionFailed":
-                    return False
-                if code != "ConditionalRequestConflict" or attempt >= 4:
-                    raise self._error(error, what) from error
-            except Exception as error:
-                raise self._error(error, what) from error
-            time.sleep(0.1 * 2**attempt)
-            attempt += 1
-
     def get_blob(self, digest: str) -> Buffer:
-        key = self._blob_key(digest)
-        head = self._head(key)
-        if head is None:
-            raise MissingBlobError(f"blob {digest[:12]} is missing from {self.url}")
-        size, etag = head["ContentLength"], head.get("ETag")
+        data, response = self._download(digest, None)
+        if data is not None:
+            return data
+        # Too big for one request: s3transfer's ranged GETs, told what the first GET said.
+        size, etag = response["ContentLength"], response.get("ETag")
         data = bytearray(size)
         with self._calling(f"downloading blob {digest[:12]}"):
-            if size >= MULTIPART_THRESHOLD:
-                from s3transfer.subscribers import BaseSubscriber
+            from s3transfer.subscribers import BaseSubscriber
 
-                class Known(BaseSubscriber):  # we just asked; spare s3transfer its own HEAD
-                    def on_queued(self, future: Any, **_: Any) -> None:
-                        future.meta.provide_transfer_size(size)
-                        future.meta.provide_object_etag(etag)
+            class Known(BaseSubscriber):  # spare s3transfer its own HEAD
+                def on_queued(self, future: Any, **_: Any) -> None:
+                    future.meta.provide_transfer_size(size)
+                    future.meta.provide_object_etag(etag)
 
-                self._transfer.download(self.bucket, key, _BufferWriter(data), subscribers=[Known()]).result()
-            else:
-                body = self.client.get_object(Bucket=self.bucket, Key=key)["Body"]
-                view, got = memoryview(data), 0
-                while got < size:
-                    chunk = body.read(min(size - got, 1 << 20))
-                    if not chunk:
-                        break
-                    view[got : got + len(chunk)] = chunk
-                    got += len(chunk)
-                if got != size:
-                    raise CorruptBlobError(f"blob {digest[:12]} in {self.url} was cut short ({got} of {size} bytes)")
+            key = self._blob_key(digest)
+            self._transfer.download(self.bucket, key, BufferWriter(data), subscribers=[Known()]).result()
         if digest_of(data) != digest:
             raise CorruptBlobError(f"blob {digest[:12]} in {self.url} is corrupt (its checksum does not match)")
         return data
+
+    def read_blob_into(self, digest: str, out: memoryview) -> None:
+        """Straight into ``out`` with one GET (no HEAD: the response says the size)."""
+        out = out.cast("B")
+        if out.nbytes >= MULTIPART_THRESHOLD:
+            super().read_blob_into(digest, out)  # through s3transfer, then one copy
+        else:
+            self._download(digest, out)
+
+    def _download(self, digest: str, out: memoryview | None) -> tuple[bytearray | None, dict[str, Any]]:
+        """One GET of a blob into ``out`` (exactly its size) or a new bytearray (returned with
+        the response), hashed as it lands; with no ``out``, a blob of MULTIPART_THRESHOLD or
+        more is not read: (None, the response that says its size and ETag)."""
+        from botocore.exceptions import ClientError
+
+        key, what = self._blob_key(digest), f"downloading blob {digest[:12]}"
+        with self._slots, self._calling(what):
+            try:
+                response = self.client.get_object(Bucket=self.bucket, Key=key)
+            except ClientError as error:
+                if self._code(error) in ("NoSuchKey", "404"):
+                    raise MissingBlobError(f"blob {digest[:12]} is missing from {self.url}", [digest]) from None
+                raise
+            body, size = response["Body"], response["ContentLength"]
+            made = None
+            try:
+                if out is None:
+                    if size >= MULTIPART_THRESHOLD:
+                        return None, response
+                    made = bytearray(size)
+                    out = memoryview(made)
+                if size != out.nbytes:
+                    raise CorruptBlobError(
+                        f"blob {digest[:12]} in {self.url} holds {size} bytes, not the {out.nbytes} it was stored with"
+                    )
+                hasher, got = hashlib.sha256(), 0
+                while got < size:
+                    block = body.read(min(size - got, READ_BLOCK))
+                    if not block:
+                        break
+                    out[got : got + len(block)] = block
+                    hasher.update(block)
+                    got += len(block)
+            finally:
+                body.close()
+        if got != size:
+            raise CorruptBlobError(f"blob {digest[:12]} in {self.url} was cut short ({got} of {size} bytes)")
+        if hasher.hexdigest() != digest:
+            raise CorruptBlobError(f"blob {digest[:12]} in {self.url} is corrupt (its checksum does not match)")
+        return made, response
 
     def iter_blobs(self) -> Iterator[str]:
         for item in self._list_keys(self._key("blobs", "")):

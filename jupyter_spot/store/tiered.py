@@ -4,7 +4,10 @@ A notice gives 30–120 seconds; a snapshot must land somewhere inside that
 budget, and S3 from a busy spot VM may not be fast enough. So every write goes
 to the fast tier and is durable there when the call returns; a background
 thread then replicates committed snapshots to S3 — each snapshot's blobs first,
-its manifest last, so S3 never holds a manifest that names a blob it lacks.
+its manifest last, so S3 never holds a manifest that names a blob it lacks. A
+blob (a chunk of a big buffer, say) starts on its way to S3 as soon as the fast
+tier has it, while the snapshot's other blobs are still being written; the
+snapshot's replication then waits for those sends instead of starting its own.
 Newest snapshots go first: after an interruption the latest state is the one a
 restore wants. On a notice, :meth:`TieredStore.flush_replication` waits (up to a
 deadline) until S3 has everything. Reads take the nearest tier that has the
@@ -20,7 +23,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 from ..faults import fault_point
@@ -43,7 +46,7 @@ class TieredStore(Store):
 
     kind = "tiered"
 
-    def __init__(self, fast: Store, durable: Store, signer: Any = None, upload_workers: int = 8) -> None:
+    def __init__(self, fast: Store, durable: Store, signer: Any = None, upload_workers: int | None = None) -> None:
         super().__init__(f"{durable.url} (via {fast.url})", signer or fast.signer)
         self.fast = fast
         self.durable = durable
@@ -57,7 +60,11 @@ class TieredStore(Store):
         self.last_error: str | None = None
         #: Snapshots whose local copy is damaged: retried, but not waited for.
         self._unsendable: set[tuple[str, str]] = set()
-        self._pool = ThreadPoolExecutor(upload_workers, thread_name_prefix="spot-replicate-blob")
+        #: Blobs on their way to S3 (at most ``upload_workers`` at a time; the durable tier's
+        #: ``blob_workers`` by default): a snapshot's replication joins a send already under way.
+        self._sending: dict[str, Future[None]] = {}
+        workers = upload_workers or durable.blob_workers
+        self._pool = ThreadPoolExecutor(workers, thread_name_prefix="spot-replicate-blob")
         self._worker = threading.Thread(target=self._run, name="spot-replicate", daemon=True)
         self._worker.start()
         # Before concurrent.futures' own exit hook, which would refuse the
@@ -90,17 +97,9 @@ class TieredStore(Store):
                 return  # deleted before it was replicated: nothing to send
             raise _Unsendable(str(error)) from error
 
-        def send(digest: str) -> None:
-            if self.durable.has_blob(digest):
-                return
-            try:
-                data = self.fast.get_blob(digest)
-            except StoreError as error:
-                raise _Unsendable(f"the local copy cannot be read: {error}") from error
-            self.durable.put_blob(digest, data)
-
-        # list() re-raises the first failed upload; the manifest is then not sent.
-        list(self._pool.map(send, manifest.get("blobs", [])))
+        # Waits for every send (started here or when the blob was written), then
+        # re-raises the first failure; the manifest is then not sent.
+        self._await_sends(manifest.get("blobs", []))
         fault_point("replicate")
         try:
             try:
@@ -108,7 +107,7 @@ class TieredStore(Store):
             except MissingBlobError as error:
                 # A collection of S3 (from any machine) deleted blobs S3 was
                 # believed to hold: send those now rather than after a backoff.
-                list(self._pool.map(send, error.digests))
+                self._await_sends(error.digests)
                 self.durable.commit_manifest(manifest)
         except SnapshotExistsError:
             if self.durable.load_manifest(session, snapshot_id) != manifest:
@@ -119,6 +118,46 @@ class TieredStore(Store):
                     self.durable.url,
                     self.fast.url,
                 )
+
+    def _send(self, digest: str, ask_first: bool = True) -> Future[None]:
+        """Start sending one blob to S3, or join the send of it already under way."""
+        with self._cond:
+            future = self._sending.get(digest)
+            if future is None:
+                future = self._pool.submit(self._send_blob, digest, ask_first)
+                self._sending[digest] = future
+                future.add_done_callback(lambda done: self._sent(digest, done))
+        return future
+
+    def _sent(self, digest: str, future: Future[None]) -> None:
+        with self._cond:
+            if self._sending.get(digest) is future:
+                del self._sending[digest]
+
+    def _send_blob(self, digest: str, ask_first: bool) -> None:
+        """``ask_first``: look before reading the local copy (free for a blob S3 is known to
+        have); a blob the fast tier just took is new to S3 too, and S3's own condition answers."""
+        if ask_first and self.durable.has_blob(digest):
+            return
+        try:
+            data = self.fast.get_blob(digest)
+        except StoreError as error:
+            raise _Unsendable(f"the local copy cannot be read: {error}") from error
+        self.durable.put_blob(digest, data)
+
+    def _await_sends(self, digests: list[str]) -> None:
+        for future in [self._send(digest) for digest in dict.fromkeys(digests)]:
+            future.result()
+
+    def _send_soon(self, digest: str) -> None:
+        """Start a blob the fast tier just took on its way to S3. Its failure is only
+        remembered by the future: the snapshot's replication sends it again and reports."""
+        if self._closed:
+            return
+        try:
+            self._send(digest, ask_first=False)
+        except RuntimeError:  # the pool stopped (interpreter exit): the replication sends it
+            pass
 
     def _run(self) -> None:
         try:
@@ -142,6 +181,8 @@ class TieredStore(Store):
             try:
                 self._replicate(*key)
             except Exception as error:  # noqa: BLE001 -- StoreError, or a bug: the thread must live on
+                if self._closed:
+                    return  # close() dropped the sends it waited for
                 message = f"replicating snapshot {key[1]} of session {key[0]!r}: {error}"
                 log.warning("jupyter-spot replication: %s (retrying)", message)
                 with self._cond:
@@ -197,11 +238,13 @@ class TieredStore(Store):
         return self._closed
 
     def close(self, deadline: float | None = None) -> list[str]:
-        """Flush until ``deadline``, then stop the replication thread."""
+        """Flush until ``deadline``, then stop: sends not yet begun are dropped (with S3
+        down each would retry for seconds), the ones under way finish or fail."""
         missing = self.flush_replication(deadline)
         with self._cond:
             self._closed = True
             self._cond.notify_all()
+        self._pool.shutdown(wait=False, cancel_futures=True)
         self._worker.join()
         self._pool.shutdown()
         return missing
@@ -219,10 +262,16 @@ class TieredStore(Store):
         return self.fast.has_blob(digest) or self._durable(False, "has_blob", digest)
 
     def put_blob(self, digest: str, data: Buffer) -> int:
-        return self.fast.put_blob(digest, data)
+        written = self.fast.put_blob(digest, data)
+        if written:
+            self._send_soon(digest)
+        return written
 
     def add_blob(self, data: Buffer) -> tuple[str, int]:
-        return self.fast.add_blob(data)
+        digest, written = self.fast.add_blob(data)
+        if written:
+            self._send_soon(digest)
+        return digest, written
 
     @property
     def blob_workers(self) -> int:  # type: ignore[override]
@@ -235,6 +284,14 @@ class TieredStore(Store):
         except (MissingBlobError, CorruptBlobError) as error:
             log.debug("blob %s from %s instead: %s", digest[:12], self.durable.url, error)
         return self.durable.get_blob(digest)
+
+    def read_blob_into(self, digest: str, out: memoryview) -> None:
+        try:
+            self.fast.read_blob_into(digest, out)
+            return
+        except (MissingBlobError, CorruptBlobError) as error:
+            log.debug("blob %s from %s instead: %s", digest[:12], self.durable.url, error)
+        self.durable.read_blob_into(digest, out)
 
     def iter_blobs(self) -> Iterator[str]:
         seen = set(self.fast.iter_blobs())
