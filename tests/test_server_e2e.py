@@ -19,7 +19,7 @@ from typing import Any
 
 import nbformat
 import pytest
-from harness import JupyterServer, until_async
+from harness import JupyterServer, until, until_async
 from jupyter_client import AsyncKernelClient
 from tornado.websocket import websocket_connect
 
@@ -237,6 +237,43 @@ async def test_servers_sharing_a_store_do_not_offer_each_others_live_sessions(
         assert opened["kernel"]["id"] not in listed["reason"], listed["reason"]  # B's kernel did not stop
     finally:
         b.stop()
+
+
+def test_auto_restore_skips_a_session_another_server_runs_and_restores_it_once_that_server_is_gone(
+    jupyter_servers: Servers, spot_env: Path, tmp_path: Path
+) -> None:
+    """B restores interrupted notebooks as they open (``auto_restore``), but not one whose kernel A
+    still runs (A's fresh heartbeat holds it): that would fork the notebook. Once A is gone, B's
+    next open restores it. B decides, and logs a restore it starts, before the open answers, so
+    every wait here is for an answer (bounded; a timeout fails the test)."""
+    root = tmp_path / "root"
+    root.mkdir()
+    nbformat.write(nbformat.v4.new_notebook(), root / "shared.ipynb")
+    store = open_store(str(spot_env))
+    opening = {"path": "shared.ipynb", "type": "notebook", "kernel": {"name": "python3"}}
+    listing = "jupyter-spot/api/sessions?path=shared.ipynb"
+    restoring = "restoring interrupted session 'shared.ipynb'"
+    a = jupyter_servers("a", root, sources=["signal"], options=["--SpotApp.heartbeat_interval=1"]).spawn()
+    b = jupyter_servers("b", root, sources=["signal"], options=["--SpotApp.auto_restore=True"]).spawn()
+    a.wait_ready()
+    b.wait_ready()
+    on_a = a.api("api/sessions", "POST", opening)["kernel"]["id"]
+    a.run_in_kernel(on_a, "x = 41")
+    until(lambda: store.list_snapshots("shared.ipynb"), 60, "A's snapshot after its cell")
+
+    on_b = b.api("api/sessions", "POST", opening)["kernel"]["id"]
+    assert restoring not in b.log_path.read_text(), b.log()
+    (listed,) = b.api(listing)["sessions"]
+    assert (listed["interrupted"], listed["live_elsewhere"]["kernel_id"]) == (False, on_a), listed
+    # (the kernel's first-cell announcement comes first: it offers A's line to this kernel too)
+    assert b.run_in_kernel(on_b, "print('x' in globals())").splitlines()[-1] == "False"
+
+    a.kill()  # the machine is gone: its heartbeat is young, but its server process is not there
+    b.api(f"api/sessions/{b.api('api/sessions')[0]['id']}", "DELETE")  # B's user closes the notebook
+    reopened = b.api("api/sessions", "POST", opening)["kernel"]["id"]
+    assert restoring in b.log_path.read_text(), b.log()
+    until(lambda: not b.api(listing)["sessions"][0]["interrupted"], 60, "B's auto-restore to finish")
+    assert b.run_in_kernel(reopened, "print(x)").strip() == "41"
 
 
 def test_a_heartbeat_from_another_host_counts_until_it_is_stale(spot_env: Path) -> None:
