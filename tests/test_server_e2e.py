@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import queue
 import signal
 import socket
 import time
@@ -42,6 +43,21 @@ async def run_cell(client: AsyncKernelClient, code: str) -> str:
     reply = await client.execute_interactive(code, timeout=90, output_hook=hook)
     assert reply["content"]["status"] == "ok", reply["content"]
     return "".join(chunks)
+
+
+async def start_endless_cell(client: AsyncKernelClient, code: str) -> None:
+    """Start ``code``, a cell that never ends, and return once it runs (it prints ``looping`` first)."""
+    msg_id = client.execute("print('looping', flush=True)\n" + code)
+    deadline = time.monotonic() + 90
+    while time.monotonic() < deadline:
+        try:
+            message = await client.get_iopub_msg(timeout=1)
+        except queue.Empty:
+            continue
+        if message["parent_header"].get("msg_id") == msg_id and message["msg_type"] == "stream":
+            if "looping" in message["content"]["text"]:
+                return
+    pytest.fail("the endless cell did not start within 90 s")
 
 
 Servers = Callable[..., JupyterServer]
@@ -83,8 +99,7 @@ async def test_notice_flush_kill_and_restore_on_a_fresh_server(
         clean = store.list_snapshots(NOTEBOOK)[-1]
 
         # A busy kernel: the notice must flush it mid-cell.
-        client.execute("counter = 0\nimport time\nwhile True:\n    counter += 1\n    time.sleep(0.001)")
-        await asyncio.sleep(1.0)
+        await start_endless_cell(client, "counter = 0\nimport time\nwhile True:\n    counter += 1\n    time.sleep(0.001)")
         simulator.fire("terminate", lead_time=60)
 
         seen: dict[str, list[dict[str, Any]]] = {"notice": [], "flush": []}
@@ -169,8 +184,7 @@ async def test_sigterm_flushes_every_kernel_before_the_server_stops(
         client = await server.kernel_client(session["kernel"]["id"])
         await run_cell(client, "step = 0")
         await until_async(lambda: store.list_snapshots("job.ipynb"), 60, "an auto snapshot")
-        client.execute("import time\nwhile True:\n    step += 1\n    time.sleep(0.001)")
-        await asyncio.sleep(1.0)
+        await start_endless_cell(client, "import time\nwhile True:\n    step += 1\n    time.sleep(0.001)")
         server.proc.send_signal(signal.SIGTERM)
         await asyncio.to_thread(server.proc.wait, 90)
         client.stop_channels()
