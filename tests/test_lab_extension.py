@@ -116,22 +116,6 @@ def _interrupted(lab: Lab) -> bool:
     return bool(listed["interrupted"])
 
 
-def test_restore_banner_comes_back_on_every_reload_until_discarded(page: Page, lab_factory: Callable[..., Lab]) -> None:
-    fresh = _interrupted_on_a_fresh_server(page, lab_factory)
-    count_session_checks(page)
-    restore = page.locator(".jp-spot-restore")
-    for _ in range(2):  # first open, then a reload without answering
-        open_notebook(page, fresh)
-        expect(restore).to_be_visible(timeout=30_000)
-        expect(restore.get_by_role("button", name="Restore")).to_be_visible()
-    restore.get_by_role("button", name="Discard").click()
-    expect(restore).to_have_attribute("data-state", "discarded", timeout=SLOW)
-    assert not _interrupted(fresh)
-    open_notebook(page, fresh)  # answered: a reload offers nothing
-    session_checks_done(page)
-    expect(restore).to_have_count(0)
-
-
 def test_restore_banner_and_save_on_notice_switched_off(
     page: Page, lab_factory: Callable[..., Lab], imds: Simulator
 ) -> None:
