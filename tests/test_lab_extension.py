@@ -101,32 +101,24 @@ def test_fresh_server_offers_restore_and_restores_variables(page: Page, lab_fact
     shot(page, "restored-cell")
 
 
-def _interrupted_on_a_fresh_server(page: Page, lab_factory: Callable[..., Lab], **settings: object) -> Lab:
-    """The notebook ran a cell on a server that was then killed; a fresh one (with ``settings``) serves it."""
-    lab = lab_factory()
-    open_notebook(page, lab)
-    run_cell(page, 0, "hello-from-cell 42")
-    expect(page.locator(".jp-spot-status")).to_have_attribute("data-snapshot-id", re.compile(".+"), timeout=30_000)
-    lab.kill()
-    return lab_factory(**settings)
-
-
-def _interrupted(lab: Lab) -> bool:
-    (listed,) = lab.api(f"jupyter-spot/api/sessions?path={quote(NOTEBOOK, safe='')}")["sessions"]
-    return bool(listed["interrupted"])
-
-
 def test_restore_banner_and_save_on_notice_switched_off(
     page: Page, lab_factory: Callable[..., Lab], imds: Simulator
 ) -> None:
     """``showRestoreBanner: false``: an interrupted notebook opens with no banner (still offered
     by the server). ``saveOnNotice: false``: a notice leaves the unsaved notebook unsaved."""
-    fresh = _interrupted_on_a_fresh_server(page, lab_factory, showRestoreBanner=False, saveOnNotice=False)
+    lab = lab_factory()
+    open_notebook(page, lab)
+    run_cell(page, 0, "hello-from-cell 42")
+    expect(page.locator(".jp-spot-status")).to_have_attribute("data-snapshot-id", re.compile(".+"), timeout=30_000)
+    lab.kill()
+
+    fresh = lab_factory(showRestoreBanner=False, saveOnNotice=False)
     count_session_checks(page)
     open_notebook(page, fresh)
     session_checks_done(page)
     expect(page.locator(".jp-spot-restore")).to_have_count(0)
-    assert _interrupted(fresh)  # there was something to offer
+    (listed,) = fresh.api(f"jupyter-spot/api/sessions?path={quote(NOTEBOOK, safe='')}")["sessions"]
+    assert listed["interrupted"]  # there was something to offer
 
     notebook = fresh.root / NOTEBOOK
     run_cell(page, 0, "hello-from-cell 42")
