@@ -127,6 +127,60 @@ def test_lost_job_is_rerun_and_resumes_from_its_checkpoint(store: Path, tmp_path
     assert steps.read_text().split() == ["0", "1", "2", "3", "3", "4", "5", "6", "7"]
 
 
+def _checkpoint_progress(store: Path, name: str) -> str | None:
+    """The progress of the job's last checkpoint save (None before its first)."""
+    saved = open_store(str(store)).get_record(record.checkpoint_name(_job(store, name)["id"]))
+    return saved["progress"] if saved else None
+
+
+def test_checkpoint_every_saves_at_most_that_often_and_a_rerun_redoes_only_the_unsaved_steps(
+    store: Path, tmp_path: Path, kernels: Kernels
+) -> None:
+    """``every=3``: steps that finish within 3 s of the last save are not saved; the step that
+    ends 3 s after it is. The job waits out those 3 s itself (step 2), so what is saved does
+    not depend on the machine's speed, only on steps 0, 1 and 3 taking less than 3 s."""
+    steps, go = tmp_path / "steps", tmp_path / "go"
+    kernel = _kernel(kernels, tmp_path)
+    kernel.execute(f"steps = {str(steps)!r}\ngo = {str(go)!r}")
+    started = kernel.execute(
+        "%%spot_job --name every\n"
+        "import os, time\n"
+        "from jupyter_spot.jobs import checkpoint\n"
+        "total = 0\n"
+        "for i in checkpoint.range(6, keep=('total',), every=3):\n"
+        "    with open(steps, 'a') as f:\n"
+        "        f.write(f'{i}\\n')\n"
+        "    total += i\n"
+        "    if i == 0:\n"
+        "        began = time.monotonic()\n"
+        "    while i == 2 and time.monotonic() - began < 3:  # 3 s since the loop started: due\n"
+        "        time.sleep(0.02)\n"
+        "    while i == 4 and not os.path.exists(go):\n"
+        "        time.sleep(0.02)\n"
+    )
+    assert started.error is None, started
+    # A save happens in the loop's next(), before the next step starts: once step 2 runs, the
+    # saves after steps 0 and 1 would be in the store.
+    until(lambda: steps.exists() and steps.read_text().split()[-1:] == ["2"], DEADLINE, "step 2")
+    assert _checkpoint_progress(store, "every") is None
+    until(lambda: steps.read_text().split()[-1:] == ["4"], DEADLINE, "step 4")
+    assert _checkpoint_progress(store, "every") == "3/6"  # after step 2; step 3 came too soon to save
+    kernel.wait_until_durable()
+    pid = _job(store, "every")["pid"]
+    kernel.kill()
+    os.killpg(pid, signal.SIGKILL)  # the machine is lost mid-step 4
+    until(lambda: not _runners(store), DEADLINE, "the job's process to go")
+    go.touch()
+    fresh = _kernel(kernels, tmp_path)
+    report = fresh.execute("%spot restore latest")
+    assert report.error is None, report
+    assert "re-running it (attempt 2, resuming from its checkpoint at 3/6)" in report.text, report.text
+    assert "job every done in" in fresh.execute("%spot_job wait every --timeout 60").text
+    assert _value(fresh, "total") == sum(range(6))  # `total` as saved after step 2, then steps 3-5
+    assert steps.read_text().split() == ["0", "1", "2", "3", "4", "3", "4", "5"]  # step 3 was redone
+    assert _checkpoint_progress(store, "every") == "6/6"  # the last step is always saved
+
+
 def test_failing_job_shows_its_error_and_returns_nothing(store: Path, tmp_path: Path, kernels: Kernels) -> None:
     kernel = _kernel(kernels, tmp_path)
     started = kernel.execute("%%spot_job --name bad\ny = 1\nraise ValueError('boom at step 2')")

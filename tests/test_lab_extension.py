@@ -23,10 +23,12 @@ from harness.lab_notebook import (  # noqa: F401 - fixtures
     NOTEBOOK,
     SLOW,
     cell,
+    count_session_checks,
     imds,
     lab_factory,
     open_notebook,
     run_cell,
+    session_checks_done,
 )
 from playwright.sync_api import Page, expect
 
@@ -97,6 +99,39 @@ def test_fresh_server_offers_restore_and_restores_variables(page: Page, lab_fact
     page.keyboard.press("Shift+Enter")
     expect(cell(page, 2).locator(".jp-OutputArea-output")).to_have_text("restored-42 42", timeout=SLOW)
     shot(page, "restored-cell")
+
+
+def test_restore_banner_and_save_on_notice_switched_off(
+    page: Page, lab_factory: Callable[..., Lab], imds: Simulator
+) -> None:
+    """``showRestoreBanner: false``: an interrupted notebook opens with no banner (still offered
+    by the server). ``saveOnNotice: false``: a notice leaves the unsaved notebook unsaved."""
+    lab = lab_factory()
+    open_notebook(page, lab)
+    run_cell(page, 0, "hello-from-cell 42")
+    expect(page.locator(".jp-spot-status")).to_have_attribute("data-snapshot-id", re.compile(".+"), timeout=30_000)
+    lab.kill()
+
+    fresh = lab_factory(showRestoreBanner=False, saveOnNotice=False)
+    count_session_checks(page)
+    open_notebook(page, fresh)
+    session_checks_done(page)
+    expect(page.locator(".jp-spot-restore")).to_have_count(0)
+    (listed,) = fresh.api(f"jupyter-spot/api/sessions?path={quote(NOTEBOOK, safe='')}")["sessions"]
+    assert listed["interrupted"]  # there was something to offer
+
+    notebook = fresh.root / NOTEBOOK
+    run_cell(page, 0, "hello-from-cell 42")
+    expect(page.locator(".jp-mod-dirty")).not_to_have_count(0)
+    imds.fire(lead_time=120)
+    banner = page.locator("#jp-spot-notice")
+    expect(banner).to_be_visible(timeout=30_000)
+    # the banner's save step is over (a save, were it on, would have finished): nothing was saved
+    documents = banner.locator(".jp-spot-notice-documents")
+    expect(documents).not_to_have_text(re.compile(r"^(Saving unsaved notebooks and files…)?$"), timeout=30_000)
+    expect(documents).not_to_contain_text("failed")
+    expect(page.locator(".jp-mod-dirty")).not_to_have_count(0)
+    assert "hello-from-cell" not in notebook_outputs(notebook)
 
 
 def test_auto_restore_setting_restores_without_a_click(page: Page, lab_factory: Callable[..., Lab]) -> None:

@@ -12,7 +12,16 @@ from urllib.parse import quote
 import pytest
 from harness import JupyterServer
 from harness.browser import shot
-from harness.lab_notebook import NOTEBOOK, SLOW, imds, lab_factory, open_notebook, run_cell  # noqa: F401 - fixtures
+from harness.lab_notebook import (  # noqa: F401 - fixtures
+    NOTEBOOK,
+    SLOW,
+    count_session_checks,
+    imds,
+    lab_factory,
+    open_notebook,
+    run_cell,
+    session_checks_done,
+)
 from playwright.sync_api import Page, expect
 
 pytestmark = [pytest.mark.browser, pytest.mark.servers]
@@ -53,7 +62,8 @@ def test_banner_stays_after_a_cell_and_discard_ends_the_interruption(
     described = sessions(fresh)
     assert described["interrupted"] is False and described["latest"]["id"] != lost
 
+    count_session_checks(page)
     open_notebook(page, fresh)
-    expect(page.locator(".jp-NotebookPanel .jp-Cell").first).to_be_visible()
     expect(status).to_have_attribute("data-snapshot-id", described["latest"]["id"], timeout=30_000)
+    session_checks_done(page)  # the page's answer about the session is in: a banner would be there
     expect(banner).to_have_count(0)  # nothing left to offer

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import queue
 import signal
 import socket
 import time
@@ -19,7 +20,7 @@ from typing import Any
 
 import nbformat
 import pytest
-from harness import JupyterServer, until_async
+from harness import JupyterServer, until, until_async
 from jupyter_client import AsyncKernelClient
 from tornado.websocket import websocket_connect
 
@@ -42,6 +43,21 @@ async def run_cell(client: AsyncKernelClient, code: str) -> str:
     reply = await client.execute_interactive(code, timeout=90, output_hook=hook)
     assert reply["content"]["status"] == "ok", reply["content"]
     return "".join(chunks)
+
+
+async def start_endless_cell(client: AsyncKernelClient, code: str) -> None:
+    """Start ``code``, a cell that never ends, and return once it runs (it prints ``looping`` first)."""
+    msg_id = client.execute("print('looping', flush=True)\n" + code)
+    deadline = time.monotonic() + 90
+    while time.monotonic() < deadline:
+        try:
+            message = await client.get_iopub_msg(timeout=1)
+        except queue.Empty:
+            continue
+        if message["parent_header"].get("msg_id") == msg_id and message["msg_type"] == "stream":
+            if "looping" in message["content"]["text"]:
+                return
+    pytest.fail("the endless cell did not start within 90 s")
 
 
 Servers = Callable[..., JupyterServer]
@@ -83,8 +99,7 @@ async def test_notice_flush_kill_and_restore_on_a_fresh_server(
         clean = store.list_snapshots(NOTEBOOK)[-1]
 
         # A busy kernel: the notice must flush it mid-cell.
-        client.execute("counter = 0\nimport time\nwhile True:\n    counter += 1\n    time.sleep(0.001)")
-        await asyncio.sleep(1.0)
+        await start_endless_cell(client, "counter = 0\nimport time\nwhile True:\n    counter += 1\n    time.sleep(0.001)")
         simulator.fire("terminate", lead_time=60)
 
         seen: dict[str, list[dict[str, Any]]] = {"notice": [], "flush": []}
@@ -169,8 +184,7 @@ async def test_sigterm_flushes_every_kernel_before_the_server_stops(
         client = await server.kernel_client(session["kernel"]["id"])
         await run_cell(client, "step = 0")
         await until_async(lambda: store.list_snapshots("job.ipynb"), 60, "an auto snapshot")
-        client.execute("import time\nwhile True:\n    step += 1\n    time.sleep(0.001)")
-        await asyncio.sleep(1.0)
+        await start_endless_cell(client, "import time\nwhile True:\n    step += 1\n    time.sleep(0.001)")
         server.proc.send_signal(signal.SIGTERM)
         await asyncio.to_thread(server.proc.wait, 90)
         client.stop_channels()
@@ -238,6 +252,43 @@ async def test_servers_sharing_a_store_do_not_offer_each_others_live_sessions(
         assert opened["kernel"]["id"] not in listed["reason"], listed["reason"]  # B's kernel did not stop
     finally:
         b.stop()
+
+
+def test_auto_restore_skips_a_session_another_server_runs_and_restores_it_once_that_server_is_gone(
+    jupyter_servers: Servers, spot_env: Path, tmp_path: Path
+) -> None:
+    """B restores interrupted notebooks as they open (``auto_restore``), but not one whose kernel A
+    still runs (A's fresh heartbeat holds it): that would fork the notebook. Once A is gone, B's
+    next open restores it. B decides, and logs a restore it starts, before the open answers, so
+    every wait here is for an answer (bounded; a timeout fails the test)."""
+    root = tmp_path / "root"
+    root.mkdir()
+    nbformat.write(nbformat.v4.new_notebook(), root / "shared.ipynb")
+    store = open_store(str(spot_env))
+    opening = {"path": "shared.ipynb", "type": "notebook", "kernel": {"name": "python3"}}
+    listing = "jupyter-spot/api/sessions?path=shared.ipynb"
+    restoring = "restoring interrupted session 'shared.ipynb'"
+    a = jupyter_servers("a", root, sources=["signal"], options=["--SpotApp.heartbeat_interval=1"]).spawn()
+    b = jupyter_servers("b", root, sources=["signal"], options=["--SpotApp.auto_restore=True"]).spawn()
+    a.wait_ready()
+    b.wait_ready()
+    on_a = a.api("api/sessions", "POST", opening)["kernel"]["id"]
+    a.run_in_kernel(on_a, "x = 41")
+    until(lambda: store.list_snapshots("shared.ipynb"), 60, "A's snapshot after its cell")
+
+    on_b = b.api("api/sessions", "POST", opening)["kernel"]["id"]
+    assert restoring not in b.log_path.read_text(), b.log()
+    (listed,) = b.api(listing)["sessions"]
+    assert (listed["interrupted"], listed["live_elsewhere"]["kernel_id"]) == (False, on_a), listed
+    # (the kernel's first-cell announcement comes first: it offers A's line to this kernel too)
+    assert b.run_in_kernel(on_b, "print('x' in globals())").splitlines()[-1] == "False"
+
+    a.kill()  # the machine is gone: its heartbeat is young, but its server process is not there
+    b.api(f"api/sessions/{b.api('api/sessions')[0]['id']}", "DELETE")  # B's user closes the notebook
+    reopened = b.api("api/sessions", "POST", opening)["kernel"]["id"]
+    assert restoring in b.log_path.read_text(), b.log()
+    until(lambda: not b.api(listing)["sessions"][0]["interrupted"], 60, "B's auto-restore to finish")
+    assert b.run_in_kernel(reopened, "print(x)").strip() == "41"
 
 
 def test_a_heartbeat_from_another_host_counts_until_it_is_stale(spot_env: Path) -> None:

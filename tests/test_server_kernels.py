@@ -298,6 +298,10 @@ async def test_a_renamed_notebook_snapshots_under_its_new_path(
     renamed = "work/renamed.ipynb"
     await jp_fetch("api", "contents", "work", "model.ipynb", method="PATCH", body=json.dumps({"path": renamed}))
     await latest_variables(store, renamed, {"x"})  # the state so far, under the new name at once
+    # The kernel switches first; the server then closes the old name's record and opens the new one.
+    await until_async(
+        lambda: store.get_record(session_record_name(renamed)), 60, "the server to record the renamed session"
+    )
     await execute(km, kernel_id, "y = x + 1")
     await latest_variables(store, renamed, {"x", "y"})
     sessions = {s["id"]: s for s in json.loads((await spot_fetch("jupyter-spot/api/sessions")).body)["sessions"]}

@@ -427,11 +427,13 @@ def test_writer_waits_for_a_running_gc_and_forgets_what_it_deleted(s3_url: str) 
     snapshot(writer, "nb.ipynb", "0001", [old])
     writer.delete_snapshot("nb.ipynb", "0001")
     events: list[str] = []
+    listings = RequestLog(writer.client)  # in put_blob the writer lists only the locks
     with collector.blob_gc_guard() as may_delete:
         assert may_delete()
         thread = threading.Thread(target=lambda: (writer.put_blob(digest_of(old), old), events.append("put")))
         thread.start()
-        time.sleep(0.6)
+        # A second listing means the first one showed the collector's lock and the writer waited.
+        until(lambda: listings.count("ListObjectsV2") >= 2, 60, "the writer to list the locks again")
         assert events == []  # blocked behind the collector's lock
         collector.delete_blob(digest_of(old))  # decided before the writer came
         events.append("deleted")

@@ -96,3 +96,50 @@ def run_cell(page: Page, index: int, expected_output: str) -> None:
     cell(page, index).locator(".cm-content").click()
     page.keyboard.press("Shift+Enter")
     expect(cell(page, index).locator(".jp-OutputArea-output")).to_contain_text(expected_output, timeout=SLOW)
+
+
+#: Counts the page's questions about a notebook's session (``GET jupyter-spot/api/sessions?path=…``,
+#: what decides the restore banner): how many it sent, and how many it has handled, bumped in a task
+#: queued once an answer's body is read, so every ``await`` chained on that answer (the banner's
+#: decision included) has run before the count moves. Installed before Lab's own scripts load.
+_SESSION_CHECKS = """
+(() => {
+  const original = window.fetch;
+  const checks = (window.__spotSessionChecks = { sent: 0, handled: 0 });
+  const handled = () => setTimeout(() => checks.handled++, 0);
+  window.fetch = function (input, init) {
+    const answer = original.apply(this, arguments);
+    if (!String(typeof input === 'string' ? input : input.url).includes('/jupyter-spot/api/sessions?path=')) {
+      return answer;
+    }
+    checks.sent++;
+    return answer.then(
+      response => {
+        const text = response.text.bind(response);
+        response.text = () => text().finally(handled);
+        return response;
+      },
+      error => {
+        handled();
+        throw error;
+      }
+    );
+  };
+})();
+"""
+
+
+def count_session_checks(page: Page) -> None:
+    """From the next page load on, count the page's session checks (see :func:`session_checks_done`)."""
+    page.add_init_script(_SESSION_CHECKS)
+
+
+def session_checks_done(page: Page) -> None:
+    """Once :func:`open_notebook` returned: wait until the page has handled every session check it sent.
+
+    Lab asks about the notebook's session as soon as its file is loaded, before its kernel can
+    start, so by then the check that decides the restore banner was sent; once it is handled, a
+    banner that is not there will not come (a negative the test can then assert)."""
+    sent = page.evaluate("window.__spotSessionChecks.sent")
+    assert sent >= 1, "the page never asked the server about the notebook's session"
+    page.wait_for_function(f"window.__spotSessionChecks.handled >= {sent}", timeout=SLOW)
