@@ -56,7 +56,8 @@ def test_notebook7_shows_the_snapshot_status_pending_then_saved_and_the_restore_
 ) -> None:
     root = tmp_path / "root"
     # Over the kernel's 8 MB background threshold: the cell ends, then its snapshot is written.
-    write_notebook(root / NOTEBOOK, CELLS[0] + "\nbig = bytes(9 << 20)", CELLS[1])
+    # Random bytes: zeros would be one repeated chunk, stored once, and too small to go to the background.
+    write_notebook(root / NOTEBOOK, CELLS[0] + "\nbig = __import__('os').urandom(9 << 20)", CELLS[1])
     pause = FaultPause(tmp_path / "faults", "manifest-commit")  # that write, held in flight
     lab = start_lab(jupyter_servers, "lab-1", root, env={**imds.env, **pause.env})
     open_in(page, lab, "notebook")
