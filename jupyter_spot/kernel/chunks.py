@@ -20,12 +20,12 @@ from __future__ import annotations
 import ctypes
 import mmap
 import os
-import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
 from ..store import CorruptBlobError, Store, StoreError, digest_of
+from .threads import run_in_threads
 
 #: The manifest format this code writes; it reads this one and every older one.
 MANIFEST_FORMAT = 2
@@ -181,38 +181,13 @@ def _plan(
 def _read_in_parallel(
     read: Callable[[str, memoryview, bool], None], tasks: list[tuple[str, memoryview, bool]], workers: int
 ) -> None:
-    """``read(digest, place, mappable)`` for each task, ``workers`` at a time; raise the first failure.
-
-    Plain threads, like the writer's: a restore may run while the interpreter exits.
-    """
-    pending = iter(tasks)
-    lock = threading.Lock()
-    failures: list[Exception] = []
-
-    def work() -> None:
-        while True:
-            with lock:
-                task = None if failures else next(pending, None)
-            if task is None:
-                return
-            try:
-                read(*task)
-            except Exception as error:
-                failures.append(error)
-                return
-
-    helpers = [threading.Thread(target=work, name="jupyter-spot-read", daemon=True)
-               for _ in range(min(workers, len(tasks)) - 1)]
-    for helper in helpers:
-        helper.start()
+    """``read(digest, place, mappable)`` for each task, ``workers`` at a time; raise the first failure."""
     try:
-        work()
-    finally:
-        for helper in helpers:
-            helper.join()
-    if failures:
-        error = failures[0]
-        raise error if isinstance(error, StoreError) else StoreError(f"{type(error).__name__}: {error}")
+        run_in_threads(lambda task: read(*task), tasks, workers, "jupyter-spot-read")
+    except StoreError:
+        raise
+    except Exception as error:
+        raise StoreError(f"{type(error).__name__}: {error}") from error
 
 
 def _chunk_reader(store: Store) -> Callable[[str, memoryview, bool], None]:

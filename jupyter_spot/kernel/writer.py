@@ -25,6 +25,7 @@ from typing import Any
 
 from ..store import MissingBlobError, Store, StoreError
 from .results import SnapshotResult
+from .threads import run_in_threads
 
 #: Commits tried per snapshot when collections keep deleting blobs it relies on.
 COMMIT_ATTEMPTS = 3
@@ -139,44 +140,20 @@ class Writer:
         """Store new blobs ``store.blob_workers`` at a time; raise the first failure.
 
         This thread and its helpers each take the next blob, biggest first so
-        they finish together, until none is left or one failed. Plain threads,
-        not a concurrent.futures pool: those refuse work once the interpreter
-        begins to exit, and the kernel's exit flush still writes then.
+        they finish together, until none is left, one failed or the job was superseded.
         """
-        pending = iter(sorted(blobs, key=lambda item: -item[1].nbytes))
         lock = threading.Lock()
-        failures: list[Exception] = []
 
-        def work() -> None:
-            while True:
-                with lock:
-                    item = None if failures or job.superseded else next(pending, None)
-                if item is None:
-                    return
-                key, view = item
-                try:
-                    digest, written = self.store.add_blob(view)
-                except Exception as error:
-                    failures.append(error)
-                    return
-                with lock:
-                    job.result.bytes_written += written
-                    self.durable[key] = digest
-                self._settle(job, 1, view.nbytes)
+        def store(item: tuple[str, memoryview]) -> None:
+            key, view = item
+            digest, written = self.store.add_blob(view)
+            with lock:
+                job.result.bytes_written += written
+                self.durable[key] = digest
+            self._settle(job, 1, view.nbytes)
 
-        helpers = [
-            threading.Thread(target=work, name="jupyter-spot-blob", daemon=True)
-            for _ in range(min(self.store.blob_workers, len(blobs)) - 1)
-        ]
-        for helper in helpers:
-            helper.start()
-        try:
-            work()
-        finally:
-            for helper in helpers:
-                helper.join()
-        if failures:
-            raise failures[0]
+        run_in_threads(store, sorted(blobs, key=lambda item: -item[1].nbytes), self.store.blob_workers,
+                       "jupyter-spot-blob", stop=lambda: job.superseded)
 
     def _commit(self, job: Job, manifest: dict[str, Any]) -> None:
         """Commit, storing again any blob a collection deleted since it was believed stored."""
