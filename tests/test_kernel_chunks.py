@@ -330,3 +330,33 @@ def test_an_explicit_snapshot_still_finds_a_change_no_cell_named(store: FileStor
         assert (line["stored"], line["unchanged"]) == ("2", "1")  # rows and a; x unchanged
     with restored() as fresh:
         assert numbers(fresh, "rows[5]['i'], rows[6]['i'], a[7], x") == (-5, 6, -7, 1)
+
+
+def test_an_explicit_snapshot_pickles_again_what_a_cell_named(store: FileStore) -> None:
+    """A fingerprint sees contents, not sharing: two equal dicts a cell made one object hash as
+    before, so a group a cell named since the last snapshot is pickled again, as an automatic
+    snapshot would, and comes back shared."""
+    with chunked_kernel() as kernel:
+        kernel.run("rows = [{'k': 1}, {'k': 1}]\nx = 1")
+        assert snapshot_line(kernel.run("%spot snapshot"))["stored"] == "2"
+        kernel.run("rows[1] = rows[0]")
+        line = snapshot_line(kernel.run("%spot snapshot"))
+        assert (line["stored"], line["unchanged"]) == ("1", "1")
+    with restored() as fresh:
+        assert numbers(fresh, "rows[0] is rows[1], x") == (1, 1)
+
+
+def test_a_fingerprint_gives_up_on_cycles_and_on_what_sharing_would_blow_up() -> None:
+    """A memo-less pickle writes a shared object out each time: past its limit, or on a cycle,
+    the fingerprint says it cannot tell (and the group is pickled again) instead of growing."""
+    blob = bytes(2 << 20)
+    assert serialize.fingerprint({"shared": [blob] * 500}, 16 << 20) is None  # 1 GB written out otherwise
+    assert serialize.fingerprint({"shared": [blob] * 5}, 16 << 20) is not None
+    cycle: list[Any] = []
+    cycle.append(cycle)
+    assert serialize.fingerprint({"cycle": cycle}, 16 << 20) is None
+    rows = [{"i": i} for i in range(1000)]
+    same = serialize.fingerprint({"rows": rows}, 16 << 20)
+    assert same == serialize.fingerprint({"rows": [{"i": i} for i in range(1000)]}, 16 << 20)
+    rows[999]["i"] = -1
+    assert serialize.fingerprint({"rows": rows}, 16 << 20) != same

@@ -29,6 +29,16 @@ if TYPE_CHECKING:
 #: queued, a cell waits for its snapshot instead of copying more (memory first).
 MAX_PENDING_COPIES = 2 << 30
 
+#: A fingerprint hashes a memo-less pickle, which writes an object shared by
+#: reference out each time: past this many times the group's stored size (plus
+#: FINGERPRINT_SLACK) it gives up and the group is pickled again instead.
+FINGERPRINT_GROWTH = 4
+FINGERPRINT_SLACK = 1 << 20
+
+
+def fingerprint_limit(size: int) -> int:
+    return FINGERPRINT_GROWTH * size + FINGERPRINT_SLACK
+
 
 @dataclass(frozen=True)
 class Group:
@@ -121,6 +131,10 @@ class Preparer:
         for group in self._groups.values():
             if any(key not in self.durable and key not in in_flight for key in group.keys):
                 touched.update(name for name in group.names if name in current)
+        if referenced is None and self._unsaved:
+            # What a cell named is pickled again, as an automatic snapshot would;
+            # only the rest is left to fingerprints, which cannot see sharing.
+            touched |= self._unsaved & current.keys()
         fingerprints = self._recheck(current, touched) if referenced is None else {}
         for name in list(self._ids):
             if name not in current:
@@ -199,7 +213,8 @@ class Preparer:
                 continue
             fingerprint = None
             if referenced is None and pickled.serializer == "pickle":
-                fingerprint = fingerprints.get(key) or serialize.fingerprint({n: current[n] for n in names})
+                fingerprint = fingerprints.get(key) or serialize.fingerprint(
+                    {n: current[n] for n in names}, fingerprint_limit(pickled.size))
             group = self._group_of(tuple(names), pickled, new_blobs, fingerprint)
             groups[key] = group
             if previous is not None and previous.keys == group.keys:
@@ -340,7 +355,8 @@ class Preparer:
             if key & touched or not key <= current.keys() or group.fingerprint is None:
                 touched.update(key & current.keys())
                 continue
-            fingerprints[key] = serialize.fingerprint({name: current[name] for name in group.names})
+            fingerprints[key] = serialize.fingerprint({name: current[name] for name in group.names},
+                                                      fingerprint_limit(group.size))
             if fingerprints[key] != group.fingerprint:
                 touched.update(key)
         touched.update(current.keys() - grouped)

@@ -277,12 +277,37 @@ def dump(values: dict[str, Any], main_refs: dict[int, str], *, definitions: bool
     raise Unserializable("; ".join(errors))
 
 
-def fingerprint(values: dict[str, Any]) -> str | None:
-    """A hash of ``values``' plain pickle, out-of-band buffers hashed apart; None if plain pickle refuses them.
+class _Oversize(Exception):
+    """A fingerprint's pickle grew past its limit."""
 
-    Equal only if their contents are: an explicit snapshot re-checks a group this
-    way instead of pickling it again with our hooks, which call back into Python
-    for every object (~6x slower on a list of small dicts; benchmarks/README.md).
+
+class _HashingSink:
+    """A pickler's file that hashes what it is given, keeps none of it, and stops at ``limit`` bytes."""
+
+    def __init__(self, limit: int) -> None:
+        self.hash = xxhash.xxh3_128()
+        self.left = limit
+
+    def write(self, data: Any) -> int:
+        size = memoryview(data).nbytes
+        self.left -= size
+        if self.left < 0:
+            raise _Oversize
+        self.hash.update(data)
+        return size
+
+
+def fingerprint(values: dict[str, Any], limit: int) -> str | None:
+    """A hash of ``values``' plain pickle, out-of-band buffers hashed apart; None if it cannot tell.
+
+    Equal only if their contents are: an explicit snapshot re-checks a group no
+    cell named this way instead of pickling it again with our hooks, which call
+    back into Python for every object. The pickler runs without its memo ("fast"
+    mode, ~3x faster on a list of small dicts; benchmarks/README.md) and streams
+    into the hash. Without a memo it cannot see which objects are shared, only
+    their contents; an object repeated by reference is written out each time, so
+    past ``limit`` bytes, or on a cycle, it gives up (None) and the caller pickles
+    the group for real.
     """
     buffers = xxhash.xxh3_128()
 
@@ -294,13 +319,16 @@ def fingerprint(values: dict[str, Any]) -> str | None:
         buffers.update(xxhash.xxh3_128_digest(raw))
         return False
 
+    sink = _HashingSink(limit)
+    pickler = pickle.Pickler(sink, protocol=PROTOCOL, buffer_callback=hash_buffer)
+    pickler.fast = True
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            payload = pickle.dumps(values, protocol=PROTOCOL, buffer_callback=hash_buffer)
-    except Exception:  # anything a __reduce__ raises: the caller pickles the group for real
+            pickler.dump(values)
+    except Exception:  # too big, a cycle, anything a __reduce__ raises: the caller pickles the group for real
         return None
-    return f"{xxhash.xxh3_128_hexdigest(payload)}-{buffers.hexdigest()}"
+    return f"{sink.hash.hexdigest()}-{buffers.hexdigest()}"
 
 
 def _rebuilds_by_value(pickled: Pickled, values: dict[str, Any]) -> bool:
