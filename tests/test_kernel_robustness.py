@@ -10,9 +10,10 @@ from pathlib import Path
 import pytest
 from harness import FaultPause, Kernel, snapshot_line
 
+from jupyter_spot import faults
 from jupyter_spot.kernel.results import SnapshotResult
 from jupyter_spot.kernel.writer import Job, Writer
-from jupyter_spot.store import FileStore, ManifestSigner, StoreError, digest_of
+from jupyter_spot.store import FileStore, ManifestSigner, digest_of
 
 SESSION = "robust.ipynb"
 
@@ -140,16 +141,13 @@ def test_kill_with_writes_pending_restores_an_earlier_consistent_snapshot(store:
 def test_a_blob_failing_beside_others_stops_the_commit_and_is_not_believed_stored(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """The writer stores a snapshot's blobs two at a time: one that fails must still
-    leave no manifest behind, and the next snapshot must write it again."""
+    """The writer stores a snapshot's blobs several at a time: one that fails (the disk
+    fails on the second) must still leave no manifest behind, and the next snapshot
+    must write it again."""
     store = FileStore(tmp_path / "store", signer=ManifestSigner(b"unit-test-key"))
     blobs = [(f"key{n}", os.urandom(size)) for n, size in enumerate([3 << 20, 2 << 20, 1 << 20, 100, 200])]
-    add_blob = store.add_blob
-
-    def disk_fills_on_the_second(data: memoryview) -> tuple[str, int]:
-        if data.nbytes == 2 << 20:
-            raise StoreError("store is full (test)")
-        return add_blob(data)
+    monkeypatch.setattr(faults, "_hits", {})
+    monkeypatch.setenv(faults.ENV, "blob-write=raise@2")
 
     durable: dict[str, str] = {}
     writer = Writer(store, durable, on_commit=lambda manifest: None, parent=None)
@@ -162,14 +160,14 @@ def test_a_blob_failing_beside_others_stops_the_commit_and_is_not_believed_store
         assert writer.wait(job, deadline=time.monotonic() + 60)
         return result
 
-    monkeypatch.setattr(store, "add_blob", disk_fills_on_the_second)
     failed = snapshot("20261129T000001.000000Z-aaaa")
-    assert failed.error == "store is full (test)" and not failed.durable
-    assert store.list_snapshots("nb") == [] and "key1" not in durable
+    assert "injected fault at blob-write" in (failed.error or "") and not failed.durable
+    assert store.list_snapshots("nb") == [] and len(durable) < len(blobs)
+    assert list((store.root / "blobs").rglob("*.tmp")) == []
     assert (writer.pending_blobs, writer.pending_bytes, failed.bytes_pending) == (0, 0, 0)
     stored_before = set(durable)
 
-    monkeypatch.setattr(store, "add_blob", add_blob)
+    monkeypatch.delenv(faults.ENV)
     done = snapshot("20261129T000002.000000Z-bbbb")
     assert done.durable and done.error is None and store.list_snapshots("nb") == ["20261129T000002.000000Z-bbbb"]
     assert durable == {key: digest_of(data) for key, data in blobs}

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from jupyter_spot import faults
 from jupyter_spot.store import (
     CorruptBlobError,
     FileStore,
@@ -19,9 +20,11 @@ from jupyter_spot.store import (
     StoreError,
     collect_garbage,
     digest_of,
+    file_writes,
     filesystem,
 )
-from jupyter_spot.store.filesystem import HASH_ASIDE_MIN, MMAP_THRESHOLD
+from jupyter_spot.store.file_writes import HASH_ASIDE_MIN
+from jupyter_spot.store.filesystem import MMAP_THRESHOLD
 
 
 @pytest.fixture
@@ -55,8 +58,8 @@ def test_a_blob_takes_its_name_only_once_its_bytes_hash_to_it(
     store: FileStore, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # Small chunks so the big blob is written (and handed to the disk) piece by piece.
-    monkeypatch.setattr(filesystem, "WRITE_CHUNK", 1 << 16)
-    monkeypatch.setattr(filesystem, "WRITEBACK_EVERY", 1 << 18)
+    monkeypatch.setattr(file_writes, "WRITE_CHUNK", 1 << 16)
+    monkeypatch.setattr(file_writes, "WRITEBACK_EVERY", 1 << 18)
     big = os.urandom(HASH_ASIDE_MIN + 12345)  # hashed on a second thread while it is written
     for data in (b"small blob", big):
         digest = digest_of(data)
@@ -75,7 +78,7 @@ def test_a_blob_takes_its_name_only_once_its_bytes_hash_to_it(
         os.write(fd, data[: len(data) // 2])
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(filesystem, "_write_all", half_then_full)
+    monkeypatch.setattr(file_writes, "write_all", half_then_full)
     with pytest.raises(StoreError, match="is full"):
         store.add_blob(big[1:])
     assert not store.has_blob(digest_of(big[1:]))
@@ -188,3 +191,37 @@ def test_retention_keeps_the_newest_and_their_blobs(store: FileStore) -> None:
     assert sorted(store.iter_blobs()) == sorted([blobs[0], blobs[2], blobs[3]])
     with pytest.raises(ValueError, match="keep must be at least 1"):
         collect_garbage(store, keep=0)
+
+
+def test_add_blobs_stores_in_batches_each_durable_before_it_is_reported(
+    store: FileStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Batches of blobs are written, then fsynced, then named: every blob is reported once with
+    its address, one stored before costs nothing, a stop between batches stores no more, and a
+    failure reports none of its batch and leaves no temporary file."""
+    monkeypatch.setattr(filesystem, "SYNC_BATCH", 3)
+    earlier = b"stored before"
+    store.add_blob(earlier)
+    blobs = [os.urandom(size) for size in (HASH_ASIDE_MIN + 5, 700, 1, 2 << 20, 9000)] + [earlier, b"x" * 10]
+    reported: dict[int, tuple[str, int]] = {}
+
+    def added(index: int, digest: str, written: int) -> None:
+        assert index not in reported and bytes(store.get_blob(digest)) == blobs[index]  # durable and named
+        reported[index] = (digest, written)
+
+    store.add_blobs(blobs, added)
+    assert reported == {i: (digest_of(b), 0 if b == earlier else len(b)) for i, b in enumerate(blobs)}
+    assert list((store.root / "blobs").rglob("*.tmp")) == []
+
+    more = [os.urandom(1000) for _ in range(7)]
+    seen: list[int] = []
+    store.add_blobs(more, lambda index, digest, written: seen.append(index), stop=lambda: len(seen) >= 3)
+    assert len(seen) == 3 and sum(store.has_blob(digest_of(b)) for b in more) == 3
+
+    monkeypatch.setattr(faults, "_hits", {})
+    monkeypatch.setenv(faults.ENV, "blob-write=raise@2")
+    failing = [os.urandom(1000) for _ in range(3)]
+    with pytest.raises(StoreError, match="injected fault at blob-write"):
+        store.add_blobs(failing, lambda index, digest, written: pytest.fail("a blob of a failed batch was reported"))
+    assert not any(store.has_blob(digest_of(b)) for b in failing)
+    assert list((store.root / "blobs").rglob("*.tmp")) == []

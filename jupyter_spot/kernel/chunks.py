@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..store import CorruptBlobError, Store, StoreError, digest_of
-from .threads import run_in_threads
+from ..threads import run_in_threads
 
 #: The manifest format this code writes; it reads this one and every older one.
 MANIFEST_FORMAT = 2

@@ -25,7 +25,6 @@ from typing import Any
 
 from ..store import MissingBlobError, Store, StoreError
 from .results import SnapshotResult
-from .threads import run_in_threads
 
 #: Commits tried per snapshot when collections keep deleting blobs it relies on.
 COMMIT_ATTEMPTS = 3
@@ -137,23 +136,20 @@ class Writer:
             self.pending_bytes -= nbytes
 
     def _store(self, job: Job, blobs: list[tuple[str, memoryview]]) -> None:
-        """Store new blobs ``store.blob_workers`` at a time; raise the first failure.
+        """Store new blobs (the store decides how many at once); raise the first failure.
 
-        This thread and its helpers each take the next blob, biggest first so
-        they finish together, until none is left, one failed or the job was superseded.
+        Stops starting more once the job was superseded.
         """
         lock = threading.Lock()
 
-        def store(item: tuple[str, memoryview]) -> None:
-            key, view = item
-            digest, written = self.store.add_blob(view)
+        def added(index: int, digest: str, written: int) -> None:
+            key, view = blobs[index]
             with lock:
                 job.result.bytes_written += written
                 self.durable[key] = digest
             self._settle(job, 1, view.nbytes)
 
-        run_in_threads(store, sorted(blobs, key=lambda item: -item[1].nbytes), self.store.blob_workers,
-                       "jupyter-spot-blob", stop=lambda: job.superseded)
+        self.store.add_blobs([view for _, view in blobs], added, stop=lambda: job.superseded)
 
     def _commit(self, job: Job, manifest: dict[str, Any]) -> None:
         """Commit, storing again any blob a collection deleted since it was believed stored."""

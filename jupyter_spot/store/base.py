@@ -22,10 +22,11 @@ import re
 import threading
 import urllib.parse
 from abc import ABC, abstractmethod
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any, Union
 
 from ..faults import fault_point
+from ..threads import run_in_threads
 from .errors import CorruptBlobError, ManifestError, MissingBlobError, StoreError
 from .manifest import MANIFEST, ManifestSigner, snapshot_place
 
@@ -52,6 +53,11 @@ MAX_RECORD_BYTES = 4 << 20
 def digest_of(data: Buffer) -> str:
     """The address of ``data`` in every store."""
     return hashlib.sha256(data).hexdigest()
+
+
+def biggest_first(blobs: Sequence[Buffer]) -> list[int]:
+    """Indexes of ``blobs``, biggest first."""
+    return sorted(range(len(blobs)), key=lambda index: -memoryview(blobs[index]).nbytes)
 
 
 def check_digest(digest: str) -> str:
@@ -206,6 +212,24 @@ class Store(ABC):
         """
         digest = digest_of(data)
         return digest, self.put_blob(digest, data)
+
+    def add_blobs(
+        self,
+        blobs: Sequence[Buffer],
+        added: Callable[[int, str, int], None],
+        stop: Callable[[], bool] = lambda: False,
+    ) -> None:
+        """Store every blob, ``blob_workers`` at a time, biggest first, so the workers finish together.
+
+        Calls ``added(index, digest, bytes written)`` as each is durable. Once ``stop()`` is
+        true no more are started; the first failure is raised. A store that can make
+        many blobs durable at once overrides this (FileStore).
+        """
+
+        def add(index: int) -> None:
+            added(index, *self.add_blob(blobs[index]))
+
+        run_in_threads(add, biggest_first(blobs), self.blob_workers, "jupyter-spot-blob", stop)
 
     @abstractmethod
     def get_blob(self, digest: str) -> Buffer:

@@ -22,7 +22,7 @@ import itertools
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
@@ -272,6 +272,19 @@ class TieredStore(Store):
         if written:
             self._send_soon(digest)
         return digest, written
+
+    def add_blobs(
+        self,
+        blobs: Sequence[Buffer],
+        added: Callable[[int, str, int], None],
+        stop: Callable[[], bool] = lambda: False,
+    ) -> None:
+        def fast_added(index: int, digest: str, written: int) -> None:
+            if written:
+                self._send_soon(digest)
+            added(index, digest, written)
+
+        self.fast.add_blobs(blobs, fast_added, stop)
 
     @property
     def blob_workers(self) -> int:  # type: ignore[override]
