@@ -35,6 +35,12 @@ MAX_PENDING_COPIES = 2 << 30
 FINGERPRINT_GROWTH = 4
 FINGERPRINT_SLACK = 1 << 20
 
+#: A group whose pickle (out-of-band buffers aside) is smaller keeps no fingerprint:
+#: pickling it again with the hooks costs about what hashing its buffers for a
+#: fingerprint would (a 1 GiB array: ~40 ms either way), so a fingerprint would
+#: only add that hash to the snapshot that stores it.
+FINGERPRINT_MIN_PAYLOAD = 64 << 10
+
 
 def fingerprint_limit(size: int) -> int:
     return FINGERPRINT_GROWTH * size + FINGERPRINT_SLACK
@@ -212,7 +218,7 @@ class Preparer:
                     result.stored += 1
                 continue
             fingerprint = None
-            if referenced is None and pickled.serializer == "pickle":
+            if referenced is None and pickled.serializer == "pickle" and len(pickled.payload) >= FINGERPRINT_MIN_PAYLOAD:
                 fingerprint = fingerprints.get(key) or serialize.fingerprint(
                     {n: current[n] for n in names}, fingerprint_limit(pickled.size))
             group = self._group_of(tuple(names), pickled, new_blobs, fingerprint)
@@ -345,7 +351,7 @@ class Preparer:
         A group stays untouched only if its plain pickle hashes as it did when it
         was stored (:func:`serialize.fingerprint`); anything else — a group with no
         fingerprint (a definition, a dill pickle, one stored by an automatic
-        snapshot), one that lost a member, a variable in no group — is pickled
+        snapshot, one whose pickle is small), one that lost a member, a variable in no group — is pickled
         again. Returns the fingerprints computed, for the groups pickled again.
         """
         fingerprints: dict[frozenset[str], str | None] = {}
