@@ -360,3 +360,34 @@ def test_a_fingerprint_gives_up_on_cycles_and_on_what_sharing_would_blow_up() ->
     assert same == serialize.fingerprint({"rows": [{"i": i} for i in range(1000)]}, 16 << 20)
     rows[999]["i"] = -1
     assert serialize.fingerprint({"rows": rows}, 16 << 20) != same
+
+
+@pytest.mark.faults
+def test_a_flush_past_its_deadline_never_stores_what_the_cell_changed_after(store: FileStore, tmp_path: Path) -> None:
+    """A notice's flush that misses its deadline returns, and the interrupted cell goes on changing
+    an array the writer has not read yet. No snapshot may then hold a state that never was, and no
+    chunk may be believed stored under content it no longer has: the next snapshot of that very
+    content would name the wrong bytes, and restore them without a word."""
+    pause = FaultPause(tmp_path / "faults", "blob-write")
+    with chunked_kernel() as kernel:
+        kernel.run("import os, hashlib, numpy as np, jupyter_spot\nfrom datetime import datetime, timedelta, timezone\n"
+                   "a = np.random.default_rng(0).integers(0, 1 << 40, 2_000_000)  # 123 chunks: two of the store's batches\n"
+                   "def digest():\n    return hashlib.sha256(a.tobytes()).hexdigest()")
+        snapshot(kernel)
+        kernel.run(f"a += 1\nflushed_state = digest()\nos.environ['JUPYTER_SPOT_FAULTS'] = "
+                   f"{pause.env['JUPYTER_SPOT_FAULTS']!r}")
+        flushed_state = kernel.value("flushed_state")
+        cell = kernel.start("r = jupyter_spot.flush('test notice', datetime.now(timezone.utc) + timedelta(seconds=2))\n"
+                            "a += 1\nprint('flush:', r.id, r.durable, r.error)")
+        assert pause.reached("blob-write") == kernel.pid
+        printed = kernel.output_of(cell, timeout=60)  # back after its deadline, the write still held
+        assert "deadline passed" in printed, printed
+        flush_id = printed.split("flush: ")[1].split()[0]
+        pause.release("blob-write")
+        kernel.run("os.environ.pop('JUPYTER_SPOT_FAULTS')")
+        kernel.wait_until_durable()
+        kernel.run("a -= 1\nassert digest() == flushed_state")  # the state the flush saw, once more
+        latest = snapshot(kernel)
+    with restored(latest) as fresh:
+        assert fresh.value("digest()") == flushed_state
+    assert flush_id not in store.list_snapshots(SESSION)  # abandoned, not committed from changed memory

@@ -25,7 +25,7 @@ from .lines import KernelLines
 from .prepare import Group, Preparer
 from .restore import AFTER_RESTORE_HOOKS, Restorer, register_after_restore
 from .results import SnapshotResult
-from .writer import Job, Writer
+from .writer import ABANDONED, Job, Writer
 
 __all__ = ["AFTER_RESTORE_HOOKS", "SnapshotEngine", "content_key", "register_after_restore"]
 
@@ -211,7 +211,12 @@ class SnapshotEngine(Preparer, Restorer):
         result = job.result
         self.last_result = result
         if not background and not self.writer.wait(job, deadline):
-            result.error = result.error or "the deadline passed before the snapshot was durable"
+            # The caller goes on (a cell resumes) and may change what is still to be written.
+            for each in self._jobs:
+                if each.live:
+                    self.writer.abandon(each)
+            result.error = result.error or (ABANDONED if job.abandoned else
+                                            "the deadline passed before the snapshot was durable")
         error = result.error or (self.writer.last_error if background else None)
         self._failed_at = time.monotonic() if error else None
         if error and quiet:  # auto snapshots warn once; explicit ones print their result

@@ -113,7 +113,7 @@ class Preparer:
             # (and never commit), and this one writes whatever of theirs it needs.
             for job in self._jobs:
                 job.superseded = True
-        in_flight = set() if newest_first else {key for job in self._jobs for key, _ in job.blobs}
+        in_flight = set() if newest_first else {key for job in self._jobs if not job.abandoned for key, _ in job.blobs}
 
         modules: dict[str, str] = {}
         current: dict[str, Any] = {}
@@ -287,7 +287,8 @@ class Preparer:
                                            "size": group.size}
             return {**manifest, "groups": group_docs, "rng": durable[rng_key], "blobs": sorted(digests)}
 
-        job = Job(result=result, blobs=blobs, build_manifest=build_manifest, started=started, spare=spare)
+        job = Job(result=result, blobs=blobs, build_manifest=build_manifest, started=started, spare=spare,
+                  live=not background)
         self._jobs.append(job)
         self.writer.submit(job)
         return job, background

@@ -29,6 +29,9 @@ from .results import SnapshotResult
 #: Commits tried per snapshot when collections keep deleting blobs it relies on.
 COMMIT_ATTEMPTS = 3
 
+ABANDONED = ("the deadline passed before the snapshot was durable; it was abandoned, as the cell went on "
+             "changing what it had still to write (the next snapshot writes what it lacked)")
+
 
 @dataclass
 class Job:
@@ -45,6 +48,13 @@ class Job:
     remaining: int = 0
     #: Set by a newer snapshot that goes first (a notice's flush): write no more, never commit.
     superseded: bool = False
+    #: Its blobs are the kernel's live memory, not copies: only safe to read while the main thread waits.
+    live: bool = False
+    #: Set when the main thread stopped waiting (a deadline passed) and may change that memory:
+    #: write no more, believe nothing stored from now on, never commit.
+    abandoned: bool = False
+    #: Every blob is stored and the manifest is being committed: too late to abandon.
+    committing: bool = False
 
     @property
     def nbytes(self) -> int:
@@ -92,6 +102,21 @@ class Writer:
     def idle(self) -> bool:
         return self._outstanding == 0
 
+    def abandon(self, job: Job) -> bool:
+        """The main thread stops waiting for ``job`` and goes on changing the memory it reads.
+
+        A blob finished after this may hold bytes from after the change, stored under
+        a content key computed before it; believing it stored would let a later
+        snapshot of that very content name the wrong bytes. So the job writes no more,
+        records nothing more and never commits. False if it was already committing
+        (every blob was read while the main thread still waited) or done.
+        """
+        with self._counts:
+            if job.committing or job.done.is_set():
+                return False
+            job.abandoned = True
+            return True
+
     def wait(self, job: Job | None = None, deadline: float | None = None) -> bool:
         """Until ``job`` (or every queued job) is finished; False on timeout."""
         delay = 0.0005
@@ -138,18 +163,19 @@ class Writer:
     def _store(self, job: Job, blobs: list[tuple[str, memoryview]]) -> None:
         """Store new blobs (the store decides how many at once); raise the first failure.
 
-        Stops starting more once the job was superseded.
+        Stops starting more once the job was superseded or abandoned.
         """
-        lock = threading.Lock()
 
         def added(index: int, digest: str, written: int) -> None:
             key, view = blobs[index]
-            with lock:
+            with self._counts:
+                if job.abandoned:
+                    return  # maybe read after the main thread went on: see abandon()
                 job.result.bytes_written += written
                 self.durable[key] = digest
             self._settle(job, 1, view.nbytes)
 
-        self.store.add_blobs([view for _, view in blobs], added, stop=lambda: job.superseded)
+        self.store.add_blobs([view for _, view in blobs], added, stop=lambda: job.superseded or job.abandoned)
 
     def _commit(self, job: Job, manifest: dict[str, Any]) -> None:
         """Commit, storing again any blob a collection deleted since it was believed stored."""
@@ -190,8 +216,13 @@ class Writer:
                 else:
                     new.append((key, memoryview(data)))
             self._store(job, new)
+            with self._counts:
+                job.committing = not (job.superseded or job.abandoned)
             if job.superseded:
                 result.error = "superseded: a notice's flush wrote a newer snapshot first"
+                return None
+            if job.abandoned:
+                result.error = ABANDONED
                 return None
             try:
                 manifest = job.build_manifest(self.durable)
