@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from harness import FaultPause, Kernel, snapshot_line
+from harness import FaultPause, Kernel, snapshot_line, until
 from harness.store import commit_snapshot
 
 from jupyter_spot.kernel import serialize
@@ -391,3 +391,37 @@ def test_a_flush_past_its_deadline_never_stores_what_the_cell_changed_after(stor
     with restored(latest) as fresh:
         assert fresh.value("digest()") == flushed_state
     assert flush_id not in store.list_snapshots(SESSION)  # abandoned, not committed from changed memory
+
+
+@pytest.mark.faults
+def test_an_array_another_thread_changes_while_it_is_written_is_never_stored_under_its_old_content(
+    store: FileStore, tmp_path: Path
+) -> None:
+    """A thread of the user's changes a chunk after the snapshot hashed it and before the writer
+    read it. That chunk's bytes are not what its content key says: believing them stored under
+    it would let every later chunk with the old content (zeros, a value set back) name them."""
+    pause = FaultPause(tmp_path / "faults", "blob-write")
+    meddled = tmp_path / "meddled"
+    with chunked_kernel() as kernel:
+        kernel.run("import os, time, hashlib, threading, pathlib, numpy as np\n"
+                   "a = np.random.default_rng(0).integers(0, 1 << 40, 2_000_000)  # two of the store's batches\n"
+                   "original = a[1_500_000:1_500_010].copy()  # in a chunk of the second batch\n"
+                   "def digest():\n    return hashlib.sha256(a.tobytes()).hexdigest()\n"
+                   "def meddle():\n"
+                   f"    while not pathlib.Path({str(pause.folder)!r}, 'blob-write.reached').exists():\n"
+                   "        time.sleep(0.01)\n"
+                   "    a[1_500_000:1_500_010] = -7\n"
+                   f"    pathlib.Path({str(meddled)!r}).touch()\n"
+                   "threading.Thread(target=meddle, daemon=True).start()\n"
+                   f"os.environ['JUPYTER_SPOT_FAULTS'] = {pause.env['JUPYTER_SPOT_FAULTS']!r}")
+        cell = kernel.start("%spot snapshot")
+        assert pause.reached("blob-write") == kernel.pid
+        until(meddled.exists, 30, "the kernel's thread to change the array")
+        pause.release("blob-write")
+        printed = kernel.output_of(cell, timeout=60)
+        assert "changed while it was being written" in printed, printed
+        kernel.run("os.environ.pop('JUPYTER_SPOT_FAULTS')\na[1_500_000:1_500_010] = original")
+        state = kernel.value("digest()")
+        latest = snapshot(kernel)
+    with restored(latest) as fresh:
+        assert fresh.value("digest()") == state

@@ -11,6 +11,7 @@ import pytest
 from harness import FaultPause, Kernel, snapshot_line
 
 from jupyter_spot import faults
+from jupyter_spot.kernel.identity import content_key
 from jupyter_spot.kernel.results import SnapshotResult
 from jupyter_spot.kernel.writer import Job, Writer
 from jupyter_spot.store import FileStore, ManifestSigner, digest_of
@@ -145,7 +146,7 @@ def test_a_blob_failing_beside_others_stops_the_commit_and_is_not_believed_store
     fails on the second) must still leave no manifest behind, and the next snapshot
     must write it again."""
     store = FileStore(tmp_path / "store", signer=ManifestSigner(b"unit-test-key"))
-    blobs = [(f"key{n}", os.urandom(size)) for n, size in enumerate([3 << 20, 2 << 20, 1 << 20, 100, 200])]
+    blobs = [(content_key(data), data) for data in (os.urandom(size) for size in [3 << 20, 2 << 20, 1 << 20, 100, 200])]
     monkeypatch.setattr(faults, "_hits", {})
     monkeypatch.setenv(faults.ENV, "blob-write=raise@2")
 

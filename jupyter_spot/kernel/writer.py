@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..store import MissingBlobError, Store, StoreError
+from .identity import content_key
 from .results import SnapshotResult
 
 #: Commits tried per snapshot when collections keep deleting blobs it relies on.
@@ -55,6 +56,9 @@ class Job:
     abandoned: bool = False
     #: Every blob is stored and the manifest is being committed: too late to abandon.
     committing: bool = False
+    #: A blob's bytes no longer matched the content key it was taken under (another thread
+    #: changed them): the snapshot is not committed, and those bytes are not believed stored.
+    changed: bool = False
 
     @property
     def nbytes(self) -> int:
@@ -168,14 +172,22 @@ class Writer:
 
         def added(index: int, digest: str, written: int) -> None:
             key, view = blobs[index]
+            # The key was computed when the snapshot was prepared; a thread of the user's may
+            # have changed the bytes since. Stored under the key, they would be what every
+            # later chunk with the old content names (xxh3: ~35 ms per GB).
+            intact = content_key(view) == key
             with self._counts:
                 if job.abandoned:
                     return  # maybe read after the main thread went on: see abandon()
+                if not intact:
+                    job.changed = True
+                    return
                 job.result.bytes_written += written
                 self.durable[key] = digest
             self._settle(job, 1, view.nbytes)
 
-        self.store.add_blobs([view for _, view in blobs], added, stop=lambda: job.superseded or job.abandoned)
+        self.store.add_blobs([view for _, view in blobs], added,
+                             stop=lambda: job.superseded or job.abandoned or job.changed)
 
     def _commit(self, job: Job, manifest: dict[str, Any]) -> None:
         """Commit, storing again any blob a collection deleted since it was believed stored."""
@@ -217,12 +229,16 @@ class Writer:
                     new.append((key, memoryview(data)))
             self._store(job, new)
             with self._counts:
-                job.committing = not (job.superseded or job.abandoned)
+                job.committing = not (job.superseded or job.abandoned or job.changed)
             if job.superseded:
                 result.error = "superseded: a notice's flush wrote a newer snapshot first"
                 return None
             if job.abandoned:
                 result.error = ABANDONED
+                return None
+            if job.changed:
+                result.error = ("an array changed while it was being written (by another thread?): this snapshot "
+                                "was not committed; the next one stores it again")
                 return None
             try:
                 manifest = job.build_manifest(self.durable)
