@@ -15,7 +15,7 @@ from pathlib import Path
 from urllib.parse import quote
 
 import pytest
-from harness import FaultPause, JupyterServer, until, write_notebook
+from harness import FaultPause, JupyterServer, notebook_outputs, until, write_notebook
 from harness.browser import shot
 from harness.lab_notebook import (  # noqa: F401 - fixtures
     CELLS,
@@ -125,6 +125,25 @@ def test_notebook7_on_an_unwritable_store_shows_read_only_the_rebalance_hint_and
     flush_failed = "jupyter-spot: the final flush failed: no new snapshot before the deadline"
     expect(status).to_have_attribute("title", flush_failed)
     shot(page, "notice-failed-flush-notebook7")
+
+
+def test_notebook7_with_save_on_notice_off_tells_the_user_to_save(
+    page: Page, lab_factory: Callable[..., JupyterServer], imds: Simulator
+) -> None:
+    """``saveOnNotice: false``: the notification never says the notebooks were saved; it says to save them."""
+    lab = lab_factory(saveOnNotice=False)
+    open_in(page, lab, "notebook")
+    run_cell(page, 0, "hello-from-cell 42")
+    imds.fire(lead_time=120)
+    warning = notification(page, "Spot interruption")
+    expect(warning).to_be_in_viewport(ratio=1.0, timeout=30_000)
+    expect(warning).to_contain_text(re.compile(
+        r"This machine will be reclaimed in \d:\d\d — kernel state saved; "
+        r"your notebooks were not saved automatically: save them now\."
+    ), timeout=30_000)
+    expect(warning).not_to_contain_text("notebooks saved")
+    assert "hello-from-cell" not in notebook_outputs(lab.root / NOTEBOOK)
+    shot(page, "notice-save-off-notebook7")
 
 
 def test_notebook7_notes_a_notebook_running_on_another_server(

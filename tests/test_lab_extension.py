@@ -64,6 +64,27 @@ def test_notice_shows_countdown_and_saves_the_dirty_notebook(page: Page, lab_fac
     shot(page, "notice")
 
 
+def test_notice_says_the_notebooks_could_not_be_saved_when_their_save_fails(
+    page: Page, lab_factory: Callable[..., Lab], imds: Simulator
+) -> None:
+    """The notebook's folder was moved away, so the notice's save fails: the warning says so and to
+    save now (the documents line says why), never that the notebooks were saved or are still saving."""
+    lab = lab_factory()
+    open_notebook(page, lab)
+    run_cell(page, 0, "hello-from-cell 42")
+    folder = lab.root / Path(NOTEBOOK).parent
+    folder.rename(folder.with_name("moved-away"))  # moved, not deleted: the kernel's working directory
+
+    imds.fire(lead_time=120)
+    banner = page.locator("#jp-spot-notice")
+    expect(banner).to_be_visible(timeout=30_000)
+    expect(banner.locator(".jp-spot-notice-documents")).to_contain_text("Saving documents failed: ", timeout=30_000)
+    expect(banner.locator(".jp-spot-notice-kernel")).to_have_attribute("data-status", "done", timeout=30_000)
+    expect(banner.locator(".jp-spot-notice-message")).to_contain_text(re.compile(
+        r"This machine will be reclaimed in \d:\d\d — kernel state saved; notebooks could NOT be saved: save them now\.$"
+    ))
+
+
 def test_fresh_server_offers_restore_and_restores_variables(page: Page, lab_factory: Callable[..., Lab]) -> None:
     lab = lab_factory()
     open_notebook(page, lab)
@@ -105,7 +126,8 @@ def test_restore_banner_and_save_on_notice_switched_off(
     page: Page, lab_factory: Callable[..., Lab], imds: Simulator
 ) -> None:
     """``showRestoreBanner: false``: an interrupted notebook opens with no banner (still offered
-    by the server). ``saveOnNotice: false``: a notice leaves the unsaved notebook unsaved."""
+    by the server). ``saveOnNotice: false``: a notice leaves the unsaved notebook unsaved, and the
+    banner says so — tells the user to save now, never that the notebooks were saved."""
     lab = lab_factory()
     open_notebook(page, lab)
     run_cell(page, 0, "hello-from-cell 42")
@@ -126,10 +148,17 @@ def test_restore_banner_and_save_on_notice_switched_off(
     imds.fire(lead_time=120)
     banner = page.locator("#jp-spot-notice")
     expect(banner).to_be_visible(timeout=30_000)
-    # the banner's save step is over (a save, were it on, would have finished): nothing was saved
     documents = banner.locator(".jp-spot-notice-documents")
-    expect(documents).not_to_have_text(re.compile(r"^(Saving unsaved notebooks and files…)?$"), timeout=30_000)
-    expect(documents).not_to_contain_text("failed")
+    expect(documents).to_have_text("Saving notebooks on a notice is off: save your notebooks now.")
+    message = banner.locator(".jp-spot-notice-message")
+    flush = banner.locator(".jp-spot-notice-kernel")
+    expect(flush).to_have_attribute("data-status", "done", timeout=30_000)
+    expect(flush).to_contain_text(f"{NOTEBOOK}: kernel state saved in")
+    expect(message).to_contain_text(re.compile(
+        r"This machine will be reclaimed in \d:\d\d — kernel state saved; "
+        r"your notebooks were not saved automatically: save them now\.$"
+    ))
+    shot(page, "notice-save-off")
     expect(page.locator(".jp-mod-dirty")).not_to_have_count(0)
     assert "hello-from-cell" not in notebook_outputs(notebook)
 

@@ -74,12 +74,10 @@ const plugin: JupyterFrontEndPlugin<void> = {
     };
     const status = new SnapshotStatus(api, tracker, openSnapshots);
 
-    // The warning: saving is on by default because a notice is the last chance to.
-    const notice = new NoticeBanner(async () => {
-      if (settings.saveOnNotice) {
-        await app.commands.execute('docmanager:save-all');
-      }
-    });
+    // The warning: saving is on by default because a notice is the last chance to; off, the banner says to save.
+    const notice = new NoticeBanner(() =>
+      settings.saveOnNotice ? app.commands.execute('docmanager:save-all') : null
+    );
     notice.id = 'jp-spot-notice';
     if (labShell) {
       app.shell.add(notice, 'header', { rank: 10 });

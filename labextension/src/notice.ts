@@ -1,6 +1,7 @@
 /**
  * The interruption warning: a banner across the top of Lab with a live countdown,
- * the save of every unsaved document, and one line per kernel flush.
+ * the save of every unsaved document (or, with saving on a notice switched off, a
+ * request to save now), and one line per kernel flush.
  *
  * The notice is the last chance to save; the banner exists so the user stops
  * starting new work and sees that their state made it to the store.
@@ -18,8 +19,39 @@ const VERBS: Record<INotice['action'], string> = {
   hibernate: 'hibernated'
 };
 
+/** Where the notice's save of the open documents is: what the banner may claim about them. */
+type DocumentsState = 'pending' | 'saved' | 'off' | 'failed';
+
+// The headline's saving phrase, by the kernels' flushes (none running, under way, some failed, all
+// done) and the documents' save: never "notebooks saved" unless they were.
+const NO_KERNEL: Record<DocumentsState, string> = {
+  pending: 'saving notebooks (no kernel is running)…',
+  saved: 'notebooks saved; no kernel was running, so there is no kernel state to save.',
+  off: 'no kernel is running; your notebooks are not saved automatically: save them now.',
+  failed: 'notebooks could NOT be saved: save them now; no kernel was running.'
+};
+const FLUSHING: Record<DocumentsState, string> = {
+  pending: 'saving notebooks and kernel state…',
+  saved: 'notebooks saved, saving kernel state…',
+  off: 'saving kernel state… (save your notebooks yourself)',
+  failed: 'notebooks could NOT be saved: save them now; saving kernel state…'
+};
+const FLUSH_FAILED: Record<DocumentsState, string> = {
+  pending: 'saving notebooks; some kernel state could NOT be saved',
+  saved: 'notebooks saved; some kernel state could NOT be saved',
+  off: 'some kernel state could NOT be saved; your notebooks were not saved automatically: save them now',
+  failed: 'notebooks and some kernel state could NOT be saved'
+};
+const FLUSHED: Record<DocumentsState, string> = {
+  pending: 'kernel state saved, saving notebooks…',
+  saved: 'notebooks and kernel state saved. Restore them on a new machine.',
+  off: 'kernel state saved; your notebooks were not saved automatically: save them now.',
+  failed: 'kernel state saved; notebooks could NOT be saved: save them now.'
+};
+
 export class NoticeBanner extends Widget {
-  constructor(private readonly _saveAll: () => Promise<unknown>) {
+  /** `_saveAll` saves every open document, or answers null when saving on a notice is switched off. */
+  constructor(private readonly _saveAll: () => Promise<unknown> | null) {
     super();
     this.addClass('jp-spot-notice');
     this.node.setAttribute('role', 'alert');
@@ -64,13 +96,13 @@ export class NoticeBanner extends Widget {
     const known = this._notice !== null && this._deadline === deadline;
     this._notice = notice;
     this._deadline = deadline;
+    if (!known) {
+      void this._save(); // first: a save switched off is known at once, so no text ever says "saving notebooks"
+    }
     this.show();
     this._tick();
     if (this._timer === null) {
       this._timer = window.setInterval(() => this._tick(), 1000);
-    }
-    if (!known) {
-      void this._save();
     }
   }
 
@@ -115,16 +147,12 @@ export class NoticeBanner extends Widget {
     const flushed = rows.length > 0 && rows.every(row => row.dataset.status !== 'started');
     const failed = rows.some(row => row.dataset.status === 'failed');
     const saving = noKernels
-      ? this._saved
-        ? 'notebooks saved; no kernel was running, so there is no kernel state to save.'
-        : 'saving notebooks (no kernel is running)…'
-      : !this._saved
-      ? 'saving notebooks and kernel state…'
+      ? NO_KERNEL[this._documentsState]
       : !flushed
-        ? 'notebooks saved, saving kernel state…'
+        ? FLUSHING[this._documentsState]
         : failed
-          ? 'notebooks saved; some kernel state could NOT be saved'
-          : 'notebooks and kernel state saved. Restore them on a new machine.';
+          ? FLUSH_FAILED[this._documentsState]
+          : FLUSHED[this._documentsState];
     let text: string;
     if (notice.kind === 'rebalance') {
       text = `The cloud asks to move off this machine soon (rebalance hint) — ${saving}`;
@@ -148,12 +176,20 @@ export class NoticeBanner extends Widget {
   }
 
   private async _save(): Promise<void> {
+    const saving = this._saveAll();
+    if (saving === null) {
+      this._documentsState = 'off';
+      this._documents.textContent = 'Saving notebooks on a notice is off: save your notebooks now.';
+      return;
+    }
+    this._documentsState = 'pending';
     this._documents.textContent = 'Saving unsaved notebooks and files…';
     try {
-      await this._saveAll();
-      this._saved = true;
+      await saving;
+      this._documentsState = 'saved';
       this._documents.textContent = 'All open notebooks and files are saved.';
     } catch (error) {
+      this._documentsState = 'failed';
       this._documents.textContent = `Saving documents failed: ${(error as Error).message ?? error}`;
     }
     this._tick();
@@ -164,7 +200,7 @@ export class NoticeBanner extends Widget {
   private readonly _textChanged = new Signal<this, string>(this);
   private _deadline: number | null = null;
   private _timer: number | null = null;
-  private _saved = false;
+  private _documentsState: DocumentsState = 'pending';
   private readonly _message: HTMLElement;
   private readonly _documents: HTMLElement;
   private readonly _kernels: HTMLElement;
