@@ -9,23 +9,27 @@ the live line — an explicit snapshot id copies it as a line of its own.
 
 from __future__ import annotations
 
+import os
+import socket
 from collections.abc import Callable
+from datetime import datetime, timezone
 from pathlib import Path
 
 import nbformat
 import pytest
-from harness import JupyterServer, until
+from harness import JupyterServer, Kernel, until
 
 from jupyter_spot.store import open_store
 from jupyter_spot.store.holders import session_record_name
 from jupyter_spot.store.lines import LineIndex, load_decisions
 
-pytestmark = [pytest.mark.timeout(240), pytest.mark.servers]
+pytestmark = pytest.mark.timeout(240)
 Servers = Callable[..., JupyterServer]
 OPENING = {"path": "shared.ipynb", "type": "notebook", "kernel": {"name": "python3"}}
 INTERRUPTED_HINT = "has state this kernel did not restore"
 
 
+@pytest.mark.servers
 def test_a_kernel_on_another_server_is_live_not_interrupted_until_that_server_is_gone(
     jupyter_servers: Servers, spot_env: Path, tmp_path: Path
 ) -> None:
@@ -83,3 +87,36 @@ def test_a_kernel_on_another_server_is_live_not_interrupted_until_that_server_is
     reopened = b.api("api/sessions", "POST", OPENING)["kernel"]["id"]
     hint = b.run_in_kernel(reopened, "z = 1")
     assert INTERRUPTED_HINT in hint and a_newest in hint and "is live in" not in hint, hint
+
+
+def test_another_kernel_of_the_session_under_the_same_server_is_live_and_this_kernel_is_not(spot_env: Path) -> None:
+    """Two kernels on one notebook: the other one's holder entry means live, whichever server it is
+    under; an entry naming this kernel itself is not "elsewhere". The entries are what a server
+    writes (server/kernels.py), for a server that is this test's process."""
+    store = open_store(str(spot_env))
+    kernel_id = "__import__('jupyter_spot.kernel.identity', fromlist=['kernel_id']).kernel_id()"
+
+    def hold(*kernels: str) -> None:
+        beat = datetime.now(timezone.utc).isoformat().replace("+00:00", "Z")
+        holders = {
+            f"server-{n}": {"kernel_id": kernel, "host": socket.gethostname(), "server": "http://127.0.0.1:8888/",
+                            "server_pid": os.getpid(), "heartbeat": beat, "heartbeat_interval": 600.0}
+            for n, kernel in enumerate(kernels)
+        }
+        store.put_record(session_record_name("two.ipynb"),
+                         {"session": "two.ipynb", "state": "live", "holders": holders})
+
+    with Kernel(session="two.ipynb", load=True) as first:
+        first.run("x = 41")
+        first.wait_until_durable()
+        first_id = first.value(kernel_id)
+        newest = store.list_snapshots("two.ipynb")[-1]
+        with Kernel(session="two.ipynb") as second:
+            hold(first_id, second.value(kernel_id))
+            said = second.run("%load_ext jupyter_spot")
+            assert f"live in kernel {first_id}" in said and f"%spot restore {newest}" in said, said
+            assert INTERRUPTED_HINT not in said, said
+        with Kernel(session="two.ipynb") as third:
+            hold(third.value(kernel_id))  # only itself: the first kernel's line has no live holder
+            said = third.run("%load_ext jupyter_spot")
+            assert INTERRUPTED_HINT in said and newest in said and "is live in" not in said, said
