@@ -18,6 +18,7 @@ from pathlib import Path
 import nbformat
 import pytest
 from harness import JupyterServer, Kernel, until
+from harness.servers import HTTPError
 
 from jupyter_spot.store import open_store
 from jupyter_spot.store.holders import session_record_name
@@ -64,6 +65,10 @@ def test_a_kernel_on_another_server_is_live_not_interrupted_until_that_server_is
     refused = b.run_in_kernel(on_b, "%spot restore")
     assert f"live in kernel {on_a}" in refused and f"%spot restore {newest}" in refused, refused
     assert b.run_in_kernel(on_b, "print('x' in globals())").strip() == "False"
+    assert a_line.id not in load_decisions(store, "shared.ipynb")
+    # So does the server's Restore into B's kernel: 409, with the kernel's words.
+    with pytest.raises(HTTPError, match=f"409.*live in kernel {on_a}"):
+        b.api("jupyter-spot/api/sessions/shared.ipynb/restore", "POST", {"snapshot": "latest", "kernel_id": on_b})
     assert a_line.id not in load_decisions(store, "shared.ipynb")
 
     listed = b.run_in_kernel(on_b, "%spot list")

@@ -23,7 +23,8 @@ and nobody restored, discarded or closed. Concretely, a line that:
    ``holders`` with a ``heartbeat`` it refreshes, and a kernel counts as live
    elsewhere while that heartbeat is fresh (two of its intervals plus slack),
    that server's process still exists when it is on this host, and no notice
-   named the kernel (a machine that was told to go is going).
+   named the kernel (a machine that was told to go is going). Kernels read the
+   same entries (store/holders.py), so they do not offer such a line either.
 
 Of several such lines the newest is the interrupted one, except that a line
 started beside another undecided one never hides it (store/lines.py).
