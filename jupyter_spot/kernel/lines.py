@@ -112,8 +112,8 @@ class KernelLines:
     def live_lines(self, session: str, lines: dict[str, Line]) -> dict[str, dict[str, Any]]:
         """The lines another kernel of the session is still writing, on another server or this one."""
         record = read_session_record(self.store, session) if lines else {}
-        if not fresh_holders(record):
-            return {}
+        if all(holder.get("kernel_id") == self.kernel_id for holder in fresh_holders(record).values()):
+            return {}  # none but this kernel's own entry: no need to read the notices
         holders = holders_elsewhere(record, None, notice_records(self.store), kernel_id=self.kernel_id or None)
         return {line_id: holder for line_id, holder in held_lines(lines, holders).items() if line_id != self.line}
 
