@@ -280,7 +280,7 @@ def test_auto_restore_skips_a_session_another_server_runs_and_restores_it_once_t
     assert restoring not in b.log_path.read_text(), b.log()
     (listed,) = b.api(listing)["sessions"]
     assert (listed["interrupted"], listed["live_elsewhere"]["kernel_id"]) == (False, on_a), listed
-    # (the kernel's first-cell announcement comes first: it offers A's line to this kernel too)
+    # (the kernel's first-cell announcement comes first: it says the session is live on A)
     assert b.run_in_kernel(on_b, "print('x' in globals())").splitlines()[-1] == "False"
 
     a.kill()  # the machine is gone: its heartbeat is young, but its server process is not there
