@@ -26,7 +26,7 @@ from tornado.websocket import websocket_connect
 
 from jupyter_spot.notice.simulator import Simulator
 from jupyter_spot.server import catalog
-from jupyter_spot.store import open_store
+from jupyter_spot.store import holders, open_store
 
 pytestmark = [pytest.mark.timeout(240), pytest.mark.servers]
 NOTEBOOK = "work/analysis.ipynb"
@@ -280,7 +280,7 @@ def test_auto_restore_skips_a_session_another_server_runs_and_restores_it_once_t
     assert restoring not in b.log_path.read_text(), b.log()
     (listed,) = b.api(listing)["sessions"]
     assert (listed["interrupted"], listed["live_elsewhere"]["kernel_id"]) == (False, on_a), listed
-    # (the kernel's first-cell announcement comes first: it offers A's line to this kernel too)
+    # (the kernel's first-cell announcement comes first: it says the session is live on A)
     assert b.run_in_kernel(on_b, "print('x' in globals())").splitlines()[-1] == "False"
 
     a.kill()  # the machine is gone: its heartbeat is young, but its server process is not there
@@ -301,12 +301,12 @@ def test_a_heartbeat_from_another_host_counts_until_it_is_stale(spot_env: Path) 
         entry = {**holder, "heartbeat": catalog.isoformat(now - timedelta(seconds=seconds_ago)), **changes}
         return {"session": "nb.ipynb", "state": "live", "holders": {"their-server": entry}}
 
-    assert catalog.live_elsewhere(beat(5), "my-server", [], now)["host"] == "other-machine.internal"
-    assert catalog.live_elsewhere(beat(69), "my-server", [], now) is not None
-    assert catalog.live_elsewhere(beat(71), "my-server", [], now) is None  # two intervals + 10 s slack
-    assert catalog.live_elsewhere(beat(5), "their-server", [], now) is None  # our own kernel: not "elsewhere"
+    assert holders.live_elsewhere(beat(5), "my-server", [], now)["host"] == "other-machine.internal"
+    assert holders.live_elsewhere(beat(69), "my-server", [], now) is not None
+    assert holders.live_elsewhere(beat(71), "my-server", [], now) is None  # two intervals + 10 s slack
+    assert holders.live_elsewhere(beat(5), "their-server", [], now) is None  # our own kernel: not "elsewhere"
     same_host_dead = beat(5, host=socket.gethostname(), server_pid=2**22 + 7)
-    assert catalog.live_elsewhere(same_host_dead, "my-server", [], now) is None  # its server process is gone
+    assert holders.live_elsewhere(same_host_dead, "my-server", [], now) is None  # its server process is gone
     told_to_go = [{"notice": {"source": "aws", "action": "terminate"}, "at": catalog.isoformat(now),
                    "kernels": [{"session": "nb.ipynb", "kernel_id": "k1", "status": "done"}]}]
-    assert catalog.live_elsewhere(beat(5), "my-server", told_to_go, now) is None
+    assert holders.live_elsewhere(beat(5), "my-server", told_to_go, now) is None

@@ -5,6 +5,11 @@ takes its first snapshot (it then starts a line of its own, ``beside`` the
 undecided line it could have restored). ``latest`` means the interrupted line's
 newest snapshot until someone restores or discards that line (see
 jupyter_spot/store/lines.py and docs/kernel.md).
+
+A line another kernel is still writing (its server's fresh heartbeat in the
+session record, jupyter_spot/store/holders.py) is live, not interrupted: it is
+never offered, ``latest`` refuses to take it over, and restoring one of its
+snapshots by id copies that state here as a line of this kernel's own.
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ from datetime import datetime, timezone
 from typing import Any
 
 from ..store import ManifestError, Store, StoreError
+from ..store.holders import fresh_holders, held_lines, holders_elsewhere, notice_records, read_session_record
 from ..store.lines import (
     DISCARDED,
     RESTORED,
@@ -42,6 +48,8 @@ class LatestChoice:
     #: Other interrupted lines by id, each with the note naming it: said whatever loads,
     #: unless it is that line's own snapshot, so no lost state is passed over in silence.
     other_lines: dict[str, str] = field(default_factory=dict)
+    #: Why ``latest`` loads nothing: its pick is a line another kernel is still writing.
+    refusal: str | None = None
 
 
 def describe_snapshot(manifest: dict[str, Any]) -> str:
@@ -58,6 +66,12 @@ def describe_snapshot(manifest: dict[str, Any]) -> str:
         f"{manifest['id']} (taken {when}, {count} variable{'s' if count != 1 else ''}, "
         f"{human_bytes(int(manifest.get('size') or 0))}{': ' + shown if shown else ''})"
     )
+
+
+def describe_holder(holder: dict[str, Any]) -> str:
+    """``kernel <id> on <host> (server <url>)``"""
+    return (f"kernel {holder.get('kernel_id') or '?'} on {holder.get('host') or 'another machine'} "
+            f"(server {holder.get('server') or '?'})")
 
 
 class KernelLines:
@@ -83,8 +97,25 @@ class KernelLines:
 
     def interrupted(self, session: str) -> tuple[Line | None, dict[str, Line]]:
         """The session's interrupted line as this kernel sees it (its own line is never one)."""
+        line, lines, _ = self.interrupted_and_live(session)
+        return line, lines
+
+    def interrupted_and_live(
+        self, session: str
+    ) -> tuple[Line | None, dict[str, Line], dict[str, dict[str, Any]]]:
+        """The interrupted line, every line, and the lines other live kernels are writing (by id, their holder)."""
         lines = self.index.lines(session)
-        return interrupted_line(lines, load_decisions(self.store, session), self._owned()), lines
+        live = self.live_lines(session, lines)
+        owned = self._owned() | set(live)
+        return interrupted_line(lines, load_decisions(self.store, session), owned), lines, live
+
+    def live_lines(self, session: str, lines: dict[str, Line]) -> dict[str, dict[str, Any]]:
+        """The lines another kernel of the session is still writing, on another server or this one."""
+        record = read_session_record(self.store, session) if lines else {}
+        if all(holder.get("kernel_id") == self.kernel_id for holder in fresh_holders(record).values()):
+            return {}  # none but this kernel's own entry: no need to read the notices
+        holders = holders_elsewhere(record, None, notice_records(self.store), kernel_id=self.kernel_id or None)
+        return {line_id: holder for line_id, holder in held_lines(lines, holders).items() if line_id != self.line}
 
     # -- snapshots -------------------------------------------------------------
     def manifest_fields(self, session: str, snapshot_id: str) -> dict[str, Any]:
@@ -109,17 +140,28 @@ class KernelLines:
         if self.announced:
             return None
         self.announced = True
-        line, _ = self.interrupted(session)
+        line, lines, live = self.interrupted_and_live(session)
         self._seen = session, line
-        if line is None:
-            return None
-        manifest = self.store.load_manifest(session, line.newest_id)
+        said = []
+        if line is not None:
+            manifest = self.store.load_manifest(session, line.newest_id)
+            said.append(
+                f"jupyter-spot: session {session!r} has state this kernel did not restore: snapshot "
+                f"{describe_snapshot(manifest)}.\n"
+                f"  %spot restore    loads it into this kernel (its line then continues here)\n"
+                f"  %spot discard    stops offering it (`%spot restore {line.newest_id}` still loads it until GC)\n"
+                "Until then this kernel's snapshots form a line of their own and do not replace it."
+            )
+        if live:
+            said.append(self._live_note(session, lines, live))
+        return "\n".join(said) or None
+
+    def _live_note(self, session: str, lines: dict[str, Line], live: dict[str, dict[str, Any]]) -> str:
+        """One line: where the session is running, and how to copy its state here."""
+        newest = max((lines[line_id] for line_id in live), key=lambda each: each.newest_id)
         return (
-            f"jupyter-spot: session {session!r} has state this kernel did not restore: snapshot "
-            f"{describe_snapshot(manifest)}.\n"
-            f"  %spot restore    loads it into this kernel (its line then continues here)\n"
-            f"  %spot discard    stops offering it (`%spot restore {line.newest_id}` still loads it until GC)\n"
-            "Until then this kernel's snapshots form a line of their own and do not replace it."
+            f"jupyter-spot: session {session!r} is live in {describe_holder(live[newest.id])}, not interrupted; "
+            f"`%spot restore {newest.newest_id}` would copy its newest state here as a line of this kernel's own"
         )
 
     # -- restore ---------------------------------------------------------------
@@ -131,12 +173,19 @@ class KernelLines:
         """
         newest_first = ids[::-1]
         try:
-            line, lines = self.interrupted(session)
+            line, lines, live = self.interrupted_and_live(session)
         except StoreError as error:
             return LatestChoice(newest_first, [f"could not read the session's lines ({error}): trying the newest "
                                                "snapshot first"])
+        if line is None and lines:
+            newest = max(lines.values(), key=lambda each: each.newest_id)
+            if newest.id in live:  # continuing it here would fork it: two kernels writing one line
+                refusal = (f"{self._live_note(session, lines, live).removeprefix('jupyter-spot: ')}; "
+                           "`latest` does not take over a line another kernel is writing")
+                return LatestChoice([], refusal=refusal)
         if line is None:
-            return LatestChoice(newest_first)
+            notes = [f"{self._live_note(session, lines, live).removeprefix('jupyter-spot: ')}"] if live else []
+            return LatestChoice(newest_first, notes)
         known = {snapshot_id for each in lines.values() for snapshot_id in each.snapshots}
         ours = line.snapshots[::-1]
         damaged = [snapshot_id for snapshot_id in newest_first if snapshot_id not in known and snapshot_id > ours[0]]
@@ -162,13 +211,21 @@ class KernelLines:
         return LatestChoice(candidates, notes, set(ours), other_lines)
 
     def restored(self, session: str, manifest: dict[str, Any]) -> list[str]:
-        """This kernel continues the restored snapshot's line: record that, set its own line aside."""
+        """This kernel continues the restored snapshot's line: record that, set its own line aside.
+
+        A line another kernel is still writing is copied instead: nothing is recorded, and this
+        kernel keeps (or starts, at its next snapshot) a line of its own.
+        """
         self.announced = True
         self.index.remember(session, manifest)
         restored = SnapshotLine.of(manifest)
         notes = []
         try:
             lines = self.index.lines(session)
+            holder = self.live_lines(session, lines).get(restored.line)
+            if holder is not None:
+                return [f"copied from line {restored.line}, live in {describe_holder(holder)}, which keeps writing "
+                        "it: this kernel's snapshots form a line of their own"]
             line = lines.get(restored.line)
             newest = line.newest_id if line is not None else restored.id
             record_decision(self.store, session, restored.line, RESTORED, max(newest, restored.id), self.by)

@@ -10,6 +10,7 @@ from IPython.core.magic_arguments import argument, magic_arguments, parse_argstr
 
 from ..store import StoreError, UnknownKeyError
 from .engine import SnapshotEngine
+from .lines import describe_holder
 from ..units import human_bytes
 
 COMMANDS = ("snapshot", "restore", "discard", "list", "status", "on", "off", "exclude", "gc")
@@ -85,10 +86,14 @@ class SpotMagics(Magics):
                   f"{human_bytes(manifest.get('size', 0)):>9}  {len(manifest.get('skipped', {}))} skipped  "
                   f"line {'(this kernel) ' if line == engine.lines.line else ''}{line}")
         if session == engine.session:
-            interrupted, _ = engine.lines.interrupted(session)
+            interrupted, lines, live = engine.lines.interrupted_and_live(session)
             if interrupted is not None:
                 print(f"interrupted line: {interrupted.id} (newest {interrupted.newest_id}): `%spot restore` "
                       "loads it, `%spot discard` stops offering it")
+            for line_id, holder in live.items():
+                newest = lines[line_id].newest_id
+                print(f"live line: {line_id} (newest {newest}) is live in {describe_holder(holder)}: "
+                      f"`%spot restore {newest}` copies it here as a line of this kernel's own")
         for fix in sorted(fixes):
             print(f"to use them (nothing unverified is ever loaded): {fix}")
 

@@ -67,6 +67,9 @@ class Restorer:
         choice = None
         if snapshot == "latest" and session == self.session:
             choice = self.lines.choose_latest(session, ids)
+            if choice.refusal is not None:
+                report.error = choice.refusal
+                return report
             candidates = choice.candidates
         elif snapshot == "latest":
             candidates = ids[::-1]

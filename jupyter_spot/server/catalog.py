@@ -23,7 +23,8 @@ and nobody restored, discarded or closed. Concretely, a line that:
    ``holders`` with a ``heartbeat`` it refreshes, and a kernel counts as live
    elsewhere while that heartbeat is fresh (two of its intervals plus slack),
    that server's process still exists when it is on this host, and no notice
-   named the kernel (a machine that was told to go is going).
+   named the kernel (a machine that was told to go is going). Kernels read the
+   same entries (store/holders.py), so they do not offer such a line either.
 
 Of several such lines the newest is the interrupted one, except that a line
 started beside another undecided one never hides it (store/lines.py).
@@ -36,15 +37,20 @@ down cleanly, else "written by a kernel outside this server".
 
 from __future__ import annotations
 
-import hashlib
-import os
 import re
-import socket
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any
 
 from ..store import ManifestError, Store, StoreError, UnknownKeyError
+from ..store.holders import (  # session_record_name: re-exported for its many users
+    held_lines,
+    holders_elsewhere,
+    notice_reason,
+    notice_records,
+    read_session_record,
+    session_record_name,
+)
 from ..store.lines import (
     CLOSED,
     DISCARDED,
@@ -52,18 +58,12 @@ from ..store.lines import (
     LineIndex,
     interrupted_line,
     load_decisions,
+    parse_time,
     record_decision,
 )
-from ..store.base import report_bad_record
 from .losses import SERVER_STOPPED, largest_variables
 
-NOTICE_RECORD_PREFIX = "notice-"
-SESSION_RECORD_PREFIX = "session-"
 _BAD_COMPONENT = re.compile(r"[\x00-\x1f\x7f\\]")
-#: A heartbeat older than this many of its writer's intervals (plus the slack, for
-#: clocks and slow stores) is from a server that is gone.
-HEARTBEAT_MISSES = 2
-HEARTBEAT_SLACK_SECONDS = 10.0
 
 
 class BadId(ValueError):
@@ -88,17 +88,6 @@ def utcnow() -> datetime:
 
 def isoformat(moment: datetime) -> str:
     return moment.astimezone(timezone.utc).isoformat().replace("+00:00", "Z")
-
-
-def parse_time(value: Any) -> datetime | None:
-    """An ISO time from a manifest or record as an aware UTC datetime (None if absent/bad)."""
-    if not isinstance(value, str) or not value:
-        return None
-    try:
-        moment = datetime.fromisoformat(value.replace("Z", "+00:00"))
-    except ValueError:
-        return None
-    return moment if moment.tzinfo else moment.replace(tzinfo=timezone.utc)
 
 
 def skipped_list(skipped: Any) -> list[dict[str, Any]]:
@@ -135,41 +124,6 @@ def snapshot_summary(manifest: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def session_record_name(session: str) -> str:
-    """Record names are short and path-free; a session name may be neither."""
-    return SESSION_RECORD_PREFIX + hashlib.sha256(session.encode()).hexdigest()[:40]
-
-
-#: The fields readers of a session record use, with their types (any may be absent or null).
-SESSION_RECORD_FIELDS: dict[str, type] = {
-    "session": str, "state": str, "kernel_id": str, "host": str, "server": str, "started": str,
-    "closed_at": str, "renamed_to": str, "kernel": dict, "holders": dict, "lost": list,
-}
-NOTICE_RECORD_FIELDS: dict[str, type] = {
-    "at": str, "host": str, "server": str, "notice": dict, "kernels": list, "jobs": list,
-}
-
-
-def well_shaped(
-    store: Store, name: str, record: dict[str, Any] | None, fields: dict[str, type]
-) -> dict[str, Any] | None:
-    """``record`` if every field it has is of the type its readers expect; else None, with one warning."""
-    if record is None:
-        return None
-    for key, kind in fields.items():
-        value = record.get(key)
-        if value is not None and not isinstance(value, kind):
-            report_bad_record(store.url, name, f"its {key!r} is a {type(value).__name__}, not a {kind.__name__}")
-            return None
-    return record
-
-
-def read_session_record(store: Store, session: str) -> dict[str, Any]:
-    """The session's record, or {} when there is none or it is malformed (a warning says which)."""
-    name = session_record_name(session)
-    return well_shaped(store, name, store.get_record(name), SESSION_RECORD_FIELDS) or {}
-
-
 def renamed_session(session: str, old: str, new: str) -> str | None:
     """The session's name once ``old`` (its notebook, or a folder holding it) is renamed to ``new``."""
     if session == old:
@@ -201,95 +155,6 @@ class LiveKernel:
     restored: str | None = None  # snapshot id loaded into it through the server
     #: Its earlier processes lost without the user asking (server/losses.py), oldest first.
     losses: list[dict[str, Any]] = field(default_factory=list)
-
-
-def notice_records(store: Store) -> list[dict[str, Any]]:
-    """Every notice record, newest first."""
-    records = []
-    for name in reversed(store.list_records()):
-        if name.startswith(NOTICE_RECORD_PREFIX):
-            try:
-                record = well_shaped(store, name, store.get_record(name), NOTICE_RECORD_FIELDS)
-            except StoreError:
-                continue
-            if record and not all(isinstance(entry, dict) for entry in record.get("kernels") or []):
-                report_bad_record(store.url, name, "its 'kernels' are not all objects")
-                continue
-            if record:
-                records.append(record)
-    return records
-
-
-def _notice_reason(notices: list[dict[str, Any]], session: str, kernel_id: str | None) -> str | None:
-    for record in notices:
-        for entry in record.get("kernels", []):
-            if entry.get("session") == session and (kernel_id is None or entry.get("kernel_id") == kernel_id):
-                notice = record.get("notice") or {}
-                return (
-                    f"{notice.get('source', '?')} {notice.get('kind', 'interruption')} notice "
-                    f"({notice.get('action', '?')}) at {record.get('at', '?')}; "
-                    f"flush {entry.get('status', '?')}"
-                )
-    return None
-
-
-def _process_exists(pid: Any) -> bool:
-    if not isinstance(pid, int) or pid <= 0:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # someone else's process: it exists
-        return True
-    return True
-
-
-def fresh_holders(record: dict[str, Any], now: datetime | None = None) -> dict[str, dict[str, Any]]:
-    """The record's ``holders`` (server id → its live kernel) whose heartbeat is still fresh."""
-    holders = record.get("holders")
-    if not isinstance(holders, dict):
-        return {}
-    moment = now or utcnow()
-    fresh = {}
-    for server_id, holder in holders.items():
-        beat = parse_time(holder.get("heartbeat")) if isinstance(holder, dict) else None
-        interval = holder.get("heartbeat_interval") if isinstance(holder, dict) else None
-        if beat is None or not isinstance(interval, (int, float)) or interval <= 0:
-            continue
-        if (moment - beat).total_seconds() <= HEARTBEAT_MISSES * interval + HEARTBEAT_SLACK_SECONDS:
-            fresh[server_id] = holder
-    return fresh
-
-
-def live_elsewhere(
-    record: dict[str, Any], server_id: str | None, notices: list[dict[str, Any]], now: datetime | None = None
-) -> dict[str, Any] | None:
-    """Where the session's kernel still runs under another server, from its session record; None if not."""
-    holders = holders_elsewhere(record, server_id, notices, now)
-    return holders[0] if holders else None
-
-
-def holders_elsewhere(
-    record: dict[str, Any], server_id: str | None, notices: list[dict[str, Any]], now: datetime | None = None
-) -> list[dict[str, Any]]:
-    """Every kernel of the session still running under another server, from its session record.
-
-    Every server running a kernel of the session keeps its own entry in the
-    record's ``holders``, so two servers on one notebook do not hide each other.
-    """
-    found = []
-    for holder_id, holder in sorted(fresh_holders(record, now).items()):
-        if holder_id == server_id:
-            continue
-        if holder.get("host") == socket.gethostname() and not _process_exists(holder.get("server_pid")):
-            continue
-        kernel_id = holder.get("kernel_id")
-        if kernel_id and _notice_reason(notices, str(record.get("session")), kernel_id):
-            continue  # that machine was told to go
-        found.append({"host": holder.get("host"), "server": holder.get("server"), "kernel_id": kernel_id,
-                      "heartbeat": holder.get("heartbeat")})
-    return found
 
 
 def _owned_here(line: Line, mine: list[LiveKernel]) -> bool:
@@ -325,7 +190,7 @@ def _reason(
     kernel = line.kernel or record.get("kernel_id")
     if kernel in {k.kernel_id for k in mine}:
         kernel = None  # our own new kernel wrote the record last: it is not the one that stopped
-    reason = _notice_reason(notices, session, kernel) if kernel else None
+    reason = notice_reason(notices, session, kernel) if kernel else None
     where = record.get("host") or "another machine"
     if reason is None and record.get("state") == "running":
         reason = f"`jupyter spot run` on {where} did not finish; run it again to resume"
@@ -333,7 +198,7 @@ def _reason(
         reason = f"kernel {kernel} on {where} stopped without a clean shutdown"
     if reason is None and kernel and kernel in _recorded_kernels(record):
         reason = f"kernel {kernel} stopped without a clean shutdown"
-    return reason or _notice_reason(notices, session, None) or "written by a kernel no server here is running"
+    return reason or notice_reason(notices, session, None) or "written by a kernel no server here is running"
 
 
 def line_loss(line: Line, record: dict[str, Any]) -> dict[str, Any] | None:
@@ -379,12 +244,9 @@ def session_lines(
     elsewhere = None
     if record.get("holders") and len(owned) < len(lines):
         notices = notice_records(store) if notices is None else notices
-        holders = holders_elsewhere(record, server_id, notices)
-        by_kernel = {h["kernel_id"]: h for h in holders}
-        for line in lines.values():
-            holder = by_kernel.get(line.kernel) if line.kernel else (holders[0] if holders else None)
-            if line.id not in owned and holder is not None:
-                owned.add(line.id)
+        for line_id, holder in held_lines(lines, holders_elsewhere(record, server_id, notices)).items():
+            if line_id not in owned:
+                owned.add(line_id)
                 elsewhere = elsewhere or holder
     interrupted = interrupted_line(lines, load_decisions(store, session), owned)
     return lines, interrupted, elsewhere, record

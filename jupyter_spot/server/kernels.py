@@ -38,15 +38,13 @@ from tornado import web
 from ..config import KEEP_INTERRUPTED_DAYS_ENV, NOTEBOOK_PATH_ENV, SESSION_ENV, STORE_ENV
 from ..faults import fault_point
 from ..store import StoreError
+from ..store.holders import fresh_holders, read_session_record, session_record_name
 from ..store.keys import KMS_ENV
 from .catalog import (
     LiveKernel,
     close_kernel_lines,
-    fresh_holders,
     isoformat,
-    read_session_record,
     renamed_session,
-    session_record_name,
     skipped_list,
     snapshot_summary,
     utcnow,

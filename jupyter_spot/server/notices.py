@@ -21,7 +21,8 @@ from typing import TYPE_CHECKING, Any
 
 from ..jobs.record import active_on_host
 from ..store import StoreError
-from .catalog import NOTICE_RECORD_PREFIX, isoformat
+from ..store.holders import NOTICE_RECORD_PREFIX
+from .catalog import isoformat
 
 if TYPE_CHECKING:
     from ..notice import Notice, NoticeWatcher

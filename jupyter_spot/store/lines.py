@@ -61,7 +61,7 @@ class SnapshotLine:
             line=line if isinstance(line, str) and line else LEGACY_LINE,
             kernel=kernel if isinstance(kernel, str) and kernel else None,
             beside=beside if isinstance(beside, str) and beside else None,
-            created=_parse_time(manifest.get("created")),
+            created=parse_time(manifest.get("created")),
         )
 
 
@@ -97,7 +97,8 @@ class Decision:
     by: str = ""
 
 
-def _parse_time(value: Any) -> datetime | None:
+def parse_time(value: Any) -> datetime | None:
+    """An ISO time from a manifest or record as an aware UTC datetime (None if absent/bad)."""
     if not isinstance(value, str) or not value:
         return None
     try:
