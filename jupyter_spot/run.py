@@ -35,7 +35,8 @@ from traitlets import Float, Unicode
 
 from ._version import __version__
 from .config import SESSION_ENV, STORE_ENV, resolve_store_url
-from .server.catalog import isoformat, session_record_name, utcnow
+from .server.catalog import isoformat, utcnow
+from .store.holders import session_record_name
 from .server.kernel_calls import KernelRestoreError, evaluate
 
 METADATA_KEY = "jupyter_spot"

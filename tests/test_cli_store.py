@@ -10,8 +10,8 @@ import pytest
 from harness.spot_cli import spot
 from harness.store import commit_snapshot
 
-from jupyter_spot.server.catalog import session_record_name
 from jupyter_spot.store import open_store
+from jupyter_spot.store.holders import session_record_name
 
 pytestmark = pytest.mark.timeout(120)
 

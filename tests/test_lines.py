@@ -19,8 +19,9 @@ from harness.store import commit_snapshot
 
 from jupyter_spot.notice import Notice, deliver_notice_to_kernel
 from jupyter_spot.notice.model import deadline_in
-from jupyter_spot.server.catalog import describe_session, session_record_name
+from jupyter_spot.server.catalog import describe_session
 from jupyter_spot.store import collect_garbage, open_store
+from jupyter_spot.store.holders import session_record_name
 from jupyter_spot.store.lines import DISCARDED, lines_record_name, record_decision
 
 pytestmark = pytest.mark.timeout(240)

@@ -21,10 +21,9 @@ import pytest
 from harness import JupyterServer, Kernel, snapshot_line, until_async
 from tornado.httpclient import HTTPClientError
 
-from jupyter_spot.server import catalog
-from jupyter_spot.server.catalog import session_record_name
 from jupyter_spot.store import open_store
 from jupyter_spot.store.base import digest_of
+from jupyter_spot.store.holders import session_record_name
 
 pytestmark = pytest.mark.timeout(180)
 

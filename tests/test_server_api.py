@@ -129,7 +129,7 @@ async def test_sessions_lists_interrupted_snapshot(api: Any, store: Any) -> None
 
 
 async def test_closed_session_is_not_interrupted(api: Any, store: Any) -> None:
-    from jupyter_spot.server.catalog import session_record_name
+    from jupyter_spot.store.holders import session_record_name
 
     commit_snapshot(store, "done.ipynb", minutes_ago=5)
     closed_at = datetime.now(timezone.utc).isoformat()

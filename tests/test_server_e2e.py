@@ -211,7 +211,7 @@ async def test_servers_sharing_a_store_do_not_offer_each_others_live_sessions(
     root.mkdir()
     nbformat.write(nbformat.v4.new_notebook(), root / "shared.ipynb")
     store = open_store(str(spot_env))
-    record_name = catalog.session_record_name("shared.ipynb")
+    record_name = holders.session_record_name("shared.ipynb")
     a = jupyter_servers("a", root, sources=["signal"], options=["--SpotApp.heartbeat_interval=0.5"]).spawn()
     b = jupyter_servers("b", root, sources=["signal"]).spawn()
     try:

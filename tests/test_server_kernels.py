@@ -16,8 +16,8 @@ from harness import FaultPause, snapshot_line, until_async
 from jupyter_client.manager import AsyncKernelManager
 from tornado.httpclient import HTTPClientError
 
-from jupyter_spot.server.catalog import session_record_name
 from jupyter_spot.store import open_store
+from jupyter_spot.store.holders import session_record_name
 
 pytestmark = pytest.mark.timeout(180)
 NOTEBOOK = "work/model.ipynb"

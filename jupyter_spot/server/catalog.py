@@ -43,13 +43,12 @@ from datetime import datetime, timezone
 from typing import Any
 
 from ..store import ManifestError, Store, StoreError, UnknownKeyError
-from ..store.holders import (  # session_record_name: re-exported for its many users
+from ..store.holders import (
     held_lines,
     holders_elsewhere,
     notice_reason,
     notice_records,
     read_session_record,
-    session_record_name,
 )
 from ..store.lines import (
     CLOSED,
