@@ -153,14 +153,14 @@ class KernelLines:
                 "Until then this kernel's snapshots form a line of their own and do not replace it."
             )
         if live:
-            said.append(self._live_note(session, lines, live))
+            said.append(f"jupyter-spot: {self._live_note(session, lines, live)}")
         return "\n".join(said) or None
 
     def _live_note(self, session: str, lines: dict[str, Line], live: dict[str, dict[str, Any]]) -> str:
-        """One line: where the session is running, and how to copy its state here."""
+        """One sentence: where the session is running, and how to copy its state here."""
         newest = max((lines[line_id] for line_id in live), key=lambda each: each.newest_id)
         return (
-            f"jupyter-spot: session {session!r} is live in {describe_holder(live[newest.id])}, not interrupted; "
+            f"session {session!r} is live in {describe_holder(live[newest.id])}, not interrupted; "
             f"`%spot restore {newest.newest_id}` would copy its newest state here as a line of this kernel's own"
         )
 
@@ -180,11 +180,11 @@ class KernelLines:
         if line is None and lines:
             newest = max(lines.values(), key=lambda each: each.newest_id)
             if newest.id in live:  # continuing it here would fork it: two kernels writing one line
-                refusal = (f"{self._live_note(session, lines, live).removeprefix('jupyter-spot: ')}; "
+                refusal = (f"{self._live_note(session, lines, live)}; "
                            "`latest` does not take over a line another kernel is writing")
                 return LatestChoice([], refusal=refusal)
         if line is None:
-            notes = [f"{self._live_note(session, lines, live).removeprefix('jupyter-spot: ')}"] if live else []
+            notes = [self._live_note(session, lines, live)] if live else []
             return LatestChoice(newest_first, notes)
         known = {snapshot_id for each in lines.values() for snapshot_id in each.snapshots}
         ours = line.snapshots[::-1]
