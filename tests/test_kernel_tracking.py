@@ -3,6 +3,8 @@ groups variables form, and how arrays travel (no kernel needed)."""
 
 from __future__ import annotations
 
+import io
+import pickle
 import types
 
 import numpy as np
@@ -103,6 +105,61 @@ def test_notebook_definitions_are_referenced_by_name() -> None:
     assert restored["table"]["f"] is len  # resolved in the namespace being restored
     with pytest.raises(Exception, match="refers to 'helper', which was not restored"):
         serialize.load(pickled.payload, [], "pickle", {})
+
+
+def _pickle_with(pickler_class: type, values: dict) -> tuple[bytes, list[bytes], dict[int, object]]:
+    out, buffers = io.BytesIO(), []
+
+    def keep(buffer: pickle.PickleBuffer) -> bool:
+        if buffer.raw().nbytes < serialize.OUT_OF_BAND_MIN:
+            return True
+        buffers.append(bytes(buffer.raw()))
+        return False
+
+    pickler = pickler_class(out, {}, keep)
+    pickler.dump(values)
+    if isinstance(pickler, serialize.FastCPickler):
+        assert pickler.finish()
+    return out.getvalue(), buffers, pickler.reached
+
+
+def test_the_fast_pickle_writes_and_reaches_what_the_hooked_one_does() -> None:
+    """FastCPickler (no Python call per object) stands in for CPickler on data: same bytes, same sharing."""
+    shared = [1, 2, 3]
+    base = np.arange(50_000, dtype=np.float64)
+    values = {
+        "rows": [{"id": i, "name": f"row-{i}", "tags": shared} for i in range(2000)],
+        "base": base, "view": base[100:200], "frame": pd.DataFrame({"x": np.arange(10_000)}),
+        "mixed": (1, 2.5, "s", b"small", None, True, {3, 4}, frozenset({5}), bytearray(b"ab")),
+    }
+    fast, slow = _pickle_with(serialize.FastCPickler, values), _pickle_with(serialize.CPickler, values)
+    assert fast[0] == slow[0] and fast[1] == slow[1]
+    # Reducers build temporary objects (a frame's state) anew each pickle; compare what the values hold.
+    held = {id(shared), id(base), id(values["rows"]), *(id(row) for row in values["rows"])}
+    assert held <= fast[2].keys() and fast[2].keys() & held == slow[2].keys() & held
+    pickled = serialize.dump(values, {})
+    assert not pickled.watched and id(shared) in pickled.reached
+
+
+def test_what_only_python_hooks_write_falls_back_to_them() -> None:
+    """A notebook definition (written as a reference) or a big bytes (sent out of band) needs CPickler."""
+
+    def helper(x: int) -> int:
+        return x + 1
+
+    rows = [{"id": i} for i in range(1000)]
+    by_name = serialize.dump({"rows": rows, "table": {"f": helper}}, {id(helper): "helper"})
+    assert by_name.serializer == "pickle" and by_name.watched and id(rows[7]) in by_name.reached
+    assert serialize.load(by_name.payload, [], "pickle", {"helper": len})["table"]["f"] is len
+    blob = b"x" * serialize.OUT_OF_BAND_MIN
+    big = serialize.dump({"images": [blob, blob]}, {})
+    assert big.watched and [b.nbytes for b in big.buffers] == [len(blob)]
+    restored = serialize.load(big.payload, [bytearray(b) for b in big.buffers], "pickle", {})
+    assert restored["images"] == [blob, blob]
+    # told the values needed the hooks last time, dump starts with them and says so again
+    again = serialize.dump({"rows": rows, "table": {"f": helper}}, {id(helper): "helper"}, watch=True)
+    assert again.payload == by_name.payload and again.watched
+    assert not serialize.dump({"rows": rows}, {}, watch=True).watched  # no longer needed: the hint clears
 
 
 def test_definition_source_finds_the_latest_definition_with_its_decorators() -> None:

@@ -70,6 +70,7 @@ class SnapshotEngine(Preparer, Restorer):
         # (`%spot off`, a failing store), so a report still names the cell that made them
         self._unsnapshotted_births: dict[str, tuple[int, int]] = {}
         self._shared = tracking.SharedObjects()
+        self._watched: set[str] = set()  # names whose last pickle needed serialize's Python hooks
         self._var_info: dict[str, dict[str, Any]] = {}
         self._groups: dict[frozenset[str], Group] = {}
         self._sources: dict[str, tuple[int, str]] = {}  # name → (id of value, defining code)

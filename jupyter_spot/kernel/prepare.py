@@ -147,6 +147,7 @@ class Preparer:
                 for table in (self._ids, self._var_info):
                     table.pop(name, None)
                 self._shared.discard(name)
+                self._watched.discard(name)
 
         main_refs: dict[int, str] = {}
         for name, value in current.items():
@@ -165,7 +166,8 @@ class Preparer:
             value = current[name]
             self._ids[name] = id(value)
             try:
-                pickled = serialize.dump({name: value}, refs_for(name), definitions=_is_definition(value))
+                pickled = serialize.dump({name: value}, refs_for(name), definitions=_is_definition(value),
+                                         watch=name in self._watched)
             except serialize.Unserializable as error:
                 source = self._source_of(name, value) if _is_definition(value) else None
                 if source is None:
@@ -174,6 +176,10 @@ class Preparer:
                     continue
                 pickled = serialize.source_pickle(source)
             singles[name] = pickled
+            if pickled.watched:
+                self._watched.add(name)
+            else:
+                self._watched.discard(name)
             if _is_definition(value):
                 self._shared.discard(name)  # restored first and referenced by name: never grouped
                 self._shared.reach[name] = {}
@@ -205,7 +211,8 @@ class Preparer:
                 if len(names) == 1 and names[0] in singles:
                     pickled = singles[names[0]]
                 else:
-                    pickled = serialize.dump({n: current[n] for n in names}, main_refs)
+                    pickled = serialize.dump({n: current[n] for n in names}, main_refs,
+                                             watch=not self._watched.isdisjoint(names))
             except serialize.Unserializable as error:  # together they need dill and dill refuses: store apart
                 for name in names:
                     try:

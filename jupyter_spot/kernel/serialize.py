@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import enum
 import io
+import itertools
 import pickle
 import sys
 import types
@@ -106,8 +107,12 @@ def _reduce_view(array: Any) -> Any:
     return _rebuild_view, (root, offset, array.shape, array.strides, array.dtype)
 
 
+class _NeedsHooks(Exception):
+    """The fast pass met what only a Python ``persistent_id`` writes right: pickle again with it."""
+
+
 class _Hooks:
-    """What both picklers share: view handling, refusals, top-level references."""
+    """What every pickler shares: view handling, refusals, big bytes out of band."""
 
     _main_refs: dict[int, str]
     _type_decisions: dict[type, Any]
@@ -121,6 +126,9 @@ class _Hooks:
         self.reached: dict[int, Any] = {}
 
     def reducer_override(self, obj: Any) -> Any:
+        if id(obj) in self._main_refs:
+            # Only FastCPickler gets here with one: the others' persistent_id wrote it as a reference.
+            raise _NeedsHooks
         obj_type = type(obj)
         decision = self._type_decisions.get(obj_type)
         if decision is None:
@@ -142,6 +150,19 @@ class _Hooks:
             return NotImplemented
         raise Unserializable(f"{obj_type.__module__}.{obj_type.__qualname__}: {decision}")
 
+    def _is_shareable(self, obj_type: type) -> bool:
+        shareable = self._shareable.get(obj_type)
+        if shareable is None:
+            shareable = self._shareable[obj_type] = _shareable_type(obj_type)
+        return shareable
+
+
+class _Watching(_Hooks):
+    """Hooks that see every object pickled, in a Python ``persistent_id``."""
+
+    #: It wrote a persistent id (a notebook definition, big bytes): FastCPickler could not have.
+    needed = False
+
     def persistent_id(self, obj: Any) -> str | None:
         """Called for every object pickled: the cheapest place to see what a variable reaches."""
         key = id(obj)
@@ -149,11 +170,12 @@ class _Hooks:
         # on its own; everyone else refers to it by name.
         name = self._main_refs.get(key)
         if name is not None:
+            self.needed = True
             return name
         obj_type = type(obj)
-        shareable = self._shareable.get(obj_type)
+        shareable = self._shareable.get(obj_type)  # _is_shareable inlined: this runs per object
         if shareable is None:
-            shareable = self._shareable[obj_type] = _shareable_type(obj_type)
+            shareable = self._is_shareable(obj_type)
         if shareable:
             self.reached[key] = obj
         if (obj_type is bytes or obj_type is bytearray) and len(obj) >= OUT_OF_BAND_MIN:
@@ -163,6 +185,7 @@ class _Hooks:
     def _out_of_band(self, key: int, obj: bytes | bytearray) -> tuple[Any, ...]:
         """A big ``bytes``/``bytearray`` as a persistent id holding a PickleBuffer: it goes out
         of band. Met again in the same pickle, only its number, so a bytearray stays one object."""
+        self.needed = True
         number = self._big_bytes.get(key)
         if number is not None:
             return (BIG_BYTES, number)
@@ -170,13 +193,48 @@ class _Hooks:
         return (BIG_BYTES, number, type(obj).__name__, pickle.PickleBuffer(obj))
 
 
-class CPickler(_Hooks, pickle.Pickler):
+class FastCPickler(_Hooks, pickle.Pickler):
+    """The C pickler with no Python call per object; tried first.
+
+    Its ``persistent_id`` is a list's ``append``, in C: it returns None (no
+    reference) for everything and keeps every object met, in the order
+    :class:`CPickler`'s Python ``persistent_id`` would see them. Afterwards a
+    few passes over that list in C (``map``, ``compress``) find what the value
+    reaches — for 300k small dicts 0.35 s instead of 0.7 s. Where the two
+    picklers would write different bytes — a notebook definition (seen by
+    ``reducer_override``, which raises) or a big ``bytes`` (found in the list)
+    — :meth:`finish` says so and the caller pickles again with :class:`CPickler`.
+    """
+
+    def __init__(self, file: Any, main_refs: dict[int, str], buffer_callback: Any) -> None:
+        self.met: list[Any] = []
+        # Set before __init__, which reads it (Python 3.11: a C setter; 3.13: an attribute).
+        self.persistent_id = self.met.append
+        pickle.Pickler.__init__(self, file, protocol=PROTOCOL, buffer_callback=buffer_callback)
+        self._setup(main_refs)
+
+    def finish(self) -> bool:
+        """Fill ``reached`` from the objects met; False if :class:`CPickler` must pickle again."""
+        met, self.met = self.met, []
+        kinds = list(map(type, met))
+        present = set(kinds)
+        if bytes in present or bytearray in present:
+            is_bytes = {bytes, bytearray}.__contains__
+            if any(len(obj) >= OUT_OF_BAND_MIN for obj in itertools.compress(met, map(is_bytes, kinds))):
+                return False
+        shareable = {kind for kind in present if self._is_shareable(kind)}.__contains__
+        kept = list(itertools.compress(met, map(shareable, kinds)))
+        self.reached = dict(zip(map(id, kept), kept))
+        return True
+
+
+class CPickler(_Watching, pickle.Pickler):
     def __init__(self, file: Any, main_refs: dict[int, str], buffer_callback: Any) -> None:
         pickle.Pickler.__init__(self, file, protocol=PROTOCOL, buffer_callback=buffer_callback)
         self._setup(main_refs)
 
 
-class DillPickler(_Hooks, dill.Pickler):
+class DillPickler(_Watching, dill.Pickler):
     def __init__(self, file: Any, main_refs: dict[int, str], buffer_callback: Any) -> None:
         dill.Pickler.__init__(self, file, protocol=PROTOCOL, buffer_callback=buffer_callback, recurse=False)
         self._main = sys.modules["__main__"]
@@ -191,6 +249,9 @@ class Pickled:
     buffers: list[memoryview]
     serializer: str  # "pickle" | "dill" | "source"
     reached: dict[int, Any] = field(default_factory=dict)
+    #: Only a pickler with a Python ``persistent_id`` could pickle it (it reaches a notebook
+    #: definition or a big ``bytes``, or needed dill): the next dump may start there.
+    watched: bool = False
 
     @property
     def size(self) -> int:
@@ -238,16 +299,23 @@ def _reached(pickler: _Hooks, values: Any) -> dict[int, Any]:
     return {key: obj for key, obj in reached.items() if type(obj) not in _CONTAINERS or len(obj)}
 
 
-def dump(values: dict[str, Any], main_refs: dict[int, str], *, definitions: bool = False) -> Pickled:
+def dump(values: dict[str, Any], main_refs: dict[int, str], *, definitions: bool = False,
+         watch: bool = False) -> Pickled:
     """Pickle ``values`` (name → object) together; raise Unserializable if impossible.
 
     ``main_refs`` (object id → top-level name) are written as references.
     ``definitions``: the values are notebook functions/classes themselves, so
     dill pickles them by value (callers leave them out of ``main_refs``).
+    ``watch``: skip :class:`FastCPickler`, as the last pickle of these values needed
+    a Python ``persistent_id`` (``Pickled.watched``) and the fast pass would be wasted.
     """
     errors: list[str] = []
-    attempts = (("dill", DillPickler),) if definitions else (("pickle", CPickler), ("dill", DillPickler))
+    attempts = (("dill", DillPickler),) if definitions else (
+        (("pickle", FastCPickler),) * (not watch) + (("pickle", CPickler), ("dill", DillPickler)))
+    fast_failed = False
     for serializer, pickler_class in attempts:
+        if pickler_class is CPickler and fast_failed:
+            continue  # it would fail the same way: on to dill
         buffers: list[memoryview] = []
 
         def keep_buffer(buffer: pickle.PickleBuffer, buffers: list[memoryview] = buffers) -> bool:
@@ -263,14 +331,20 @@ def dump(values: dict[str, Any], main_refs: dict[int, str], *, definitions: bool
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # dill warns on stderr, i.e. into the user's cell output
                 pickler.dump(values)
+        except _NeedsHooks:
+            continue
         except Unserializable as error:
             raise Unserializable(str(error)) from None
         except Exception as error:  # picklers raise anything a __reduce__ raises
             message = "too deeply nested" if isinstance(error, RecursionError) else f"{type(error).__name__}: {error}"
             if message not in errors:
                 errors.append(message)
+            fast_failed = pickler_class is FastCPickler
             continue
-        pickled = Pickled(out.getvalue(), buffers, serializer, _reached(pickler, values))
+        if isinstance(pickler, FastCPickler) and not pickler.finish():
+            continue
+        pickled = Pickled(out.getvalue(), buffers, serializer, _reached(pickler, values),
+                          watched=serializer == "dill" or getattr(pickler, "needed", False))
         if definitions and not _rebuilds_by_value(pickled, values):
             raise Unserializable("dill can only refer to it by name, which a new kernel does not have")
         return pickled
