@@ -18,9 +18,11 @@ to a function is the restored function.
 
 from __future__ import annotations
 
+import collections
 import enum
 import io
 import itertools
+import operator
 import pickle
 import sys
 import types
@@ -216,16 +218,29 @@ class FastCPickler(_Hooks, pickle.Pickler):
     def finish(self) -> bool:
         """Fill ``reached`` from the objects met; False if :class:`CPickler` must pickle again."""
         met, self.met = self.met, []
-        kinds = list(map(type, met))
-        present = set(kinds)
-        if bytes in present or bytearray in present:
-            is_bytes = {bytes, bytearray}.__contains__
-            if any(len(obj) >= OUT_OF_BAND_MIN for obj in itertools.compress(met, map(is_bytes, kinds))):
+        table = _TypeTable(self._is_shareable)
+        kept = list(itertools.compress(met, map(table.__getitem__, map(type, met))))
+        if table.saw_bytes:
+            sizes = map(len, itertools.compress(met, map(_BYTES.__contains__, map(type, met))))
+            if max(sizes, default=0) >= OUT_OF_BAND_MIN:
                 return False
-        shareable = {kind for kind in present if self._is_shareable(kind)}.__contains__
-        kept = list(itertools.compress(met, map(shareable, kinds)))
         self.reached = dict(zip(map(id, kept), kept))
         return True
+
+
+class _TypeTable(dict):  # type: ignore[type-arg]
+    """Type → whether its objects count as shared: ``decide`` runs once per type, in
+    ``__missing__``; every other lookup is the dict's own, in C."""
+
+    def __init__(self, decide: Any) -> None:
+        super().__init__()
+        self.decide = decide
+        self.saw_bytes = False
+
+    def __missing__(self, kind: type) -> bool:
+        self.saw_bytes = self.saw_bytes or kind in _BYTES
+        decision = self[kind] = self.decide(kind)
+        return decision
 
 
 class CPickler(_Watching, pickle.Pickler):
@@ -258,7 +273,8 @@ class Pickled:
         return len(self.payload) + sum(b.nbytes for b in self.buffers)
 
 
-_CONTAINERS = (list, dict, set, bytearray)
+_CONTAINERS = frozenset({list, dict, set, bytearray})
+_BYTES = frozenset({bytes, bytearray})
 
 
 def _shareable_type(obj_type: type) -> bool:
@@ -296,7 +312,12 @@ def _reached(pickler: _Hooks, values: Any) -> dict[int, Any]:
     reached.pop(id(values), None)
     for key in pickler.immutable_ids:
         reached.pop(key, None)
-    return {key: obj for key, obj in reached.items() if type(obj) not in _CONTAINERS or len(obj)}
+    # in C, not a comprehension: a list of 300k dicts reaches 300k objects
+    objects = list(reached.values())
+    containers = list(itertools.compress(objects, map(_CONTAINERS.__contains__, map(type, objects))))
+    empty = itertools.compress(containers, map(operator.not_, containers))
+    collections.deque(map(reached.pop, map(id, empty)), maxlen=0)  # pops each, keeps none
+    return reached
 
 
 def dump(values: dict[str, Any], main_refs: dict[int, str], *, definitions: bool = False,
