@@ -151,6 +151,13 @@ def test_what_only_python_hooks_write_falls_back_to_them() -> None:
     by_name = serialize.dump({"rows": rows, "table": {"f": helper}}, {id(helper): "helper"})
     assert by_name.serializer == "pickle" and by_name.watched and id(rows[7]) in by_name.reached
     assert serialize.load(by_name.payload, [], "pickle", {"helper": len})["table"]["f"] is len
+    class Point:  # a class of the notebook: its instances refer to it by name
+        def __init__(self, x: int) -> None:
+            self.x = x
+
+    points = serialize.dump({"points": [Point(1), Point(2)]}, {id(Point): "Point"})
+    assert points.watched
+    assert all(type(p) is Point for p in serialize.load(points.payload, [], "pickle", {"Point": Point})["points"])
     blob = b"x" * serialize.OUT_OF_BAND_MIN
     big = serialize.dump({"images": [blob, blob]}, {})
     assert big.watched and [b.nbytes for b in big.buffers] == [len(blob)]
