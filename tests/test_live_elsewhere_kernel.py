@@ -125,3 +125,42 @@ def test_another_kernel_of_the_session_under_the_same_server_is_live_and_this_ke
             hold(third.value(kernel_id))  # only itself: the first kernel's line has no live holder
             said = third.run("%load_ext jupyter_spot")
             assert INTERRUPTED_HINT in said and newest in said and "is live in" not in said, said
+
+
+@pytest.mark.servers
+def test_two_kernels_of_one_notebook_under_one_server_each_keep_their_holder_entry(
+    jupyter_servers: Servers, spot_env: Path, tmp_path: Path
+) -> None:
+    """JupyterLab names a session after its notebook at a placeholder path, so one server can run two
+    kernels of one notebook. Each keeps its own entry in the session record: with one entry per
+    server, whichever kernel beat last hid the other, and its line looked interrupted to the kernel
+    beside it — `%spot restore` would have taken over a line another kernel is still writing."""
+    root = tmp_path / "root"
+    root.mkdir()
+    nbformat.write(nbformat.v4.new_notebook(), root / "two.ipynb")
+    store = open_store(str(spot_env))
+    server = jupyter_servers("a", root, sources=["signal"], options=["--SpotApp.heartbeat_interval=1"]).spawn()
+    server.wait_ready()
+
+    def open_kernel(placeholder: str) -> str:
+        opening = {"path": placeholder, "name": "two.ipynb", "type": "notebook", "kernel": {"name": "python3"}}
+        return server.api("api/sessions", "POST", opening)["kernel"]["id"]
+
+    def holders() -> list[str]:
+        record = store.get_record(session_record_name("two.ipynb")) or {}
+        return [holder.get("kernel_id") for holder in (record.get("holders") or {}).values()]
+
+    first = open_kernel("work/first")
+    server.run_in_kernel(first, "x = 41")
+    until(lambda: store.list_snapshots("two.ipynb"), 60, "the first kernel's snapshot after its cell")
+    (line,) = LineIndex(store).lines("two.ipynb").values()
+    second = open_kernel("work/second")
+    until(lambda: {first, second} <= set(holders()), 60, "both kernels' entries in the session record")
+    server.run_in_kernel(second, "y = 1")  # the second kernel's heartbeats go on beside the first's
+    until(lambda: len(store.list_snapshots("two.ipynb")) >= 2, 60, "the second kernel's snapshot")
+    listed = server.run_in_kernel(second, "%spot list")
+    assert f"live in kernel {first}" in listed and "interrupted line" not in listed, listed
+    refused = server.run_in_kernel(second, "%spot restore")
+    assert f"live in kernel {first}" in refused, refused
+    assert line.id not in load_decisions(store, "two.ipynb")
+    assert {first, second} <= set(holders())

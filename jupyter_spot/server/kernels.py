@@ -38,7 +38,7 @@ from tornado import web
 from ..config import KEEP_INTERRUPTED_DAYS_ENV, NOTEBOOK_PATH_ENV, SESSION_ENV, STORE_ENV
 from ..faults import fault_point
 from ..store import StoreError
-from ..store.holders import fresh_holders, read_session_record, session_record_name
+from ..store.holders import fresh_holders, holder_key, read_session_record, session_record_name
 from ..store.keys import KMS_ENV
 from .catalog import (
     LiveKernel,
@@ -288,10 +288,13 @@ class SpotKernels:
             previous = await asyncio.to_thread(read_session_record, store, live.session)
         except StoreError:
             previous = {}
-        # Other servers' live kernels of this session keep their entries; ours is replaced.
-        holders = {k: v for k, v in fresh_holders(previous).items() if k != self.app.server_id}
+        # Every other live kernel of this session keeps its entry (ours under other servers too);
+        # this kernel's is replaced, and an entry an older version of this server keyed by its id goes.
+        mine = holder_key(self.app.server_id, kernel_id)
+        holders = {k: v for k, v in fresh_holders(previous).items() if k not in (mine, self.app.server_id)}
         if state == "live" and beating and self.app.heartbeat_interval > 0:
-            holders[self.app.server_id] = {
+            holders[mine] = {
+                "server_id": self.app.server_id,
                 "kernel_id": kernel_id,
                 "host": self.host,
                 "server": self.app.serverapp.connection_url,

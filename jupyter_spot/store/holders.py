@@ -1,7 +1,9 @@
 """Which kernels hold a session right now, from its session record: servers and kernels both ask.
 
-Every server running a kernel of a session keeps an entry in the session
-record's ``holders`` (keyed by server id) with a ``heartbeat`` it refreshes. A
+Every kernel of a session a server runs has an entry in the session record's
+``holders`` (keyed by :func:`holder_key`: server id and kernel id, so two kernels
+of one notebook under one server do not hide each other), with the server's id
+and a ``heartbeat`` the server refreshes. A
 kernel counts as live while that heartbeat is fresh (two of its intervals plus
 slack), its server's process still exists when it is on this host, and no notice
 named the kernel (a machine that was told to go is going). A line whose newest
@@ -36,6 +38,17 @@ SESSION_RECORD_FIELDS: dict[str, type] = {
 NOTICE_RECORD_FIELDS: dict[str, type] = {
     "at": str, "host": str, "server": str, "notice": dict, "kernels": list, "jobs": list,
 }
+
+
+def holder_key(server_id: str, kernel_id: str) -> str:
+    """The key of one kernel's entry in a session record's ``holders``."""
+    return f"{server_id}/{kernel_id}"
+
+
+def holder_server(key: str, holder: dict[str, Any]) -> str:
+    """The id of the server that wrote a ``holders`` entry (an older server keyed its one entry by it)."""
+    server_id = holder.get("server_id")
+    return server_id if isinstance(server_id, str) else key
 
 
 def session_record_name(session: str) -> str:
@@ -107,19 +120,19 @@ def process_exists(pid: Any) -> bool:
 
 
 def fresh_holders(record: dict[str, Any], now: datetime | None = None) -> dict[str, dict[str, Any]]:
-    """The record's ``holders`` (server id → its live kernel) whose heartbeat is still fresh."""
+    """The record's ``holders`` (:func:`holder_key` → a live kernel) whose heartbeat is still fresh."""
     holders = record.get("holders")
     if not isinstance(holders, dict):
         return {}
     moment = now or datetime.now(timezone.utc)
     fresh = {}
-    for server_id, holder in holders.items():
+    for key, holder in holders.items():
         beat = parse_time(holder.get("heartbeat")) if isinstance(holder, dict) else None
         interval = holder.get("heartbeat_interval") if isinstance(holder, dict) else None
         if beat is None or not isinstance(interval, (int, float)) or interval <= 0:
             continue
         if (moment - beat).total_seconds() <= HEARTBEAT_MISSES * interval + HEARTBEAT_SLACK_SECONDS:
-            fresh[server_id] = holder
+            fresh[key] = holder
     return fresh
 
 
@@ -135,12 +148,12 @@ def holders_elsewhere(
 
     A server asks with its ``server_id`` (its own kernels it knows better), a
     kernel with its ``kernel_id``: another kernel of the session under the same
-    server is live all the same. Every server keeps its own entry, so two
-    servers on one notebook do not hide each other.
+    server is live all the same. Every kernel has its own entry, so neither two
+    servers on one notebook nor two kernels of it under one server hide each other.
     """
     found = []
-    for holder_id, holder in sorted(fresh_holders(record, now).items()):
-        if holder_id == server_id or (kernel_id and holder.get("kernel_id") == kernel_id):
+    for key, holder in sorted(fresh_holders(record, now).items()):
+        if holder_server(key, holder) == server_id or (kernel_id and holder.get("kernel_id") == kernel_id):
             continue
         if holder.get("host") == socket.gethostname() and not process_exists(holder.get("server_pid")):
             continue
