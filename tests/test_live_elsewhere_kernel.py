@@ -30,13 +30,19 @@ OPENING = {"path": "shared.ipynb", "type": "notebook", "kernel": {"name": "pytho
 INTERRUPTED_HINT = "has state this kernel did not restore"
 
 
+def notebook_root(tmp_path: Path, notebook: str) -> Path:
+    """A server root holding one empty notebook."""
+    root = tmp_path / "root"
+    root.mkdir()
+    nbformat.write(nbformat.v4.new_notebook(), root / notebook)
+    return root
+
+
 @pytest.mark.servers
 def test_a_kernel_on_another_server_is_live_not_interrupted_until_that_server_is_gone(
     jupyter_servers: Servers, spot_env: Path, tmp_path: Path
 ) -> None:
-    root = tmp_path / "root"
-    root.mkdir()
-    nbformat.write(nbformat.v4.new_notebook(), root / "shared.ipynb")
+    root = notebook_root(tmp_path, "shared.ipynb")
     store = open_store(str(spot_env))
     a = jupyter_servers("a", root, sources=["signal"], options=["--SpotApp.heartbeat_interval=1"]).spawn()
     b = jupyter_servers("b", root, sources=["signal"]).spawn()
@@ -135,9 +141,7 @@ def test_two_kernels_of_one_notebook_under_one_server_each_keep_their_holder_ent
     kernels of one notebook. Each keeps its own entry in the session record: with one entry per
     server, whichever kernel beat last hid the other, and its line looked interrupted to the kernel
     beside it — `%spot restore` would have taken over a line another kernel is still writing."""
-    root = tmp_path / "root"
-    root.mkdir()
-    nbformat.write(nbformat.v4.new_notebook(), root / "two.ipynb")
+    root = notebook_root(tmp_path, "two.ipynb")
     store = open_store(str(spot_env))
     server = jupyter_servers("a", root, sources=["signal"], options=["--SpotApp.heartbeat_interval=1"]).spawn()
     server.wait_ready()

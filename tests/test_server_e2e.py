@@ -301,12 +301,12 @@ def test_a_heartbeat_from_another_host_counts_until_it_is_stale(spot_env: Path) 
         entry = {**holder, "heartbeat": catalog.isoformat(now - timedelta(seconds=seconds_ago)), **changes}
         return {"session": "nb.ipynb", "state": "live", "holders": {"their-server": entry}}
 
-    assert holders.live_elsewhere(beat(5), "my-server", [], now)["host"] == "other-machine.internal"
-    assert holders.live_elsewhere(beat(69), "my-server", [], now) is not None
-    assert holders.live_elsewhere(beat(71), "my-server", [], now) is None  # two intervals + 10 s slack
-    assert holders.live_elsewhere(beat(5), "their-server", [], now) is None  # our own kernel: not "elsewhere"
+    assert holders.holders_elsewhere(beat(5), "my-server", [], now)[0]["host"] == "other-machine.internal"
+    assert holders.holders_elsewhere(beat(69), "my-server", [], now) != []
+    assert holders.holders_elsewhere(beat(71), "my-server", [], now) == []  # two intervals + 10 s slack
+    assert holders.holders_elsewhere(beat(5), "their-server", [], now) == []  # our own kernel: not "elsewhere"
     same_host_dead = beat(5, host=socket.gethostname(), server_pid=2**22 + 7)
-    assert holders.live_elsewhere(same_host_dead, "my-server", [], now) is None  # its server process is gone
+    assert holders.holders_elsewhere(same_host_dead, "my-server", [], now) == []  # its server process is gone
     told_to_go = [{"notice": {"source": "aws", "action": "terminate"}, "at": catalog.isoformat(now),
                    "kernels": [{"session": "nb.ipynb", "kernel_id": "k1", "status": "done"}]}]
-    assert holders.live_elsewhere(beat(5), "my-server", told_to_go, now) is None
+    assert holders.holders_elsewhere(beat(5), "my-server", told_to_go, now) == []

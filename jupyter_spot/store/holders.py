@@ -165,14 +165,6 @@ def holders_elsewhere(
     return found
 
 
-def live_elsewhere(
-    record: dict[str, Any], server_id: str | None, notices: list[dict[str, Any]], now: datetime | None = None
-) -> dict[str, Any] | None:
-    """Where the session's kernel still runs under another server, from its session record; None if not."""
-    holders = holders_elsewhere(record, server_id, notices, now)
-    return holders[0] if holders else None
-
-
 def held_lines(lines: dict[str, Line], holders: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
     """The lines a live holder is writing (its kernel wrote their newest snapshot), by line id.
 
