@@ -1,6 +1,6 @@
 """What a change costs with chunked buffers (issue 12), against baselines from the same run.
 
-    python benchmarks/bench_chunks.py [--gb 1.0] [--rows 300000] [--rounds 3] [--dir DIR] [--skip-pandas]
+    python benchmarks/bench_chunks.py [--gb 1.0] [--rows 300000] [--rounds 4] [--dir DIR] [--skip-pandas]
 
 The issue's namespace, in real ipykernel kernels on a local store: a ``--gb`` GiB
 float64 array ``a`` plus ``--rows`` small dicts in a list. Measured:
@@ -8,7 +8,8 @@ float64 array ``a`` plus ``--rows`` small dicts in a list. Measured:
   * first full snapshot vs the disk's write + fsync of as many bytes, and
     ``dill.dump_module`` of the same namespace. The disk is shared and its speed
     drifts, so the first snapshot is also taken ``--rounds`` times in fresh kernels
-    and stores, each right before a disk write, and best is compared with best;
+    and stores, each beside a disk write (which goes first alternates), and best
+    is compared with best;
   * one element changed, then ``jupyter_spot.snapshot()`` (what ``%spot snapshot``
     runs): seconds and bytes the store grew by, manifest included; and the same
     snapshot with nothing changed, which is what re-checking every variable costs;
@@ -37,7 +38,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from bench_snapshot import DILL_DUMP, OUR_SNAPSHOT, OUR_STATUS, Kernel, first_snapshots, mb
+from bench_snapshot import DILL_DUMP, OUR_SNAPSHOT, OUR_STATUS, Kernel, describe_rounds, first_snapshots, mb
 
 NAMESPACE = """
 import numpy as np
@@ -169,7 +170,7 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=300_000, help="small dicts in the list")
     parser.add_argument("--chunk", type=int, default=4 << 20, help="chunk size (bytes)")
     parser.add_argument("--restore-rounds", type=int, default=2)
-    parser.add_argument("--rounds", type=int, default=3, help="first snapshots (each beside a disk write) to take")
+    parser.add_argument("--rounds", type=int, default=4, help="first snapshots (each beside a disk write; the order alternates) to take")
     parser.add_argument("--dir", default=None, help="where the stores go (default: a temp dir)")
     parser.add_argument("--skip-pandas", action="store_true")
     args = parser.parse_args()
@@ -203,8 +204,7 @@ def report(args: Any, ours: dict[str, Any], disk: float, restore: dict[str, list
     print(f"{'first full snapshot (durable), best':56}{full['seconds']:>10.3f}{mb(full['bytes_written']):>14}")
     print(f"{'disk: write + fsync of as many bytes, best':56}{disk:>10.3f}{mb(full['bytes_written']):>14}")
     pairs = ours["rounds"]
-    print("  each round, first snapshot then disk: " + ", ".join(f"{ours_:.2f}/{disk_:.2f} s" for ours_, disk_ in pairs)
-          + " (" + ", ".join(f"{disk_ / ours_:.2f}" for ours_, disk_ in pairs) + " of the disk)")
+    print("  " + describe_rounds(pairs, "first snapshot", "disk"))
     print(f"{'one element changed, then %spot snapshot (median of 3)':56}{med(r['seconds'] for r in one):>10.3f}"
           f"{mb(med(r['store_growth'] for r in one)):>14}  (store growth, manifest included)")
     auto = ours["one_auto"]
