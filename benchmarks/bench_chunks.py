@@ -203,8 +203,7 @@ def report(args: Any, ours: dict[str, Any], disk: float, restore: dict[str, list
     print(f"{'dill.dump_module + fsync':56}{dill['seconds']:>10.3f}{mb(dill['bytes']):>14}")
     print(f"{'first full snapshot (durable), best':56}{full['seconds']:>10.3f}{mb(full['bytes_written']):>14}")
     print(f"{'disk: write + fsync of as many bytes, best':56}{disk:>10.3f}{mb(full['bytes_written']):>14}")
-    pairs = ours["rounds"]
-    print("  " + describe_rounds(pairs, "first snapshot", "disk"))
+    print("  " + describe_rounds(ours["rounds"], "first snapshot", "disk"))
     print(f"{'one element changed, then %spot snapshot (median of 3)':56}{med(r['seconds'] for r in one):>10.3f}"
           f"{mb(med(r['store_growth'] for r in one)):>14}  (store growth, manifest included)")
     auto = ours["one_auto"]

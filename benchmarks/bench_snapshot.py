@@ -186,33 +186,39 @@ def first_snapshots(
     reports free pages to the host that costs up to 2 s of system time per GiB, and
     the write that follows reuses the pages the first one freed (benchmarks/README.md).
     """
-    pairs: list[tuple[float, float, int]] = []
+    pairs: list[tuple[float, float]] = []
+    written = 0  # bytes of round 0's snapshot, which goes first: what a disk-first round writes
     for round_ in range(rounds):
         store = work / f"first-{round_}"
         env = {**os.environ, "JUPYTER_SPOT_STORE": str(store), "JUPYTER_SPOT_SESSION": "bench",
                "JUPYTER_SPOT_SIGNING_KEY": "bench-" + uuid.uuid4().hex, "JUPYTER_DATA_DIR": str(work / "data")}
-        disk_first = round_ % 2 == 1  # round 0 goes snapshot-first, so later rounds know how many bytes it writes
         kernel = Kernel(work, env, extra=extra)
         try:
             kernel.run("%load_ext jupyter_spot")
             kernel.run("%spot off", store_history=False)
             kernel.run(namespace)
-            if disk_first:
-                disk = disk_write(work / "probe.bin", pairs[0][2])
+            if disk_goes_first(round_):
+                disk = disk_write(work / "probe.bin", written)
             full = kernel.json(OUR_SNAPSHOT)
         finally:
             kernel.close()
         shutil.rmtree(store)
-        if not disk_first:
+        written = written or full["bytes_written"]
+        if not disk_goes_first(round_):
             disk = disk_write(work / "probe.bin", full["bytes_written"])
-        pairs.append((full["seconds"], disk, full["bytes_written"]))
-    return [(ours, disk) for ours, disk, _ in pairs]
+        pairs.append((full["seconds"], disk))
+    return pairs
+
+
+def disk_goes_first(round_: int) -> bool:
+    """Whether :func:`first_snapshots` writes the disk probe before the snapshot in this round."""
+    return round_ % 2 == 1
 
 
 def describe_rounds(pairs: list[tuple[float, float]], ours: str, disk: str) -> str:
     """One line for :func:`first_snapshots`' rounds, saying which went first in each."""
-    shown = [f"{ours_:.2f}/{disk_:.2f} s{' (' + disk + ' first)' if index % 2 else ''}"
-             for index, (ours_, disk_) in enumerate(pairs)]
+    shown = [f"{ours_:.2f}/{disk_:.2f} s{' (' + disk + ' first)' if disk_goes_first(round_) else ''}"
+             for round_, (ours_, disk_) in enumerate(pairs)]
     return (f"each round, {ours}/{disk}: " + ", ".join(shown)
             + " (" + ", ".join(f"{disk_ / ours_:.2f}" for ours_, disk_ in pairs) + " of the disk)")
 
