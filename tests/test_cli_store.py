@@ -38,6 +38,20 @@ def test_list_marks_interrupted_and_closed(store: Any) -> None:
     assert [s["id"] for s in per_session["snapshots"]][0] == latest
 
 
+def test_list_says_why_a_store_path_holds_nothing(tmp_path: Path) -> None:
+    """A mistyped store path is named as missing, and one through a regular file fails: neither is
+    reported as an empty store. Listing creates nothing."""
+    missing = spot("list", f"--store={tmp_path}/stroe")
+    assert missing.stdout.strip() == f"no sessions in {tmp_path}/stroe ({tmp_path}/stroe does not exist)"
+    assert not (tmp_path / "stroe").exists()
+    blocker = tmp_path / "plain-file"
+    blocker.write_text("x")
+    through_file = spot("list", f"--store={blocker}/store", check=False)
+    assert through_file.returncode == 1
+    assert f"{blocker} is a file, not a directory" in through_file.stderr and not through_file.stdout
+    assert blocker.read_text() == "x"
+
+
 def test_show_by_snapshot_id_and_by_session(store: Any) -> None:
     snapshot_id = commit_snapshot(store, "work/a.ipynb", minutes_ago=3)
     by_id = spot("show", snapshot_id).stdout

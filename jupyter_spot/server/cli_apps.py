@@ -75,6 +75,7 @@ class ListApp(StoreApp):
                 return
             sessions = catalog.describe_sessions(store, live=[])
             unverifiable = catalog.unverifiable_sessions(store, None, {s["id"] for s in sessions})
+            missing = None if sessions or unverifiable else store.missing_reason()
         except (StoreError, catalog.BadId) as error:
             self.fail(str(error))
         lines = []
@@ -97,7 +98,8 @@ class ListApp(StoreApp):
                 f"{u['id']}\n    UNVERIFIED  {u['snapshots']} snapshot(s) signed with key {u['key_id'] or '?'}, "
                 f"which this machine does not have\n    fix: {u['fix']}"
             )
-        self.emit({"sessions": sessions, "unverifiable": unverifiable}, "\n".join(lines) or f"no sessions in {store.url}")
+        self.emit({"sessions": sessions, "unverifiable": unverifiable},
+                  "\n".join(lines) or f"no sessions in {store.url}" + (f" ({missing})" if missing else ""))
 
 
 class ShowApp(StoreApp):

@@ -297,6 +297,11 @@ class Store(ABC):
     def list_sessions(self) -> list[str]:
         """Every session that has at least one snapshot."""
 
+    def missing_reason(self) -> str | None:
+        """Why a listing is empty because the store itself is not there yet; None if it is, or if this
+        store cannot tell. Raises StoreError if it never can be there."""
+        return None
+
     @abstractmethod
     def list_snapshots(self, session: str) -> list[str]:
         """The session's snapshot ids, oldest first."""

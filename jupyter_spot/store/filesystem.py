@@ -453,6 +453,19 @@ class FileStore(Store):
         ]
         return sorted(name for name in map(self._session_name, folders) if name is not None)
 
+    def missing_reason(self) -> str | None:
+        """Only reads: the store's directory is made by its first write, so its absence is
+        news, not an error; a path through a regular file can never hold one."""
+        try:
+            for path in (self.root, *self.root.parents):
+                if path.is_dir():
+                    return None if path == self.root else f"{self.root} does not exist"
+                if path.exists():
+                    raise StoreError(f"store {self.root} cannot be made: {path} is a file, not a directory")
+        except OSError:
+            return None  # a parent we may not look into: the listing's own errors say more
+        return f"{self.root} does not exist"
+
     def list_snapshots(self, session: str) -> list[str]:
         directory = self._session_dir(session)
         if not directory.is_dir():
