@@ -1,6 +1,7 @@
 """What a change costs with chunked buffers (issue 12), against baselines from the same run.
 
     python benchmarks/bench_chunks.py [--gb 1.0] [--rows 300000] [--rounds 4] [--dir DIR] [--skip-pandas]
+                                      [--disk-mbps MB_PER_S]
 
 The issue's namespace, in real ipykernel kernels on a local store: a ``--gb`` GiB
 float64 array ``a`` plus ``--rows`` small dicts in a list. Measured:
@@ -9,7 +10,8 @@ float64 array ``a`` plus ``--rows`` small dicts in a list. Measured:
     ``dill.dump_module`` of the same namespace. The disk is shared and its speed
     drifts, so the first snapshot is also taken ``--rounds`` times in fresh kernels
     and stores, each beside a disk write (which goes first alternates), and best
-    is compared with best;
+    is compared with best. Each round also takes the format before chunks
+    (``chunk_size=0``), beside its own disk write, for the same comparison;
   * one element changed, then ``jupyter_spot.snapshot()`` (what ``%spot snapshot``
     runs): seconds and bytes the store grew by, manifest included; and the same
     snapshot with nothing changed, which is what re-checking every variable costs;
@@ -23,6 +25,9 @@ float64 array ``a`` plus ``--rows`` small dicts in a list. Measured:
     unchunked (``chunk_size=0``, i.e. the format before chunks), alternated;
   * a DataFrame of ``--gb`` GiB (10 float64 columns) gaining one column: bytes
     written vs that column's bytes.
+
+``--disk-mbps`` runs it all on a disk limited to that many MB/s (slow_disk.py): a
+ratio to the disk depends on how fast the disk is against the CPU.
 """
 
 from __future__ import annotations
@@ -38,6 +43,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+import slow_disk
 from bench_snapshot import DILL_DUMP, OUR_SNAPSHOT, OUR_STATUS, Kernel, describe_rounds, first_snapshots, mb
 
 NAMESPACE = """
@@ -173,20 +179,25 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=4, help="first snapshots (each beside a disk write; the order alternates) to take")
     parser.add_argument("--dir", default=None, help="where the stores go (default: a temp dir)")
     parser.add_argument("--skip-pandas", action="store_true")
+    parser.add_argument("--disk-mbps", type=float, default=None,
+                        help="limit writes to the disk under --dir to this many MB/s for the run (root, cgroup v1)")
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="spot-chunks-", dir=args.dir))
     key = "bench-" + uuid.uuid4().hex
     try:
-        ours = bench_snapshots(work, args.gb, args.rows, args.chunk, key)
-        shutil.rmtree(work / "store")
-        rounds = first_snapshots(work, NAMESPACE.format(gb=args.gb, rows=args.rows), args.rounds,
-                                 [f"--SpotSettings.chunk_size={args.chunk}"])
-        ours["full"]["seconds"] = min(ours["full"]["seconds"], *(seconds for seconds, _ in rounds))
-        ours["rounds"] = rounds
-        disk = min(seconds for _, seconds in rounds)
-        restore = bench_restore(work, args.gb, args.rows, args.chunk, key, args.restore_rounds)
-        shutil.rmtree(work / "r-chunked"), shutil.rmtree(work / "r-whole")
-        frame = None if args.skip_pandas else bench_frame(work, args.gb, args.chunk, key)
+        with slow_disk.write_limit(work, args.disk_mbps):
+            ours = bench_snapshots(work, args.gb, args.rows, args.chunk, key)
+            shutil.rmtree(work / "store")
+            chunked, whole = first_snapshots(work, NAMESPACE.format(gb=args.gb, rows=args.rows), args.rounds,
+                                             [[f"--SpotSettings.chunk_size={args.chunk}"], ["--SpotSettings.chunk_size=0"]])
+            ours["full"]["seconds"] = min(ours["full"]["seconds"], *(seconds for seconds, _ in chunked))
+            ours["rounds"], ours["rounds_whole"] = chunked, whole
+            disk = min(seconds for _, seconds in chunked + whole)
+            restore = bench_restore(work, args.gb, args.rows, args.chunk, key, args.restore_rounds)
+            shutil.rmtree(work / "r-chunked"), shutil.rmtree(work / "r-whole")
+            frame = None if args.skip_pandas else bench_frame(work, args.gb, args.chunk, key)
+    except slow_disk.CannotLimit as error:
+        parser.error(f"--disk-mbps: {error}")
     finally:
         shutil.rmtree(work, ignore_errors=True)
     report(args, ours, disk, restore, frame)
@@ -199,11 +210,17 @@ def report(args: Any, ours: dict[str, Any], disk: float, restore: dict[str, list
     recheck = ours["recheck"]
     print(f"\nnamespace: {args.gb:g} GiB float64 array + {args.rows:,} small dicts; chunks of {mb(args.chunk)}; "
           f"Python {sys.version.split()[0]}")
+    if args.disk_mbps:
+        print(f"disk writes limited to {args.disk_mbps:g} MB/s for the run (--disk-mbps)")
     print(f"{'':56}{'seconds':>10}{'written':>14}")
     print(f"{'dill.dump_module + fsync':56}{dill['seconds']:>10.3f}{mb(dill['bytes']):>14}")
     print(f"{'first full snapshot (durable), best':56}{full['seconds']:>10.3f}{mb(full['bytes_written']):>14}")
     print(f"{'disk: write + fsync of as many bytes, best':56}{disk:>10.3f}{mb(full['bytes_written']):>14}")
     print("  " + describe_rounds(ours["rounds"], "first snapshot", "disk"))
+    whole = min(seconds for seconds, _ in ours["rounds_whole"])
+    print(f"{'first full snapshot, format before chunks, best':56}{whole:>10.3f}{'':>14}  (chunk_size=0, "
+          "in the same rounds)")
+    print("  " + describe_rounds(ours["rounds_whole"], "unchunked", "disk"))
     print(f"{'one element changed, then %spot snapshot (median of 3)':56}{med(r['seconds'] for r in one):>10.3f}"
           f"{mb(med(r['store_growth'] for r in one)):>14}  (store growth, manifest included)")
     auto = ours["one_auto"]
@@ -235,7 +252,8 @@ def report(args: Any, ours: dict[str, Any], disk: float, restore: dict[str, list
     print(f"  ten 1% snapshots: store = {(full['bytes_written'] + ours['ten_growth']) / full['bytes_written']:.2f}x "
           "one snapshot's bytes")
     print(f"  first snapshot: {disk / full['seconds']:.2f} of the disk's write+fsync bandwidth; "
-          f"{dill['seconds'] / full['seconds']:.2f}x faster than dill.dump_module")
+          f"{dill['seconds'] / full['seconds']:.2f}x faster than dill.dump_module; the format before chunks: "
+          f"{disk / whole:.2f}")
     restore_ratio = (med(restore["r-chunked"]) + med(restore["r-chunked-use"])) / (
         med(restore["r-whole"]) + med(restore["r-whole-use"]))
     print(f"  restore-to-usable, chunked / unchunked: {restore_ratio:.2f}")

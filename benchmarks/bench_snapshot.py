@@ -33,6 +33,7 @@ import sys
 import tempfile
 import time
 import uuid
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -176,38 +177,49 @@ def bench_ours(work: Path, gb: float) -> dict[str, Any]:
 
 
 def first_snapshots(
-    work: Path, namespace: str, rounds: int, extra: list[str] | None = None
-) -> list[tuple[float, float]]:
-    """(our first snapshot of ``namespace``, the disk's write + fsync of as many bytes), back to back ``rounds``
-    times, each in a fresh kernel and store: the disk is shared and its speed drifts, so compare best with best.
+    work: Path, namespace: str, rounds: int, variants: Sequence[list[str]] = ([],)
+) -> list[list[tuple[float, float]]]:
+    """For each variant (extra kernel arguments): (our first snapshot of ``namespace``, the disk's write + fsync of
+    as many bytes), back to back ``rounds`` times, each in a fresh kernel and store. The disk is shared and its
+    speed drifts, so compare best with best; each round takes every variant once, so drift meets them alike.
 
     Which of the two goes first alternates. Whatever writes first after the namespace
     is built pays to bring fresh pages into the page cache; on a VM whose balloon
     reports free pages to the host that costs up to 2 s of system time per GiB, and
     the write that follows reuses the pages the first one freed (benchmarks/README.md).
     """
-    pairs: list[tuple[float, float]] = []
-    written = 0  # bytes of round 0's snapshot, which goes first: what a disk-first round writes
+    pairs: list[list[tuple[float, float]]] = [[] for _ in variants]
+    written = [0] * len(variants)  # bytes of round 0's snapshot, which goes first: what a disk-first round writes
     for round_ in range(rounds):
-        store = work / f"first-{round_}"
-        env = {**os.environ, "JUPYTER_SPOT_STORE": str(store), "JUPYTER_SPOT_SESSION": "bench",
-               "JUPYTER_SPOT_SIGNING_KEY": "bench-" + uuid.uuid4().hex, "JUPYTER_DATA_DIR": str(work / "data")}
-        kernel = Kernel(work, env, extra=extra)
-        try:
-            kernel.run("%load_ext jupyter_spot")
-            kernel.run("%spot off", store_history=False)
-            kernel.run(namespace)
-            if disk_goes_first(round_):
-                disk = disk_write(work / "probe.bin", written)
-            full = kernel.json(OUR_SNAPSHOT)
-        finally:
-            kernel.close()
-        shutil.rmtree(store)
-        written = written or full["bytes_written"]
-        if not disk_goes_first(round_):
-            disk = disk_write(work / "probe.bin", full["bytes_written"])
-        pairs.append((full["seconds"], disk))
+        for index, extra in enumerate(variants):
+            ours, disk, nbytes = first_snapshot_beside_disk(
+                work, work / f"first-{round_}-{index}", namespace, extra, written[index], disk_goes_first(round_))
+            written[index] = written[index] or nbytes
+            pairs[index].append((ours, disk))
     return pairs
+
+
+def first_snapshot_beside_disk(
+    work: Path, store: Path, namespace: str, extra: list[str], disk_bytes: int, disk_first: bool
+) -> tuple[float, float, int]:
+    """(seconds of a fresh kernel's first snapshot, seconds of the disk's write + fsync, bytes the snapshot wrote).
+    The disk writes ``disk_bytes`` before the snapshot if ``disk_first``, else as many as the snapshot wrote after it."""
+    env = {**os.environ, "JUPYTER_SPOT_STORE": str(store), "JUPYTER_SPOT_SESSION": "bench",
+           "JUPYTER_SPOT_SIGNING_KEY": "bench-" + uuid.uuid4().hex, "JUPYTER_DATA_DIR": str(work / "data")}
+    kernel = Kernel(work, env, extra=extra)
+    try:
+        kernel.run("%load_ext jupyter_spot")
+        kernel.run("%spot off", store_history=False)
+        kernel.run(namespace)
+        if disk_first:
+            disk = disk_write(work / "probe.bin", disk_bytes)
+        full = kernel.json(OUR_SNAPSHOT)
+    finally:
+        kernel.close()
+    shutil.rmtree(store)
+    if not disk_first:
+        disk = disk_write(work / "probe.bin", full["bytes_written"])
+    return full["seconds"], disk, full["bytes_written"]
 
 
 def disk_goes_first(round_: int) -> bool:
@@ -264,7 +276,7 @@ def main() -> None:
         (work / "ours").mkdir()
         ours = bench_ours(work / "ours", args.gb)
         # the disk is shared and noisy: best against best, each first snapshot beside a disk write
-        rounds = first_snapshots(work / "ours", NAMESPACE.format(gb=args.gb), args.rounds)
+        [rounds] = first_snapshots(work / "ours", NAMESPACE.format(gb=args.gb), args.rounds)
         ours["full"]["seconds"] = min(ours["full"]["seconds"], *(seconds for seconds, _ in rounds))
         ours["rounds"] = rounds
         disk = min(seconds for _, seconds in rounds)
