@@ -250,11 +250,11 @@ async def test_rebalance_takes_one_snapshot_and_keeps_the_machine_open(
     before = await wait_for_snapshots(store, notebook)
     simulator.rebalance()
     await until_async(lambda: [f for f in flushes if f["status"] != "started"], 60, "the rebalance flush to end")
-    # The watcher polls again only once the server has handled what its last poll saw (flush
-    # events included): after two more polls, a repeat of the recommendation would be in `flushes`.
+    # A repeat of the recommendation would be handed to the server by the poll that saw it, and
+    # its flush would start at once: none does in two more polls and the moment after.
     polls = len(simulator.requests)
     await until_async(lambda: len(simulator.requests) >= polls + 4, 60, "two more polls of the metadata service")
-    await asyncio.sleep(0)  # event listeners run as tasks on this loop
+    await asyncio.sleep(0.5)
     assert [f["status"] for f in flushes] == ["started", "done"]
     assert len(store.list_snapshots(notebook)) == len(before) + 1
     status = json.loads((await jp_fetch("jupyter-spot/api/status")).body)
@@ -325,14 +325,14 @@ async def test_a_renamed_notebook_snapshots_under_its_new_path(
     await latest_variables(store, "project/renamed.ipynb", {"z"})
 
 
-def flush_events(jp_serverapp: Any) -> list[dict[str, Any]]:
-    """Every flush event the server emits from now on, as they come."""
+def server_events(jp_serverapp: Any, kind: str = "flush") -> list[dict[str, Any]]:
+    """Every event of ``kind`` (flush, notice) the server emits from now on, as they come."""
     events: list[dict[str, Any]] = []
 
     async def listen(logger: Any, schema_id: str, data: dict[str, Any]) -> None:
         events.append(dict(data))
 
-    jp_serverapp.event_logger.add_listener(schema_id="https://events.jupyter.org/jupyter_spot/flush/v1", listener=listen)
+    jp_serverapp.event_logger.add_listener(schema_id=f"https://events.jupyter.org/jupyter_spot/{kind}/v1", listener=listen)
     return events
 
 
@@ -354,13 +354,45 @@ async def test_a_flush_that_misses_flush_timeout_is_reported_failed(
     await execute(
         jp_serverapp.kernel_manager, kernel_id, f"%spot off\nimport os\nos.environ['JUPYTER_SPOT_FAULTS'] = {faults!r}"
     )
-    events = flush_events(jp_serverapp)
+    events = server_events(jp_serverapp)
     simulator.rebalance()
     await until_async(lambda: [e for e in events if e["status"] != "started"], 60, "the flush to end")
     assert [e["status"] for e in events] == ["started", "failed"], events
     assert events[-1]["message"] == "no new snapshot before the deadline"
     assert (events[-1]["kernel_id"], events[-1]["session"]) == (kernel_id, notebook)
     await asyncio.to_thread(pause.reached, "manifest-commit")  # it was stuck writing, as arranged
+
+
+@pytest.mark.faults
+@pytest.mark.parametrize(
+    "spot_config", [{"notice_sources": ["aws"], "notice_poll_interval": 0.1, "flush_timeout": 120.0}]
+)
+async def test_the_interruption_is_seen_at_once_while_the_rebalance_snapshot_is_still_written(
+    simulator: Any, jp_fetch: Any, jp_serverapp: Any, notebook: str, spot_env: Path, tmp_path: Path
+) -> None:
+    """AWS often recommends a rebalance shortly before it interrupts. The rebalance's snapshot
+    has no deadline and may take long (here it is held at `manifest-commit`); the metadata
+    service must still be polled meanwhile, or the interruption's two minutes pass unseen."""
+    pause = FaultPause(tmp_path / "faults", "manifest-commit")
+    kernel_id = await open_notebook(jp_fetch, notebook)
+    await execute(jp_serverapp.kernel_manager, kernel_id, "z = 1")
+    store = open_store(str(spot_env))
+    await wait_for_snapshots(store, notebook)
+    faults = pause.env["JUPYTER_SPOT_FAULTS"]
+    await execute(
+        jp_serverapp.kernel_manager, kernel_id, f"%spot off\nimport os\nos.environ['JUPYTER_SPOT_FAULTS'] = {faults!r}"
+    )
+    notices, flushes = server_events(jp_serverapp, "notice"), server_events(jp_serverapp)
+    simulator.rebalance()
+    await asyncio.to_thread(pause.reached, "manifest-commit")  # the rebalance's snapshot is stuck
+    simulator.fire(lead_time=30)
+    await until_async(lambda: [n for n in notices if n["kind"] == "interruption"], 10,
+                      "the interruption notice, while the rebalance's flush still waits")
+    refused = await jp_fetch("api", "kernels", method="POST", body="{}", raise_error=False)
+    assert refused.code == 503, refused.body
+    pause.release("manifest-commit")
+    await until_async(lambda: len([f for f in flushes if f["status"] == "done"]) == 2, 60, "both flushes to land")
+    assert [n["kind"] for n in notices] == ["rebalance", "interruption"]
 
 
 @pytest.mark.parametrize(
@@ -374,7 +406,7 @@ async def test_a_kernel_without_the_notice_handler_is_reported_not_signalled(
     kernel_id = await open_notebook(jp_fetch, notebook)
     km = jp_serverapp.kernel_manager
     await execute(km, kernel_id, "x = 1")
-    events = flush_events(jp_serverapp)
+    events = server_events(jp_serverapp)
     simulator.fire("terminate")
     await until_async(lambda: events, 60, "a flush event")
     (event,) = events

@@ -148,17 +148,15 @@ class KernelNoticeHandler:
 
     # -- delivery --------------------------------------------------------------------------
     def _from_watcher(self, notice: Notice) -> None:
-        """Watcher thread: wake the main thread; for a deadline, wait until it has flushed (Azure acks after).
+        """Watcher thread: wake the main thread, then wait until it has handled the notice (Azure acks after).
 
-        A rebalance is not waited for: the source must keep polling for the
-        interruption that may follow while the snapshot is written.
+        The watcher goes on polling meanwhile, for the interruption that may follow a rebalance.
         """
         done = self._done.setdefault(notice.key, threading.Event())
         self._pending.append(notice)
         signal.pthread_kill(threading.main_thread().ident or 0, HANDOFF_SIGNAL)  # type: ignore[arg-type]
-        if notice.kind != "rebalance":
-            left = notice.seconds_left()
-            done.wait(left if left is not None else 60.0)
+        left = notice.seconds_left()
+        done.wait(left if left is not None else 60.0)
 
     def _take(self) -> list[Notice]:
         """Notices waiting for the main thread: ours first, then the server's file."""

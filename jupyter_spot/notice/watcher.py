@@ -1,7 +1,10 @@
 """Poll notice sources in the background and report each distinct notice once.
 
 One daemon thread per source, so a source that waits for a change (GCP's
-hanging GET, a signal) never delays another. A dead endpoint (a laptop has no
+hanging GET, a signal) never delays another; and one per notice while its
+callbacks run, so handling a notice never delays the next one from the same
+source (AWS often recommends a rebalance shortly before it interrupts, and the
+rebalance's snapshot has no deadline). A dead endpoint (a laptop has no
 metadata service) is logged once and polled ever less often, up to
 ``max_backoff``; a callback that raises is logged and the others still run.
 Two polls of one source start at least ``min_gap`` seconds apart, so an
@@ -29,9 +32,10 @@ MIN_POLL_GAP = 0.5
 class NoticeWatcher:
     """Runs ``callbacks`` for every new notice from ``sources``.
 
-    Callbacks run on the source's thread and should return when their work for
-    the notice is done (the flush is durable): only then is the source told
-    (Azure approves the event, a SIGTERM goes on to the previous handler).
+    Callbacks run on a thread of their own for each notice and should return when
+    their work for the notice is done (the flush is durable): only then is the
+    source told (Azure approves the event, a SIGTERM goes on to the previous
+    handler). The source is polled meanwhile.
     """
 
     def __init__(
@@ -110,6 +114,11 @@ class NoticeWatcher:
             self._seen.add(notice.key)
             self.notices.append(notice)
         log.warning("jupyter-spot: %s", notice.describe())
+        threading.Thread(
+            target=self._handle, args=(source, notice), name=f"jupyter-spot-{notice.kind}-{source.name}", daemon=True
+        ).start()
+
+    def _handle(self, source: NoticeSource, notice: Notice) -> None:
         for callback in list(self.callbacks):
             try:
                 callback(notice)

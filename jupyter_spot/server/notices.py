@@ -88,7 +88,7 @@ class NoticeCoordinator:
         }
 
     def on_notice(self, notice: Notice) -> None:
-        """Watcher callback (a source's thread): returns once the flushes are durable or late."""
+        """Watcher callback (the watcher's thread for this notice): returns once the flushes are durable or late."""
         future = asyncio.run_coroutine_threadsafe(self.handle(notice), self.loop)
         left = notice.seconds_left()
         future.result(timeout=(left if left is not None else self.app.flush_timeout) + 10)
