@@ -156,7 +156,7 @@ def test_aws_unparsable_notice_time_is_a_notice_without_deadline() -> None:
 def test_aws_rebalance_is_reported_once_then_the_interruption() -> None:
     with Simulator("aws") as sim:
         rec = Recorder()
-        with NoticeWatcher([AWSSource(sim.url, interval=0.05)], [rec]):
+        with NoticeWatcher([AWSSource(sim.url, interval=0.05)], [rec], min_gap=0.05):
             sim.rebalance()
             until(lambda: len(rec.notices) == 1, SOON, "the rebalance recommendation")
             polled(sim, 20, "rebalance")  # many more polls see it again
@@ -166,6 +166,27 @@ def test_aws_rebalance_is_reported_once_then_the_interruption() -> None:
             polled(sim, 6, "instance-action")  # both still standing: a repeat would be in by now
     assert [n.kind for n in rec.notices] == ["rebalance", "interruption"]
     assert rec.notices[0].deadline is None
+
+
+def test_the_interruption_is_seen_while_the_rebalance_is_still_being_handled() -> None:
+    """A rebalance's snapshot has no deadline and may take long; the source is polled meanwhile."""
+    with Simulator("aws") as sim:
+        rec = Recorder()
+        rebalance_handled = threading.Event()
+
+        def slow_snapshot(notice: Notice) -> None:
+            if notice.kind == "rebalance":
+                rebalance_handled.wait(SOON)
+
+        with NoticeWatcher([AWSSource(sim.url, interval=0.05)], [slow_snapshot, rec], min_gap=0.05):
+            sim.rebalance()
+            polled(sim, 2, "rebalance")
+            sim.fire()
+            until(lambda: [n.kind for n in rec.notices] == ["interruption"], SOON,
+                  "the interruption, while the rebalance's callback still runs")
+            rebalance_handled.set()
+            until(lambda: len(rec.notices) == 2, SOON, "the rebalance's callbacks to finish")
+    assert [n.kind for n in rec.notices] == ["interruption", "rebalance"]
 
 
 def test_aws_scheduled_maintenance() -> None:
