@@ -4,7 +4,8 @@ Only operations that are atomic on NFS are used: write a temporary file in the
 target directory, fsync it, then ``rename`` (blobs, records) or ``link``
 (manifests, so a commit never replaces another writer's). No SQLite, no locks.
 A blob is hashed while it is written, so its temporary file is staged in
-``blobs/`` and renamed into its shard once its address is known.
+``blobs/`` and renamed into its shard once its address is known. This module
+keeps the blobs; manifests, records and keys are in file_documents.py.
 
 Layout under the root::
 
@@ -30,7 +31,6 @@ deletion — so only with a grace period of 0 can it still take one.
 from __future__ import annotations
 
 import errno
-import json
 import mmap
 import os
 import secrets
@@ -42,24 +42,9 @@ from typing import Any
 from ..faults import fault_point
 from ..threads import run_in_threads
 from . import file_writes
-from .base import (
-    MAX_RECORD_BYTES,
-    SESSION_NAME_FILE,
-    Buffer,
-    Store,
-    biggest_first,
-    check_digest,
-    check_record_name,
-    check_snapshot_id,
-    decode_session,
-    digest_of,
-    encode_session,
-    hashed_session_name,
-    is_hashed_session,
-    parse_record,
-    report_bad_record,
-)
-from .errors import CorruptBlobError, ManifestError, MissingBlobError, SnapshotExistsError, StoreError
+from .base import Buffer, Store, biggest_first, check_digest, digest_of
+from .errors import CorruptBlobError, MissingBlobError, StoreError
+from .file_documents import FileDocuments
 
 #: Blobs at least this big are read through a copy-on-write mmap: no copy up
 #: front, pages come in as the unpickler touches them, and arrays stay writable.
@@ -70,7 +55,8 @@ MMAP_THRESHOLD = 1 << 20
 #: journal commits. It bounds the files held open at once.
 SYNC_BATCH = 64
 
-class FileStore(Store):
+
+class FileStore(FileDocuments, Store):
     """A store in a directory."""
 
     kind = "local"
@@ -386,170 +372,6 @@ class FileStore(Store):
                 raise self._wrap(error, f"checking blob {digest[:12]}") from error
             self._present.add(digest)
         return missing
-
-    # -- manifests -----------------------------------------------------------
-    def _session_dir(self, session: str) -> Path:
-        return self.root / "sessions" / encode_session(session)
-
-    def _manifest_path(self, session: str, snapshot_id: str) -> Path:
-        return self._session_dir(session) / f"{check_snapshot_id(snapshot_id)}.json"
-
-    def _write_manifest(self, session: str, snapshot_id: str, data: bytes) -> None:
-        path = self._manifest_path(session, snapshot_id)
-        self._ensure_dir(path.parent)
-        if is_hashed_session(path.parent.name):
-            self._keep_session_name(path.parent, session)
-        try:
-            tmp = file_writes.write_durably(path, data)
-        except OSError as error:
-            raise self._wrap(error, f"committing snapshot {snapshot_id}") from error
-        try:
-            os.link(tmp, path)
-        except FileExistsError:
-            raise SnapshotExistsError(f"snapshot {snapshot_id} of session {session!r} already exists") from None
-        except OSError as error:
-            raise self._wrap(error, f"committing snapshot {snapshot_id}") from error
-        finally:
-            tmp.unlink(missing_ok=True)
-        file_writes.fsync_dir(path.parent)
-
-    def _read_manifest(self, session: str, snapshot_id: str) -> bytes:
-        path = self._manifest_path(session, snapshot_id)
-        try:
-            return path.read_bytes()
-        except FileNotFoundError:
-            raise ManifestError(f"snapshot {snapshot_id} of session {session!r} does not exist") from None
-        except OSError as error:
-            raise ManifestError(f"snapshot {snapshot_id} of session {session!r}: {error.strerror}") from error
-
-    def _keep_session_name(self, folder: Path, session: str) -> None:
-        """A long name's folder is named by its hash: keep the name itself in it (once)."""
-        target = folder / SESSION_NAME_FILE
-        if target.is_file():
-            return
-        try:
-            os.replace(file_writes.write_durably(target, session.encode()), target)
-        except OSError as error:
-            raise self._wrap(error, f"naming session {session!r}") from error
-
-    def _session_name(self, folder: Path) -> str | None:
-        if not is_hashed_session(folder.name):
-            return decode_session(folder.name)
-        try:
-            with open(folder / SESSION_NAME_FILE, "rb") as handle:
-                data = handle.read(8192)
-        except OSError:
-            data = b""
-        return hashed_session_name(str(self.root), folder.name, data)
-
-    def list_sessions(self) -> list[str]:
-        base = self.root / "sessions"
-        if not base.is_dir():
-            return []
-        folders = [
-            path
-            for path in base.iterdir()
-            if path.is_dir() and any(p.suffix == ".json" and not p.name.startswith(".") for p in path.iterdir())
-        ]
-        return sorted(name for name in map(self._session_name, folders) if name is not None)
-
-    def missing_reason(self) -> str | None:
-        """Only reads: the store's directory is made by its first write, so its absence is
-        news, not an error; a path through a regular file can never hold one."""
-        try:
-            for path in (self.root, *self.root.parents):
-                if path.is_dir():
-                    return None if path == self.root else f"{self.root} does not exist"
-                if path.exists():
-                    raise StoreError(f"store {self.root} cannot be made: {path} is a file, not a directory")
-        except OSError:
-            return None  # a parent we may not look into: the listing's own errors say more
-        return f"{self.root} does not exist"
-
-    def list_snapshots(self, session: str) -> list[str]:
-        directory = self._session_dir(session)
-        if not directory.is_dir():
-            return []
-        return sorted(
-            path.stem for path in directory.iterdir() if path.suffix == ".json" and not path.name.startswith(".")
-        )
-
-    def delete_snapshot(self, session: str, snapshot_id: str) -> None:
-        path = self._manifest_path(session, snapshot_id)
-        try:
-            path.unlink()
-        except FileNotFoundError:
-            raise ManifestError(f"snapshot {snapshot_id} of session {session!r} does not exist") from None
-        file_writes.fsync_dir(path.parent)
-
-    # -- records -------------------------------------------------------------
-    def _record_path(self, name: str) -> Path:
-        return self.root / "records" / f"{check_record_name(name)}.json"
-
-    def put_record(self, name: str, data: dict[str, Any]) -> None:
-        path = self._record_path(name)
-        self._ensure_dir(path.parent)
-        try:
-            tmp = file_writes.write_durably(path, json.dumps(data, indent=1, sort_keys=True).encode())
-            os.replace(tmp, path)
-        except OSError as error:
-            raise self._wrap(error, f"writing record {name}") from error
-        file_writes.fsync_dir(path.parent)
-
-    def get_record(self, name: str) -> dict[str, Any] | None:
-        try:
-            with open(self._record_path(name), "rb") as handle:
-                data = handle.read(MAX_RECORD_BYTES + 1)
-        except (FileNotFoundError, NotADirectoryError):  # ENOTDIR: the store's path runs through a file, so
-            return None  # nothing was ever stored there; writes say so (the store is read-only)
-        except OSError as error:
-            raise self._wrap(error, f"reading record {name}") from error
-        if len(data) > MAX_RECORD_BYTES:
-            report_bad_record(str(self.root), name, f"it is larger than {MAX_RECORD_BYTES} bytes")
-            return None
-        return parse_record(str(self.root), name, data)
-
-    def list_records(self) -> list[str]:
-        base = self.root / "records"
-        if not base.is_dir():
-            return []
-        return sorted(p.stem for p in base.iterdir() if p.suffix == ".json" and not p.name.startswith("."))
-
-    # -- signing keys (keys.py) --------------------------------------------------
-    def _key_object_path(self, name: str) -> Path:
-        return self.root / "keys" / f"{check_record_name(name)}.json"
-
-    def create_key_object(self, name: str, data: bytes) -> bool:
-        path = self._key_object_path(name)
-        self._ensure_dir(path.parent)
-        try:
-            tmp = file_writes.write_durably(path, data)
-        except OSError as error:
-            raise self._wrap(error, f"creating signing key {name}") from error
-        try:
-            os.link(tmp, path)  # atomic create-if-absent, also on NFS
-        except FileExistsError:
-            return False
-        except OSError as error:
-            raise self._wrap(error, f"creating signing key {name}") from error
-        finally:
-            tmp.unlink(missing_ok=True)
-        file_writes.fsync_dir(path.parent)
-        return True
-
-    def read_key_object(self, name: str) -> bytes | None:
-        try:
-            return self._key_object_path(name).read_bytes()
-        except FileNotFoundError:
-            return None
-        except OSError as error:
-            raise self._wrap(error, f"reading signing key {name}") from error
-
-    def list_key_objects(self) -> list[str]:
-        base = self.root / "keys"
-        if not base.is_dir():
-            return []
-        return sorted(p.stem for p in base.iterdir() if p.suffix == ".json" and not p.name.startswith("."))
 
     # -- health --------------------------------------------------------------
     def check_writable(self) -> None:
