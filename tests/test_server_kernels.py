@@ -336,6 +336,22 @@ def server_events(jp_serverapp: Any, kind: str = "flush") -> list[dict[str, Any]
     return events
 
 
+async def kernel_whose_next_snapshot_sticks(
+    jp_fetch: Any, jp_serverapp: Any, notebook: str, spot_env: Path, tmp_path: Path
+) -> tuple[str, FaultPause]:
+    """The notebook's kernel, with one snapshot stored, and the next held at `manifest-commit`
+    until released. Automatic snapshots are off, so the next is a notice's."""
+    pause = FaultPause(tmp_path / "faults", "manifest-commit")
+    kernel_id = await open_notebook(jp_fetch, notebook)
+    await execute(jp_serverapp.kernel_manager, kernel_id, "z = 1")
+    await wait_for_snapshots(open_store(str(spot_env)), notebook)
+    faults = pause.env["JUPYTER_SPOT_FAULTS"]
+    await execute(
+        jp_serverapp.kernel_manager, kernel_id, f"%spot off\nimport os\nos.environ['JUPYTER_SPOT_FAULTS'] = {faults!r}"
+    )
+    return kernel_id, pause
+
+
 @pytest.mark.faults
 @pytest.mark.parametrize(
     "spot_config", [{"notice_sources": ["aws"], "notice_poll_interval": 0.1, "flush_timeout": 2.0}]
@@ -345,15 +361,7 @@ async def test_a_flush_that_misses_flush_timeout_is_reported_failed(
 ) -> None:
     """A notice without a deadline (a rebalance) waits `flush_timeout` for the kernel's snapshot;
     a kernel whose snapshot is stuck (held at `manifest-commit`) gets a `failed` event, not silence."""
-    pause = FaultPause(tmp_path / "faults", "manifest-commit")
-    kernel_id = await open_notebook(jp_fetch, notebook)
-    await execute(jp_serverapp.kernel_manager, kernel_id, "z = 1")
-    await wait_for_snapshots(open_store(str(spot_env)), notebook)
-    faults = pause.env["JUPYTER_SPOT_FAULTS"]
-    # no snapshot after this cell (it would be held too): only the rebalance's
-    await execute(
-        jp_serverapp.kernel_manager, kernel_id, f"%spot off\nimport os\nos.environ['JUPYTER_SPOT_FAULTS'] = {faults!r}"
-    )
+    kernel_id, pause = await kernel_whose_next_snapshot_sticks(jp_fetch, jp_serverapp, notebook, spot_env, tmp_path)
     events = server_events(jp_serverapp)
     simulator.rebalance()
     await until_async(lambda: [e for e in events if e["status"] != "started"], 60, "the flush to end")
@@ -373,15 +381,7 @@ async def test_the_interruption_is_seen_at_once_while_the_rebalance_snapshot_is_
     """AWS often recommends a rebalance shortly before it interrupts. The rebalance's snapshot
     has no deadline and may take long (here it is held at `manifest-commit`); the metadata
     service must still be polled meanwhile, or the interruption's two minutes pass unseen."""
-    pause = FaultPause(tmp_path / "faults", "manifest-commit")
-    kernel_id = await open_notebook(jp_fetch, notebook)
-    await execute(jp_serverapp.kernel_manager, kernel_id, "z = 1")
-    store = open_store(str(spot_env))
-    await wait_for_snapshots(store, notebook)
-    faults = pause.env["JUPYTER_SPOT_FAULTS"]
-    await execute(
-        jp_serverapp.kernel_manager, kernel_id, f"%spot off\nimport os\nos.environ['JUPYTER_SPOT_FAULTS'] = {faults!r}"
-    )
+    kernel_id, pause = await kernel_whose_next_snapshot_sticks(jp_fetch, jp_serverapp, notebook, spot_env, tmp_path)
     notices, flushes = server_events(jp_serverapp, "notice"), server_events(jp_serverapp)
     simulator.rebalance()
     await asyncio.to_thread(pause.reached, "manifest-commit")  # the rebalance's snapshot is stuck
@@ -393,6 +393,7 @@ async def test_the_interruption_is_seen_at_once_while_the_rebalance_snapshot_is_
     pause.release("manifest-commit")
     await until_async(lambda: len([f for f in flushes if f["status"] == "done"]) == 2, 60, "both flushes to land")
     assert [n["kind"] for n in notices] == ["rebalance", "interruption"]
+    assert {f["kernel_id"] for f in flushes} == {kernel_id}
 
 
 @pytest.mark.parametrize(
