@@ -1,6 +1,6 @@
 """Snapshot cost against dill.dump_module, Kishu and the disk's own bandwidth — in one run.
 
-    python benchmarks/bench_snapshot.py [--gb 1.0] [--dir DIR] [--kishu-python PYTHON]
+    python benchmarks/bench_snapshot.py [--gb 1.0] [--dir DIR] [--kishu-python PYTHON] [--disk-mbps MB_PER_S]
 
 Everything runs in real ipykernel kernels on the same namespace (~``--gb`` GB of
 numpy/pandas data plus a few small objects, a notebook function and class):
@@ -20,6 +20,7 @@ numpy/pandas data plus a few small objects, a notebook function and class):
       its per-cell checkpoint of the same namespace and of the same small change.
 
 Ratios are printed against baselines measured in this same run, on this machine.
+``--disk-mbps`` runs it all on a disk limited to that many MB/s (slow_disk.py).
 """
 
 from __future__ import annotations
@@ -40,6 +41,8 @@ from typing import Any
 import nbformat
 from jupyter_client.kernelspec import KernelSpecManager
 from jupyter_client.manager import KernelManager
+
+import slow_disk
 
 NAMESPACE = """
 import numpy as np
@@ -269,35 +272,48 @@ def main() -> None:
     parser.add_argument("--dir", default=None, help="where the store and dumps go (default: a temp dir)")
     parser.add_argument("--kishu-python", default=None, help="a Python with kishu installed (own virtualenv)")
     parser.add_argument("--rounds", type=int, default=4, help="first snapshots (each beside a disk write; the order alternates) to take")
+    parser.add_argument("--disk-mbps", type=float, default=None,
+                        help="limit writes to the disk under --dir to this many MB/s for the run (root, cgroup v1)")
     args = parser.parse_args()
 
     work = Path(tempfile.mkdtemp(prefix="spot-bench-", dir=args.dir))
     try:
-        (work / "ours").mkdir()
-        ours = bench_ours(work / "ours", args.gb)
-        # the disk is shared and noisy: best against best, each first snapshot beside a disk write
-        [rounds] = first_snapshots(work / "ours", NAMESPACE.format(gb=args.gb), args.rounds)
-        ours["full"]["seconds"] = min(ours["full"]["seconds"], *(seconds for seconds, _ in rounds))
-        ours["rounds"] = rounds
-        disk = min(seconds for _, seconds in rounds)
-        kishu = None
-        if args.kishu_python:
-            found = subprocess.run([args.kishu_python, "-c", "import kishu; print(kishu.__version__)"],
-                                   capture_output=True, text=True, check=False)
-            if found.returncode == 0:
-                (work / "kishu").mkdir()
-                kishu = bench_kishu(work / "kishu", args.gb, args.kishu_python)
-                kishu["version"] = found.stdout.strip()
-            else:
-                print(f"kishu is not importable from {args.kishu_python}: {found.stderr.strip()[-200:]}")
+        with slow_disk.write_limit(work, args.disk_mbps):
+            ours, disk, kishu = bench_all(work, args)
+    except slow_disk.CannotLimit as error:
+        parser.error(f"--disk-mbps: {error}")
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    report(args.gb, ours, disk, kishu)
+    report(args, ours, disk, kishu)
 
 
-def report(gb: float, ours: dict[str, Any], disk: float, kishu: dict[str, Any] | None) -> None:
+def bench_all(work: Path, args: Any) -> tuple[dict[str, Any], float, dict[str, Any] | None]:
+    """Everything ``main`` reports: ours (with the first-snapshot rounds), the disk's best, Kishu's (or None)."""
+    (work / "ours").mkdir()
+    ours = bench_ours(work / "ours", args.gb)
+    # the disk is shared and noisy: best against best, each first snapshot beside a disk write
+    [rounds] = first_snapshots(work / "ours", NAMESPACE.format(gb=args.gb), args.rounds)
+    ours["full"]["seconds"] = min(ours["full"]["seconds"], *(seconds for seconds, _ in rounds))
+    ours["rounds"] = rounds
+    disk = min(seconds for _, seconds in rounds)
+    if not args.kishu_python:
+        return ours, disk, None
+    found = subprocess.run([args.kishu_python, "-c", "import kishu; print(kishu.__version__)"],
+                           capture_output=True, text=True, check=False)
+    if found.returncode != 0:
+        print(f"kishu is not importable from {args.kishu_python}: {found.stderr.strip()[-200:]}")
+        return ours, disk, None
+    (work / "kishu").mkdir()
+    kishu = bench_kishu(work / "kishu", args.gb, args.kishu_python)
+    kishu["version"] = found.stdout.strip()
+    return ours, disk, kishu
+
+
+def report(args: Any, ours: dict[str, Any], disk: float, kishu: dict[str, Any] | None) -> None:
     full, dill, inc, auto = ours["full"], ours["dill"], ours["incremental"], ours["auto"]
-    print(f"\nnamespace: ~{gb:g} GB (numpy + pandas + small objects), Python {sys.version.split()[0]}")
+    print(f"\nnamespace: ~{args.gb:g} GB (numpy + pandas + small objects), Python {sys.version.split()[0]}")
+    if args.disk_mbps:
+        print(f"disk writes limited to {args.disk_mbps:g} MB/s for the run (--disk-mbps)")
     print(f"{'':48}{'seconds':>10}{'written':>14}")
     print(f"{'(a) dill.dump_module + fsync':48}{dill['seconds']:>10.3f}{mb(dill['bytes']):>14}")
     print(f"{'(b) jupyter-spot first snapshot (durable), best':48}{full['seconds']:>10.3f}{mb(full['bytes_written']):>14}")
