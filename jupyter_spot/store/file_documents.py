@@ -26,7 +26,7 @@ from .base import (
     parse_record,
     report_bad_record,
 )
-from .errors import ManifestError, SnapshotExistsError, StoreError
+from .errors import ManifestError, SnapshotExistsError
 
 if TYPE_CHECKING:
     from .filesystem import FileStore
@@ -47,19 +47,26 @@ class FileDocuments:
         self._ensure_dir(path.parent)
         if is_hashed_session(path.parent.name):
             self._keep_session_name(path.parent, session)
+        if not self._create(path, data, f"committing snapshot {snapshot_id}"):
+            raise SnapshotExistsError(f"snapshot {snapshot_id} of session {session!r} already exists")
+
+    def _create(self: FileStore, path: Path, data: bytes, what: str) -> bool:
+        """Write ``path`` durably unless it exists (False then): ``link`` creates atomically, also on NFS,
+        and never replaces another writer's file."""
         try:
             tmp = file_writes.write_durably(path, data)
         except OSError as error:
-            raise self._wrap(error, f"committing snapshot {snapshot_id}") from error
+            raise self._wrap(error, what) from error
         try:
             os.link(tmp, path)
         except FileExistsError:
-            raise SnapshotExistsError(f"snapshot {snapshot_id} of session {session!r} already exists") from None
+            return False
         except OSError as error:
-            raise self._wrap(error, f"committing snapshot {snapshot_id}") from error
+            raise self._wrap(error, what) from error
         finally:
             tmp.unlink(missing_ok=True)
         file_writes.fsync_dir(path.parent)
+        return True
 
     def _read_manifest(self: FileStore, session: str, snapshot_id: str) -> bytes:
         path = self._manifest_path(session, snapshot_id)
@@ -100,19 +107,6 @@ class FileDocuments:
             if path.is_dir() and any(p.suffix == ".json" and not p.name.startswith(".") for p in path.iterdir())
         ]
         return sorted(name for name in map(self._session_name, folders) if name is not None)
-
-    def missing_reason(self: FileStore) -> str | None:
-        """Only reads: the store's directory is made by its first write, so its absence is
-        news, not an error; a path through a regular file can never hold one."""
-        try:
-            for path in (self.root, *self.root.parents):
-                if path.is_dir():
-                    return None if path == self.root else f"{self.root} does not exist"
-                if path.exists():
-                    raise StoreError(f"store {self.root} cannot be made: {path} is a file, not a directory")
-        except OSError:
-            return None  # a parent we may not look into: the listing's own errors say more
-        return f"{self.root} does not exist"
 
     def list_snapshots(self: FileStore, session: str) -> list[str]:
         directory = self._session_dir(session)
@@ -170,20 +164,7 @@ class FileDocuments:
     def create_key_object(self: FileStore, name: str, data: bytes) -> bool:
         path = self._key_object_path(name)
         self._ensure_dir(path.parent)
-        try:
-            tmp = file_writes.write_durably(path, data)
-        except OSError as error:
-            raise self._wrap(error, f"creating signing key {name}") from error
-        try:
-            os.link(tmp, path)  # atomic create-if-absent, also on NFS
-        except FileExistsError:
-            return False
-        except OSError as error:
-            raise self._wrap(error, f"creating signing key {name}") from error
-        finally:
-            tmp.unlink(missing_ok=True)
-        file_writes.fsync_dir(path.parent)
-        return True
+        return self._create(path, data, f"creating signing key {name}")
 
     def read_key_object(self: FileStore, name: str) -> bytes | None:
         try:

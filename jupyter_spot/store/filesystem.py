@@ -374,6 +374,19 @@ class FileStore(FileDocuments, Store):
         return missing
 
     # -- health --------------------------------------------------------------
+    def missing_reason(self) -> str | None:
+        """Only reads: the store's directory is made by its first write, so its absence is
+        news, not an error; a path through a regular file can never hold one."""
+        try:
+            for path in (self.root, *self.root.parents):
+                if path.is_dir():
+                    return None if path == self.root else f"{self.root} does not exist"
+                if path.exists():
+                    raise StoreError(f"store {self.root} cannot be made: {path} is a file, not a directory")
+        except OSError:
+            return None  # a parent we may not look into: the listing's own errors say more
+        return f"{self.root} does not exist"
+
     def check_writable(self) -> None:
         self._known_dirs.discard(self.root)
         self._ensure_dir(self.root)
