@@ -179,13 +179,12 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=4, help="first snapshots (each beside a disk write; the order alternates) to take")
     parser.add_argument("--dir", default=None, help="where the stores go (default: a temp dir)")
     parser.add_argument("--skip-pandas", action="store_true")
-    parser.add_argument("--disk-mbps", type=float, default=None,
-                        help="limit writes to the disk under --dir to this many MB/s for the run (root, cgroup v1)")
+    slow_disk.add_option(parser)
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="spot-chunks-", dir=args.dir))
     key = "bench-" + uuid.uuid4().hex
     try:
-        with slow_disk.write_limit(work, args.disk_mbps):
+        with slow_disk.option_applied(parser, args, work):
             ours = bench_snapshots(work, args.gb, args.rows, args.chunk, key)
             shutil.rmtree(work / "store")
             chunked, whole = first_snapshots(work, NAMESPACE.format(gb=args.gb, rows=args.rows), args.rounds,
@@ -196,8 +195,6 @@ def main() -> None:
             restore = bench_restore(work, args.gb, args.rows, args.chunk, key, args.restore_rounds)
             shutil.rmtree(work / "r-chunked"), shutil.rmtree(work / "r-whole")
             frame = None if args.skip_pandas else bench_frame(work, args.gb, args.chunk, key)
-    except slow_disk.CannotLimit as error:
-        parser.error(f"--disk-mbps: {error}")
     finally:
         shutil.rmtree(work, ignore_errors=True)
     report(args, ours, disk, restore, frame)
@@ -210,8 +207,7 @@ def report(args: Any, ours: dict[str, Any], disk: float, restore: dict[str, list
     recheck = ours["recheck"]
     print(f"\nnamespace: {args.gb:g} GiB float64 array + {args.rows:,} small dicts; chunks of {mb(args.chunk)}; "
           f"Python {sys.version.split()[0]}")
-    if args.disk_mbps:
-        print(f"disk writes limited to {args.disk_mbps:g} MB/s for the run (--disk-mbps)")
+    slow_disk.print_limit(args)
     print(f"{'':56}{'seconds':>10}{'written':>14}")
     print(f"{'dill.dump_module + fsync':56}{dill['seconds']:>10.3f}{mb(dill['bytes']):>14}")
     print(f"{'first full snapshot (durable), best':56}{full['seconds']:>10.3f}{mb(full['bytes_written']):>14}")

@@ -272,16 +272,13 @@ def main() -> None:
     parser.add_argument("--dir", default=None, help="where the store and dumps go (default: a temp dir)")
     parser.add_argument("--kishu-python", default=None, help="a Python with kishu installed (own virtualenv)")
     parser.add_argument("--rounds", type=int, default=4, help="first snapshots (each beside a disk write; the order alternates) to take")
-    parser.add_argument("--disk-mbps", type=float, default=None,
-                        help="limit writes to the disk under --dir to this many MB/s for the run (root, cgroup v1)")
+    slow_disk.add_option(parser)
     args = parser.parse_args()
 
     work = Path(tempfile.mkdtemp(prefix="spot-bench-", dir=args.dir))
     try:
-        with slow_disk.write_limit(work, args.disk_mbps):
+        with slow_disk.option_applied(parser, args, work):
             ours, disk, kishu = bench_all(work, args)
-    except slow_disk.CannotLimit as error:
-        parser.error(f"--disk-mbps: {error}")
     finally:
         shutil.rmtree(work, ignore_errors=True)
     report(args, ours, disk, kishu)
@@ -312,8 +309,7 @@ def bench_all(work: Path, args: Any) -> tuple[dict[str, Any], float, dict[str, A
 def report(args: Any, ours: dict[str, Any], disk: float, kishu: dict[str, Any] | None) -> None:
     full, dill, inc, auto = ours["full"], ours["dill"], ours["incremental"], ours["auto"]
     print(f"\nnamespace: ~{args.gb:g} GB (numpy + pandas + small objects), Python {sys.version.split()[0]}")
-    if args.disk_mbps:
-        print(f"disk writes limited to {args.disk_mbps:g} MB/s for the run (--disk-mbps)")
+    slow_disk.print_limit(args)
     print(f"{'':48}{'seconds':>10}{'written':>14}")
     print(f"{'(a) dill.dump_module + fsync':48}{dill['seconds']:>10.3f}{mb(dill['bytes']):>14}")
     print(f"{'(b) jupyter-spot first snapshot (durable), best':48}{full['seconds']:>10.3f}{mb(full['bytes_written']):>14}")

@@ -13,6 +13,7 @@ needs root, and it is lifted (back to what it was) when the run ends.
 
 from __future__ import annotations
 
+import argparse
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -63,3 +64,25 @@ def write_limit(directory: Path, megabytes_per_second: float | None) -> Iterator
         yield
     finally:
         BLKIO_WRITE_LIMIT.write_text(f"{device} {before}")
+
+
+def add_option(parser: argparse.ArgumentParser) -> None:
+    """``--disk-mbps``, for a benchmark script."""
+    parser.add_argument("--disk-mbps", type=float, default=None,
+                        help="limit writes to the disk under --dir to this many MB/s for the run (root, cgroup v1)")
+
+
+@contextmanager
+def option_applied(parser: argparse.ArgumentParser, args: argparse.Namespace, directory: Path) -> Iterator[None]:
+    """:func:`write_limit` for ``--disk-mbps``; a disk it cannot limit is a usage error."""
+    try:
+        with write_limit(directory, args.disk_mbps):
+            yield
+    except CannotLimit as error:  # raised only before the run starts
+        parser.error(f"--disk-mbps: {error}")
+
+
+def print_limit(args: argparse.Namespace) -> None:
+    """The report's line about ``--disk-mbps``, when it was given."""
+    if args.disk_mbps:
+        print(f"disk writes limited to {args.disk_mbps:g} MB/s for the run (--disk-mbps)")
